@@ -1,0 +1,42 @@
+r"""LAMA T-REx (20 relations), `small` LM on one GPU.
+
+  python -m launch.train --config=configs/lama.py:model=small \
+      --config.manual_dir=../shared/data/lama_trex --workdir=/tmp/ts_lama
+
+Arguments: `model` (preset), `runlocal` (tiny model, few steps: a CPU smoke run).
+"""
+
+from trackstar_jax import configs
+
+
+def get_config(arg=None):
+  a = configs.parse_arg(arg, model="small", runlocal=False)
+  c = configs.base_config(dataset="lama_trex", model=a.model, seq_len=128)  # ~2% of sentences are longer: truncated
+  c.manual_dir = "../shared/data/lama_trex"
+  c.tokenizer.vocab_size = 16384
+  c.model.dtype = "bfloat16"  # activations; params and optimizer state stay float32
+  c.train.num_steps = 6000  # ~24 epochs of the 65k sentences
+  c.train.batch_size = 256
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 300
+  c.train.eval_every = 2000
+  c.train.checkpoint_every = 2000
+  c.encoder.d_in = 64
+  c.encoder.d_out = 64
+  c.encoder.batch_size = 256
+  c.hessian.top_k_eig = 1000
+  if a.runlocal:
+    c.seq_len = 64
+    c.model = configs.model_config("tiny", max_len=c.seq_len)
+    c.tokenizer.vocab_size = 2048
+    c.train.num_steps = 20
+    c.train.warmup_steps = 5
+    c.train.batch_size = 16
+    c.train.log_every = 5
+    c.train.eval_every = 10
+    c.train.checkpoint_every = 10
+    c.encoder.d_in = 16
+    c.encoder.d_out = 16
+    c.hessian.train_sample = 64
+    c.hessian.top_k_eig = 50
+  return c

@@ -1,0 +1,39 @@
+r"""The whole TrackStar ablation ladder in one command.
+
+  python -m launch.pipeline --config=configs/synthetic.py --workdir=/tmp/ts_synth
+  python -m launch.pipeline --config=configs/synthetic.py --workdir=/tmp/ts_synth --stages=retrieve,evaluate
+
+Trains the LM (or reuses the finished checkpoint in --workdir), fits the
+Hessians and encodes the corpus for every encoding variant (no correction,
+the optimizer correction, Adam rank-1, half projection size), retrieves with
+every ladder method plus BM25 / dense / random, tail-patches and writes one
+table to <workdir>/ablation.{md,json}. Every stage is skipped when its output
+is up to date and resumes when killed. See trackstar_jax/evaluation/ladder.py.
+"""
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from trackstar_jax import mesh
+from trackstar_jax import pipeline
+from trackstar_jax.evaluation import ladder
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir: checkpoints, stores, results, ablation table.")
+_STAGES = flags.DEFINE_list("stages", list(ladder.STAGES), f"Stages to run, a subset of {ladder.STAGES}.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.mark_flag_as_required("workdir")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  mesh.maybe_initialize_distributed(force=_DISTRIBUTED.value)
+  pipeline.write_job_config(_CONFIG.value, _WORKDIR.value, "pipeline")
+  ladder.run_ladder(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,136 @@
+"""The evaluate job (trackstar_jax/evaluation/run.py): outputs, and clear errors on inputs that don't belong together.
+
+One tiny checkpoint (runlocal world, 4 training steps) serves every test; the
+results files are written directly (oracle / random / doctored), so no encoding
+is needed.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import synthetic
+from trackstar_jax import results as results_lib
+from trackstar_jax import store as store_lib
+from trackstar_jax import train as train_lib
+from trackstar_jax.evaluation import baselines
+from trackstar_jax.evaluation import run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  config = synthetic.get_config("runlocal=True")
+  with config.unlocked():
+    config.train.num_steps = 4
+    config.train.eval_every = 4
+    config.train.checkpoint_every = 4
+    config.evaluate.subset = "overall"  # 4 steps: the model answers nothing yet
+    config.evaluate.tail_patch_k = 2
+  workdir = str(tmp_path_factory.mktemp("eval") / "w")
+  train_lib.train_and_evaluate(config, workdir)
+  dataset = train_lib.load_data(config, workdir)[0]
+  return config, workdir, dataset
+
+
+def _meta(dataset, **kw):
+  return dict(dict(dataset=dataset.name, fingerprint=dataset.fingerprint, num_examples=len(dataset.corpus),
+                   method="x"), **kw)
+
+
+def _oracle(dataset):
+  """Gold sentences first: MRR 1."""
+  texts = {c["sentence_id"]: c["text"] for c in dataset.corpus}
+  out = []
+  for q in dataset.queries:
+    ids = list(q["gold_sentence_ids"])[:3]
+    out.append(results_lib.make_results_line(
+        example_id=q["query_id"], inputs_plaintext=q["prompt"], targets_plaintext=q["target"],
+        proponent_ids=ids, proponent_scores=[1.0] * len(ids), proponents=[texts[i] for i in ids],
+        opponent_ids=[], opponent_scores=[], opponents=[], fact_id=q["fact_id"], relation=q["relation"]))
+  return out
+
+
+def _write(path, lines, meta):
+  results_lib.write_results(str(path), lines, metadata=meta)
+  return str(path)
+
+
+def test_evaluate_writes_table_and_caches_tail_patch(trained, tmp_path):
+  config, workdir, dataset = trained
+  rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
+  files = {"oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
+           "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset))}
+  prefix = str(tmp_path / "out" / "evaluation")
+  table = run.evaluate_job(config, workdir, results=files, output_prefix=prefix, dataset=dataset,
+                           skipped={"dense": "not installed"})
+  rows = {r["method"]: r for r in table["rows"]}
+  assert list(rows) == ["oracle", "random", "dense"]
+  assert rows["oracle"]["mrr"] == 1.0 and rows["oracle"]["recall@10"] == 1.0
+  assert rows["random"]["mrr"] < 0.5
+  assert rows["oracle"]["n"] == len(dataset.queries)
+  assert np.isfinite(rows["oracle"]["tail_patch@1"]) and np.isfinite(rows["random"]["tail_patch_rel@1"])
+  assert np.isnan(rows["oracle"]["tail_patch@10"])  # tail_patch_k=2: no @10
+  assert np.isnan(rows["dense"]["mrr"]) and rows["dense"]["skipped"]
+  assert set(table["metrics"]["oracle"]["by_relation"]) == {q["relation"] for q in dataset.queries}
+  md = open(prefix + ".md").read()
+  assert "| oracle |" in md and "dense: skipped" in md and "MRR by relation" in md
+  saved = json.load(open(prefix + ".json"))
+  assert saved["rows"][0]["mrr"] == 1.0 and saved["model_accuracy"]["n"] == len(dataset.queries)
+  # Rerun: tail-patch comes from the cache (same numbers); a changed results file is patched again.
+  cache = os.path.join(prefix + "_cache", "oracle.tail_patch.json")
+  mtime = os.path.getmtime(cache)
+  again = run.evaluate_job(config, workdir, results=files, output_prefix=prefix, dataset=dataset)
+  assert os.path.getmtime(cache) == mtime
+  assert again["tail_patch"]["oracle"] == table["tail_patch"]["oracle"]
+
+
+def test_results_for_a_query_without_ground_truth(trained, tmp_path):
+  config, workdir, dataset = trained
+  lines = _oracle(dataset)
+  lines[0] = dict(lines[0], example_id=10_000)
+  path = _write(tmp_path / "r.jsonl", lines, _meta(dataset))
+  with pytest.raises(run.EvaluationInputError, match="example_id=10000 has no ground truth"):
+    run.evaluate_job(config, workdir, results={"bad": path}, dataset=dataset, tail_patch=False)
+
+
+def test_results_from_another_corpus(trained, tmp_path):
+  config, workdir, dataset = trained
+  path = _write(tmp_path / "r.jsonl", _oracle(dataset), _meta(dataset, fingerprint="f" * 64))
+  with pytest.raises(run.EvaluationInputError, match="fingerprint .* does not match"):
+    run.evaluate_job(config, workdir, results={"other": path}, dataset=dataset, tail_patch=False)
+  path = _write(tmp_path / "r2.jsonl", _oracle(dataset), _meta(dataset, dataset="lama_trex/all/1.0.0"))
+  with pytest.raises(run.EvaluationInputError, match="results are for dataset 'lama_trex"):
+    run.evaluate_job(config, workdir, results={"other": path}, dataset=dataset, tail_patch=False)
+
+
+def test_results_from_another_checkpoint_or_store(trained, tmp_path):
+  config, workdir, dataset = trained
+  # The results' own step differs from the evaluated checkpoint's.
+  path = _write(tmp_path / "r.jsonl", _oracle(dataset), _meta(dataset, step=999))
+  with pytest.raises(run.EvaluationInputError, match="step 999.*--config.encoder.step"):
+    run.evaluate_job(config, workdir, results={"old": path}, dataset=dataset, tail_patch=False)
+  # The results' store was encoded from another checkpoint.
+  url = str(tmp_path / "enc.zarr")
+  store_lib.open_store(url, create=True, expected_meta=store_lib.StoreMeta(
+      num_rows=len(dataset.corpus), dim=4, dtype="float32", chunk_rows=64, checkpoint="/elsewhere/run", step=4,
+      corpus_fingerprint=dataset.fingerprint))
+  path = _write(tmp_path / "r2.jsonl", _oracle(dataset), _meta(dataset, step=4, store=url))
+  with pytest.raises(run.EvaluationInputError, match="store checkpoint '/elsewhere/run' != evaluated workdir"):
+    run.evaluate_job(config, workdir, results={"s": path}, dataset=dataset, tail_patch=False)
+
+
+def test_checkpoint_trained_on_another_corpus(trained):
+  _, workdir, dataset = trained
+  meta = {"step": 4, "dataset": {"name": dataset.name, "fingerprint": "0" * 64}}
+  with pytest.raises(run.EvaluationInputError, match="was trained on corpus 000000000000"):
+    run.check_checkpoint(ckpt_meta=meta, dataset=dataset, workdir=workdir)
+
+
+def test_parse_results_flag():
+  assert run.parse_results_flag(["a=/x/a.jsonl", "/y/bm25.jsonl"]) == {"a": "/x/a.jsonl", "bm25": "/y/bm25.jsonl"}
+  with pytest.raises(ValueError, match="names 'a' twice"):
+    run.parse_results_flag(["a=1", "a=2"])
+  with pytest.raises(ValueError, match="at least one"):
+    run.parse_results_flag([])

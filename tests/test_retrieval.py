@@ -1,0 +1,273 @@
+"""Tests for trackstar_jax.retrieval against a NumPy brute force (full score matrix + sort).
+
+Tolerances: matmul_dtype="float32" -> same ids as float64 brute force, scores within 1e-5;
+"bfloat16" -> scores within 2e-2 of float64, and every returned row's exact score within
+2e-2 of the exact k-th best (near-ties may swap).
+"""
+
+import logging as py_logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from trackstar_jax import retrieval
+from trackstar_jax import store as store_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _make_store(phi, ids=None, *, chunk_rows=16, dtype="float32", url=None):
+  n, d = phi.shape
+  ids = np.arange(n, dtype=np.int64) * 7 + 3 if ids is None else ids
+  meta = store_lib.StoreMeta(num_rows=n, dim=d, chunk_rows=chunk_rows, dtype=dtype)
+  store = store_lib.open_store(url or f"memory://rt_{uuid.uuid4().hex}", expected_meta=meta, create=True)
+  with store_lib.AsyncWriter(store) as w:
+    for c in range(store.num_chunks):
+      a, b = store.chunk_range(c)
+      w.submit(start=a, ids=ids[a:b], phi=phi[a:b])
+  return store, ids
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _brute(store, q, inv, normalize, k):
+  """Full [Q, N] float64 scores; order by (score, row), as documented."""
+  phi = store.read(0, store.num_rows).phi.astype(np.float64)
+  if inv is not None:
+    inv = np.asarray(inv, np.float64)
+    inv = inv if inv.ndim == 2 else _block_diag(inv)
+    phi = phi @ inv
+  e = _unit(phi) if normalize else phi
+  s = np.asarray(q, np.float64) @ e.T
+  rows = np.broadcast_to(np.arange(s.shape[1]), s.shape)
+  top = np.lexsort((rows, -s), axis=1)[:, :k]
+  bot = np.lexsort((rows, s), axis=1)[:, :k]
+  return s, top, bot
+
+
+def _block_diag(blocks):
+  b, m, _ = blocks.shape
+  out = np.zeros((b * m, b * m))
+  for i in range(b):
+    out[i * m : (i + 1) * m, i * m : (i + 1) * m] = blocks[i]
+  return out
+
+
+def _spd(rng, d):
+  a = rng.normal(size=(d, d))
+  return a @ a.T / d + 0.1 * np.eye(d)
+
+
+def _mesh(n):
+  return Mesh(np.asarray(jax.local_devices()[:n]), ("data",))
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+@pytest.mark.parametrize("rows_per_chunk,transform", [(37, "full"), (100, "block"), (1000, "none"), (64, "dot")])
+# rows_per_chunk 1000 on 1 device takes the hierarchical (group) selection; the others the direct one.
+def test_matches_brute_force_f32(n_dev, rows_per_chunk, transform):
+  rng = np.random.default_rng(n_dev * 100 + rows_per_chunk)
+  n, d, q_n, k = 301, 24, 9, 6
+  store, ids = _make_store(rng.normal(size=(n, d)).astype(np.float32), chunk_rows=16)
+  q = _unit(rng.normal(size=(q_n, d))).astype(np.float32)
+  inv = {"full": _spd(rng, d), "block": np.stack([_spd(rng, 8) for _ in range(3)]), "none": None, "dot": None}[transform]
+  normalize = transform != "dot"
+  res = retrieval.retrieve(store, q, k=k, rows_per_chunk=rows_per_chunk, mesh=_mesh(n_dev), inv_sqrt=inv,
+                           normalize=normalize, matmul_dtype="float32")
+  s, top, bot = _brute(store, q, inv, normalize, k)
+  scale = 1.0 if normalize else np.abs(s).max()
+  np.testing.assert_array_equal(res.top_rows, top)
+  np.testing.assert_array_equal(res.top_ids, ids[top])
+  np.testing.assert_allclose(res.top_scores, np.take_along_axis(s, top, 1), atol=1e-5 * scale)
+  np.testing.assert_array_equal(res.bottom_ids, ids[bot])
+  np.testing.assert_allclose(res.bottom_scores, np.take_along_axis(s, bot, 1), atol=1e-5 * scale)
+  assert np.all(np.diff(res.top_scores, axis=1) <= 0) and np.all(np.diff(res.bottom_scores, axis=1) >= 0)
+
+
+def test_bf16_store_and_matmul_within_tolerance():
+  rng = np.random.default_rng(5)
+  n, d, k = 500, 64, 10
+  store, ids = _make_store(rng.normal(size=(n, d)).astype(np.float32), chunk_rows=32, dtype="bfloat16")
+  q = _unit(rng.normal(size=(7, d))).astype(np.float32)
+  inv = _spd(rng, d)
+  res = retrieval.retrieve(store, q, k=k, rows_per_chunk=77, inv_sqrt=inv, matmul_dtype="bfloat16")
+  s, top, bot = _brute(store, q, inv, True, k)
+  exact_of_returned = np.take_along_axis(s, res.top_rows, 1)
+  np.testing.assert_allclose(res.top_scores, exact_of_returned, atol=2e-2)
+  assert np.all(exact_of_returned >= np.take_along_axis(s, top, 1)[:, -1:] - 2e-2)
+  exact_of_returned = np.take_along_axis(s, res.bottom_rows, 1)
+  np.testing.assert_allclose(res.bottom_scores, exact_of_returned, atol=2e-2)
+  assert np.all(exact_of_returned <= np.take_along_axis(s, bot, 1)[:, -1:] + 2e-2)
+  assert len(set(res.top_ids[0])) == k
+
+
+def test_ties_broken_by_lower_row_for_any_layout():
+  # Integer-valued, unnormalized: scores are exact, with many ties.
+  rng = np.random.default_rng(0)
+  n, d, k = 1500, 4, 5
+  phi = rng.integers(-1, 2, size=(n, d)).astype(np.float32)
+  store, ids = _make_store(phi, chunk_rows=8)
+  q = rng.integers(-1, 2, size=(5, d)).astype(np.float32)
+  _, top, bot = _brute(store, q, None, False, k)
+  # Hierarchical selection with two levels, one level, and none (direct top_k) all run.
+  assert [len(retrieval.group_sizes(c, k)) for c in (1500, 400, 61)] == [2, 1, 0]
+  for n_dev, rows in [(1, 1500), (2, 800), (8, 24), (8, 61), (3, 10)]:
+    res = retrieval.retrieve(store, q, k=k, rows_per_chunk=rows, mesh=_mesh(n_dev), normalize=False,
+                             matmul_dtype="float32")
+    np.testing.assert_array_equal(res.top_rows, top, err_msg=f"{n_dev} devices, chunk {rows}")
+    np.testing.assert_array_equal(res.bottom_rows, bot, err_msg=f"{n_dev} devices, chunk {rows}")
+
+
+@pytest.mark.parametrize("groups", [(8,), (16,), (64,), (4, 4), (8, 2)])
+def test_hierarchical_selection_equals_direct(groups):
+  rng = np.random.default_rng(sum(groups))
+  q_n, c, k = 6, 1000, 7
+  vals = rng.integers(0, 40, size=(q_n, c)).astype(np.float32)  # many ties
+  vals[:, rng.choice(c, 100, replace=False)] = -np.inf  # padding rows
+  run_v = np.sort(rng.integers(30, 45, size=(q_n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
+  run_r = np.sort(rng.choice(100, size=(q_n, k)), axis=1).astype(np.int32)
+  args = (jax.numpy.asarray(run_v), jax.numpy.asarray(run_r), jax.numpy.asarray(vals), 500)
+  want = retrieval._merge_running(*args, k, ())  # pylint: disable=protected-access
+  got = retrieval._merge_running(*args, k, groups)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  # Reference: sort (value desc, row asc) over running + all new rows.
+  all_v = np.concatenate([run_v, vals], 1)
+  all_r = np.concatenate([run_r, np.broadcast_to(500 + np.arange(c), (q_n, c))], 1)
+  order = np.lexsort((all_r, -all_v), axis=1)[:, :k]
+  np.testing.assert_array_equal(got[1], np.take_along_axis(all_r, order, 1))
+
+
+@pytest.mark.parametrize("groups", [(8,), (4, 2), (2, 2)])
+def test_hierarchical_ties_follow_rows_not_group_rank(groups):
+  # Group of row 24 ranks first (max 50) but the tied 30s must come back lower row first.
+  vals = np.full((1, 64), -np.inf, np.float32)
+  vals[0, [24, 25, 8, 9]] = [50, 30, 40, 30]
+  empty_v, empty_r = jax.numpy.full((1, 3), -np.inf), jax.numpy.full((1, 3), -1, jax.numpy.int32)
+  v, r = retrieval._merge_running(empty_v, empty_r, jax.numpy.asarray(vals), 0, 3, groups)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(r, [[24, 8, 9]])
+  np.testing.assert_array_equal(v, [[50, 40, 30]])
+
+
+def test_padding_rows_never_returned():
+  rng = np.random.default_rng(1)
+  n, d = 40, 8
+  q = _unit(rng.normal(size=(2, d))).astype(np.float32)
+  phi = rng.normal(size=(n, d)).astype(np.float32)
+  ids = np.arange(n, dtype=np.int64)
+  pad = np.arange(0, n, 3)
+  ids[pad] = -1
+  phi[pad] = q[0]  # padding rows would be the best match for query 0 ...
+  phi[pad[::2]] = -q[0]  # ... or the worst
+  store, _ = _make_store(phi, ids, chunk_rows=8)
+  res = retrieval.retrieve(store, q, k=5, rows_per_chunk=16, matmul_dtype="float32")
+  assert not np.isin(res.top_rows, pad).any() and not np.isin(res.bottom_rows, pad).any()
+  assert (res.top_ids >= 0).all() and (res.bottom_ids >= 0).all()
+  # k = N: only the valid rows come back, the rest is marked missing.
+  res = retrieval.retrieve(store, q, k=n, rows_per_chunk=16, matmul_dtype="float32")
+  n_valid = n - len(pad)
+  assert (res.top_ids[:, :n_valid] >= 0).all() and (res.top_ids[:, n_valid:] == -1).all()
+  assert np.isnan(res.top_scores[:, n_valid:]).all()
+  assert sorted(res.top_ids[0, :n_valid]) == sorted(set(ids) - {-1})
+
+
+def test_k_clamped_empty_queries_incomplete_store(caplog):
+  rng = np.random.default_rng(2)
+  store, ids = _make_store(rng.normal(size=(10, 4)).astype(np.float32), chunk_rows=4)
+  q = _unit(rng.normal(size=(3, 4))).astype(np.float32)
+  with caplog.at_level(py_logging.WARNING):
+    res = retrieval.retrieve(store, q, k=25, matmul_dtype="float32")
+  assert "clamping k to 10" in caplog.text
+  assert res.top_ids.shape == (3, 10) and sorted(res.top_ids[0]) == sorted(ids)
+  with pytest.raises(ValueError, match="no queries"):
+    retrieval.retrieve(store, np.zeros((0, 4), np.float32), k=2)
+  with pytest.raises(ValueError, match="Query dim 5 != store dim 4"):
+    retrieval.retrieve(store, np.zeros((2, 5), np.float32), k=2)
+  meta = store_lib.StoreMeta(num_rows=20, dim=4, chunk_rows=4)
+  partial = store_lib.open_store(f"memory://inc_{uuid.uuid4().hex}", expected_meta=meta, create=True)
+  partial.write_rows(start=4, ids=np.arange(4), phi=np.ones((4, 4))).wait()
+  with pytest.raises(store_lib.IncompleteStoreError, match=r"rows \[0, 4\), \[8, 20\)"):
+    retrieval.retrieve(partial, q, k=2)
+
+
+def test_memory_per_chunk_independent_of_n():
+  """No [Q, N] buffer: one compiled step per chunk shape, whose memory does not grow with N."""
+  rng = np.random.default_rng(3)
+  q_n, d, k, rows = 32, 16, 4, 128
+  q = _unit(rng.normal(size=(q_n, d))).astype(np.float32)
+  topk = retrieval.StreamingTopK(q, k=k, matmul_dtype="float32")
+  stats = topk.step_memory(rows)
+  per_dev = rows // 8
+  peak = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
+  # Bound: a few [Q, k + rows/dev] score/index blocks plus the chunk and the queries.
+  bound = 16 * q_n * (k + per_dev) * 4 + 4 * per_dev * d * 4 + 2 * q_n * d * 4
+  assert peak < bound, (stats, bound)
+  for n in (1000, 4000):  # N grows; the same executable streams it
+    phi = rng.normal(size=(n, d)).astype(np.float32)
+    for a in range(0, n, rows):
+      topk.update(start=a, ids=np.arange(a, min(a + rows, n)), phi=phi[a : a + rows], pad_to=rows)
+    top_v = topk.local_result()[0]
+    assert top_v.shape == (q_n, k)
+    assert peak < q_n * n * 4 / 8  # far below one device's share of the full score matrix
+  assert topk._step._cache_size() == 1  # pylint: disable=protected-access
+
+
+_WORKER = textwrap.dedent(
+    """
+    import sys
+    import jax
+    import numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid, url, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    from trackstar_jax import retrieval, store as store_lib
+    assert jax.process_count() == 2 and jax.local_device_count() == 2
+    d = np.load(out + "/inputs.npz")
+    store = store_lib.open_store(url)
+    res = retrieval.retrieve(store, d["q"], k=int(d["k"]), rows_per_chunk=23, inv_sqrt=d["inv"],
+                             matmul_dtype="float32")
+    np.savez(f"{out}/result_{pid}.npz", **vars(res))
+    """
+)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  rng = np.random.default_rng(4)
+  n, d, k = 211, 16, 7
+  store, _ = _make_store(rng.normal(size=(n, d)).astype(np.float32), chunk_rows=16, url=f"file://{tmp_path}/s")
+  q = _unit(rng.normal(size=(6, d))).astype(np.float32)
+  inv = _spd(rng, d)
+  np.savez(tmp_path / "inputs.npz", q=q, inv=inv, k=k)
+  (tmp_path / "worker.py").write_text(_WORKER)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  procs = [
+      subprocess.Popen(["timeout", "120", sys.executable, str(tmp_path / "worker.py"), str(port), str(i),
+                        f"file://{tmp_path}/s", str(tmp_path)], env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+      for i in range(2)
+  ]
+  outs = [p.communicate(timeout=150)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  one = retrieval.retrieve(store, q, k=k, rows_per_chunk=23, inv_sqrt=inv, matmul_dtype="float32")
+  _, top, bot = _brute(store, q, inv, True, k)
+  np.testing.assert_array_equal(one.top_rows, top)
+  for i in range(2):
+    got = np.load(tmp_path / f"result_{i}.npz")
+    for name, value in vars(one).items():
+      np.testing.assert_allclose(got[name], value, rtol=0, atol=1e-6, err_msg=f"process {i}: {name}")
+    np.testing.assert_array_equal(got["top_ids"], one.top_ids)
+    np.testing.assert_array_equal(got["bottom_ids"], one.bottom_ids)

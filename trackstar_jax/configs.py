@@ -1,0 +1,150 @@
+"""Config defaults shared by the experiment files in `configs/`.
+
+Every job reads one `ml_collections.ConfigDict` with these sections:
+
+  dataset, data_dir, manual_dir   which fact dataset and where it lives
+  world                           synthetic fact-world generator settings
+  tokenizer                       vocab size of the corpus-trained tokenizer
+  seq_len                         padded length of every example
+  model                           `TransformerConfig` fields
+  train                           optimizer, schedule, batch, checkpoint cadence
+  mesh                            (("data", -1),) style mesh axes; -1 = the rest
+  encoder                         traced params, projection, optimizer correction
+  hessian                         R_train / R_eval sample sizes, damping, lambda
+  store, retrieve, evaluate       later pipeline stages
+
+Fields that users override from the command line are tuples, not lists.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Model shapes. `small` is our GPU benchmark model (~33M parameters with a 16k
+# vocabulary); the `paper_*` shapes approximate the TrackStar paper's three
+# model sizes and serve compile/throughput checks, not training here.
+MODEL_PRESETS = {
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, tied_embeddings=True),
+    "small": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, tied_embeddings=True),
+    "paper_154m": dict(d_model=1024, n_layers=8, n_heads=16, d_ff=4096, tied_embeddings=False),
+    "paper_1b": dict(d_model=2048, n_layers=16, n_heads=16, d_ff=8192, tied_embeddings=False),
+    "paper_8b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=14336, tied_embeddings=False),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses `key=value,key=value` config-file arguments over defaults.
+
+  `--config=configs/lama.py:model=small,runlocal=True` gives
+  `parse_arg("model=small,runlocal=True", model="tiny", runlocal=False)`.
+  Values are converted to the type of the default.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"Config argument {item!r} is not of the form key=value.")
+    key, value = item.split("=", 1)
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, bool):
+      value = value.lower() in ("1", "true", "yes")
+    elif default is not None:
+      value = type(default)(value)
+    out[key] = value
+  return out
+
+
+def model_config(preset: str, *, max_len: int) -> ml_collections.ConfigDict:
+  if preset not in MODEL_PRESETS:
+    raise ValueError(f"Unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}.")
+  cfg = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
+  cfg.preset = preset
+  cfg.max_len = max_len
+  cfg.dtype = "float32"
+  return cfg
+
+
+def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.ConfigDict:
+  """The full default config; experiment files override parts of it."""
+  c = ml_collections.ConfigDict()
+  c.dataset = dataset
+  c.data_dir = ""  # TFDS data dir; "" = <workdir>/../tfds or $TFDS_DATA_DIR.
+  c.manual_dir = ""  # lama_trex: the folder holding evidences/ and lama_templates/.
+
+  c.world = ml_collections.ConfigDict()
+  c.world.seed = 0
+  c.world.n_entities = 400
+  c.world.n_facts = 600
+  c.world.max_frequency = 200
+  c.world.zipf_a = 1.3
+  c.world.n_distractors = 2000
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocab_size = 1024
+
+  c.seq_len = seq_len
+  c.model = model_config(model, max_len=seq_len)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.optimizer = "adamw"  # or "adafactor"
+  c.train.learning_rate = 3e-3
+  c.train.end_learning_rate_frac = 0.1
+  c.train.warmup_steps = 100
+  c.train.num_steps = 2000
+  c.train.batch_size = 64
+  c.train.weight_decay = 0.01
+  c.train.b1 = 0.9
+  c.train.b2 = 0.99
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0
+  c.train.seed = 0
+  c.train.log_every = 50
+  c.train.eval_every = 500
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+
+  c.mesh = (("data", -1),)
+
+  c.encoder = ml_collections.ConfigDict()
+  # Regex on '/'-joined parameter paths; default: every block weight matrix.
+  c.encoder.param_regex = r"block_\d+/(attn|mlp)/.*/kernel$"
+  c.encoder.layers_per_group = 1  # blocks = layer groups x {attn, mlp}
+  c.encoder.d_in = 16  # per-block projection: d_in x d_out
+  c.encoder.d_out = 16
+  c.encoder.seed = 0
+  c.encoder.correction = "adam"  # none | adam | adam_rank1 | adafactor
+  c.encoder.bias_correction = False
+  c.encoder.batch_size = 64
+  c.encoder.step = -1  # checkpoint step to encode with (-1 = latest)
+
+  c.hessian = ml_collections.ConfigDict()
+  c.hessian.train_sample = 4096
+  c.hessian.mixed = True  # task-specific R = lam R_eval + (1 - lam) R_train
+  c.hessian.top_k_eig = 100  # k of the lambda rule (paper: ~1000 of 2^16)
+  c.hessian.damping = 0.001  # eta: R + eta * mean(eig R) * I
+  c.hessian.block_diagonal = False
+  c.hessian.dtype = "float32"
+  c.hessian.seed = 0  # corpus-sample seed for R_train
+  c.hessian.path = ""  # "" = <workdir>/hessian.npz
+
+  c.store = ml_collections.ConfigDict()
+  c.store.url = ""  # "" = <workdir>/encodings.zarr
+  c.store.dtype = "bfloat16"
+  c.store.chunk_rows = 4096
+
+  c.retrieve = ml_collections.ConfigDict()
+  c.retrieve.k = 10
+  c.retrieve.chunk_rows = 65536  # rows read per host per step, split over local devices
+  c.retrieve.use_hessian = True  # False: no R^{-1/2} (ablation rungs 1-3)
+  c.retrieve.normalize = True  # False: raw dot product (ablation rung 1)
+  c.retrieve.matmul_dtype = "bfloat16"  # or "float32" (exact)
+  c.retrieve.method = ""  # name in the results metadata ("" = trackstar)
+  c.retrieve.output = ""  # "" = <workdir>/results.jsonl
+
+  c.evaluate = ml_collections.ConfigDict()
+  c.evaluate.tail_patch_k = 10
+  c.evaluate.query_chunk = 8  # queries per tail-patch step (x k param copies)
+  c.evaluate.seed = 0  # random-proponent floor
+  c.evaluate.subset = "model_correct"  # headline rows: queries the model gets right
+  return c

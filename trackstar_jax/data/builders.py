@@ -1,0 +1,159 @@
+"""TFDS builders for the fact datasets, stored as array_record (no TensorFlow).
+
+  synthetic_facts  the generated world (`world.generate_world`); one builder
+                   config per set of world parameters, named by their hash, so
+                   different parameters never share a directory.
+  lama_trex        LAMA T-REx read from a manual directory (`lama.read_lama`).
+
+Both have the splits `corpus` and `queries`, written in generation order
+(`disable_shuffling=True`: sentence i is record i) and read back by random
+access with `builder.as_data_source()` (TFDS's tf-free path; `tfds.load` and
+`as_numpy` need TensorFlow and are not used). TFDS features are shared by all
+splits, so records carry the union of the corpus and query fields; `decode`
+keeps the split's own fields and turns bytes into str.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from trackstar_jax.data import lama
+from trackstar_jax.data import records
+from trackstar_jax.data import world
+
+_TEXT_KEYS = ("text", "fact_id", "relation", "prompt", "target")
+_TEXT_LIST_KEYS = ("fact_ids", "answers")
+_INT_KEYS = ("sentence_id", "query_id", "frequency")
+_INT_LIST_KEYS = ("gold_sentence_ids",)
+SPLIT_KEYS = {"corpus": records.CORPUS_KEYS, "queries": records.QUERY_KEYS}
+
+
+def _features() -> tfds.features.FeaturesDict:
+  feats: dict[str, Any] = {}
+  feats.update({k: tfds.features.Text() for k in _TEXT_KEYS})
+  feats.update({k: tfds.features.Sequence(tfds.features.Text()) for k in _TEXT_LIST_KEYS})
+  feats.update({k: np.int64 for k in _INT_KEYS})
+  feats.update({k: tfds.features.Sequence(np.int64) for k in _INT_LIST_KEYS})
+  return tfds.features.FeaturesDict(feats)
+
+
+def _encode(rec: dict[str, Any]) -> dict[str, Any]:
+  """A corpus or query record with the other split's fields left empty."""
+  out: dict[str, Any] = {k: "" for k in _TEXT_KEYS}
+  out.update({k: [] for k in _TEXT_LIST_KEYS + _INT_LIST_KEYS})
+  out.update({k: -1 for k in _INT_KEYS})
+  out.update(rec)
+  return out
+
+
+def decode(example: dict[str, Any], split: str) -> dict[str, Any]:
+  """A raw data-source example -> the split's record with python types."""
+  out = {}
+  for k in SPLIT_KEYS[split]:
+    v = example[k]
+    if k in _TEXT_KEYS:
+      out[k] = v.decode("utf-8") if isinstance(v, bytes) else str(v)
+    elif k in _TEXT_LIST_KEYS:
+      out[k] = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in v]
+    elif k in _INT_LIST_KEYS:
+      out[k] = [int(x) for x in v]
+    else:
+      out[k] = int(v)
+  return out
+
+
+def _split_generators(builder, data: records.FactData):
+  builder.info.metadata["fingerprint"] = data.fingerprint()
+  builder.info.metadata["num_corpus"] = len(data.corpus)
+  builder.info.metadata["num_queries"] = len(data.queries)
+  return {
+      "corpus": builder._generate_examples(data.corpus, "sentence_id"),
+      "queries": builder._generate_examples(data.queries, "query_id"),
+  }
+
+
+def _generate(recs: Sequence[dict[str, Any]], key: str):
+  for rec in recs:
+    yield int(rec[key]), _encode(rec)
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticFactsConfig(tfds.core.BuilderConfig):
+  """World parameters; build with `SyntheticFactsConfig.from_params`."""
+
+  params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def from_params(cls, params: dict[str, Any]) -> "SyntheticFactsConfig":
+    params = dict(params)
+    h = world.params_hash(params)
+    return cls(name=f"world_{h}", description=f"generate_world({params}), generator"
+               f" v{world.GENERATOR_VERSION}", params=params)
+
+
+class SyntheticFacts(tfds.core.GeneratorBasedBuilder):
+  """The synthetic fact world (trackstar_jax.data.world)."""
+
+  VERSION = tfds.core.Version(records.DATASET_VERSION)
+  BUILDER_CONFIGS = [SyntheticFactsConfig.from_params(dict(
+      seed=0, n_entities=400, n_facts=600, max_frequency=200, zipf_a=1.3, n_distractors=2000))]
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Synthetic facts: corpus sentences with exact fact ids, and queries.",
+        features=_features(),
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(params=dict(self.builder_config.params)),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return _split_generators(self, world.generate_world(**self.builder_config.params))
+
+  def _generate_examples(self, recs, key):
+    return _generate(recs, key)
+
+
+@dataclasses.dataclass(eq=False)
+class LamaTrexConfig(tfds.core.BuilderConfig):
+  """Which relations to read; build with `LamaTrexConfig.from_relations`."""
+
+  relations: tuple[str, ...] = ()
+
+  @classmethod
+  def from_relations(cls, relations: Sequence[str] | None) -> "LamaTrexConfig":
+    rels = tuple(relations or ())
+    name = lama.config_name(rels)
+    return cls(name=name, description=f"relations: {list(rels) or 'all present'}",
+               relations=rels)
+
+
+class LamaTrex(tfds.core.GeneratorBasedBuilder):
+  """LAMA T-REx evidence sentences and relation queries (trackstar_jax.data.lama)."""
+
+  VERSION = tfds.core.Version(records.DATASET_VERSION)
+  BUILDER_CONFIGS = [LamaTrexConfig.from_relations(None)]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      f"Pass {lama.MANUAL_DIR_FLAG}=<dir> holding {lama.EVIDENCE_DIR}/P*.jsonl and"
+      f" {lama.TEMPLATES_FILE} (e.g. ../shared/data/lama_trex).")
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="LAMA T-REx: deduplicated evidence sentences and relation queries.",
+        features=_features(),
+        disable_shuffling=True,
+        metadata=tfds.core.MetadataDict(relations=list(self.builder_config.relations)),
+    )
+
+  def _split_generators(self, dl_manager):
+    data = lama.read_lama(str(dl_manager.manual_dir), relations=self.builder_config.relations)
+    return _split_generators(self, data)
+
+  def _generate_examples(self, recs, key):
+    return _generate(recs, key)

@@ -1,0 +1,205 @@
+"""TrackStarEncoder: raw per-example TrackStar encodings phi(z), sharded.
+
+  encoder = TrackStarEncoder(model_apply=model.apply, params=variables,
+                             config=config.encoder, opt_state=opt_state,
+                             mesh=make_mesh(config.mesh))
+  phi = encoder.encode(batch)          # [B, encoder.dim] float32
+
+phi(z) = concat_b vec(sum_{i in b} P_in,i^T (grad_{W_i} L(z) / sqrt(V_i)) P_out,i)
+with L(z) the summed masked NLL (`losses.example_losses`: every real token of
+a training example, only the target tokens of a query) — raw and
+task-independent; R^{-1/2} and the unit norm are applied later
+(`hessian.unit_encode`). Padding rows (`ids < 0`) encode to 0.
+
+Config (`config.encoder`): param_regex, layers_per_group, block_regex
+(optional, default `projection.DEFAULT_BLOCK_REGEX`), d_in, d_out, seed,
+correction (none | adam | adam_rank1 | adafactor | auto), bias_correction,
+eps (default 1e-8), b2 (for bias correction), layer_mode (auto | fused |
+layer; default auto), projection_dtype (auto: the model's compute dtype on
+accelerators, float32 on CPU | float32).
+
+Distribution: one jitted program per process with explicit shardings on
+`mesh`: the batch split over the "data" axis, params and projection matrices
+replicated. For a model too large for one device, pass `param_sharding` (a
+Sharding or a pytree of them, e.g. over a "model" mesh axis): the batch stays
+split over "data" only and XLA partitions the taps with the layers. Each
+process passes its own rows; `encode_local` returns them, unpadded.
+
+Public API:
+  TrackStarEncoder(*, model_apply, params, config, opt_state=None,
+                   correction=None, mesh=None, loss_fn=None, block_fn=None,
+                   param_sharding=None, seq_len=8)
+    .dim, .blocks, .plan, .correction, .modes()
+    .encode(batch) -> jax.Array [B, d]; .encode_local(batch) -> np [B_local, d]
+    .reference(batch) -> [B, d] (brute force vmap(grad); tests only)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trackstar_jax import gradients
+from trackstar_jax import losses
+from trackstar_jax import mesh as mesh_lib
+from trackstar_jax import optimizer_correction as oc
+from trackstar_jax import projection
+
+BATCH_FIELDS = ("inputs", "targets", "loss_mask", "pad_mask")
+
+
+def _host(a: Any) -> np.ndarray:
+  if isinstance(a, jax.Array) and not a.is_fully_addressable:
+    return np.asarray(a.addressable_data(0))  # replicated: any local copy
+  return np.asarray(a)
+
+
+def _place(tree: Any, sharding: Any) -> Any:
+  """Puts a pytree on `sharding` (one Sharding or a matching pytree of them)."""
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
+
+  def one(a, s):
+    if isinstance(a, jax.Array) and (a.sharding == s or a.sharding.is_equivalent_to(s, a.ndim)):
+      return a
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      return jax.device_put(a, s)
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+
+  return jax.tree.map(one, tree, sharding)
+
+
+def _dummy_batch(seq_len: int) -> dict[str, np.ndarray]:
+  return dict(inputs=np.ones((1, seq_len), np.int32), targets=np.ones((1, seq_len), np.int32),
+              loss_mask=np.ones((1, seq_len), np.float32), pad_mask=np.ones((1, seq_len), bool),
+              ids=np.zeros((1,), np.int32))
+
+
+class TrackStarEncoder:
+  """Per-example projected, optimizer-corrected gradients on a device mesh."""
+
+  def __init__(self, *, model_apply: Callable[..., jax.Array] | None = None, params: Any, config: Any,
+               opt_state: Any = None, correction: oc.Correction | None = None, mesh: jax.sharding.Mesh | None = None,
+               loss_fn: gradients.LossFn | None = None, block_fn: Callable[[str], Any] | None = None,
+               param_sharding: Any = None, seq_len: int = 8):
+    """Traces the model once (shapes only) and prepares the projections.
+
+    Args:
+      model_apply: `model.apply`-like: (params, inputs [B, T], pad_mask [B, T])
+        -> logits [B, T, V]. Ignored when `loss_fn` is given.
+      params: the variables passed to `model_apply` (e.g. {"params": ...}).
+      config: `config.encoder` (see the module docstring).
+      opt_state: optax state or `optimizer_correction.restore_second_moments`
+        tree, for corrections other than 'none'.
+      correction: a prebuilt `Correction` (overrides config/opt_state).
+      mesh: device mesh with a "data" axis (default: all devices).
+      loss_fn: (params, batch) -> per-example losses [B] (default: summed
+        masked NLL of `model_apply`'s logits).
+      block_fn: path -> block key (default: config.block_regex / layer groups).
+      param_sharding: Sharding (or pytree) for params; default replicated.
+      seq_len: sequence length of the abstract trace (kernel shapes only).
+    """
+    if loss_fn is None:
+      if model_apply is None:
+        raise ValueError("TrackStarEncoder needs model_apply= or loss_fn=.")
+      loss_fn = lambda p, b: losses.example_losses(model_apply(p, b["inputs"], b["pad_mask"]), b)
+    self.loss_fn = loss_fn
+    self.config = config
+    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
+    if "data" not in self.mesh.axis_names:
+      raise ValueError(f"The encoder mesh needs a 'data' axis, got axes {self.mesh.axis_names}.")
+    paths = projection.select_paths(params, regex=config.param_regex)
+    layouts = gradients.trace_layouts(loss_fn, params, _dummy_batch(seq_len), paths=paths)
+    if block_fn is None:
+      block_fn = projection.block_key_fn(
+          block_regex=config.get("block_regex", None) or projection.DEFAULT_BLOCK_REGEX,
+          layers_per_group=int(config.get("layers_per_group", 1)))
+    self.plan = projection.ProjectionPlan.create(layouts, d_in=int(config.d_in), d_out=int(config.d_out),
+                                                 seed=int(config.get("seed", 0)), block_fn=block_fn)
+    if correction is None:
+      correction = oc.make_correction(
+          kind=str(config.get("correction", "none")), layouts=layouts, opt_state=opt_state,
+          eps=float(config.get("eps", 1e-8)), bias_correction=bool(config.get("bias_correction", False)),
+          b2=config.get("b2", None))
+    self.correction = correction
+    self.projector = gradients.GradientProjector(plan=self.plan, correction=correction,
+                                                 layer_mode=str(config.get("layer_mode", "auto")),
+                                                 projection_dtype=str(config.get("projection_dtype", "auto")))
+    replicated = NamedSharding(self.mesh, P())
+    self._param_sharding = param_sharding if param_sharding is not None else replicated
+    self.params = _place(params, self._param_sharding)
+    self.arrays = _place(jax.tree.map(_host, self.projector.arrays), replicated)
+    self._n_data = self.mesh.shape["data"]
+    self._local_data = max(1, self._n_data // jax.process_count())
+    self._fn = jax.jit(
+        lambda params, arrays, batch: self.projector.phi(self.loss_fn, params, arrays, batch),
+        out_shardings=NamedSharding(self.mesh, P("data", None)),
+    )
+    logging.info("TrackStarEncoder: %d traced kernels in %d blocks, dim %d, correction %r, modes %s",
+                 len(layouts), len(self.plan.blocks), self.dim, correction.kind,
+                 sorted(set(self.projector.modes().values())))
+
+  @property
+  def dim(self) -> int:
+    return self.plan.dim
+
+  @property
+  def blocks(self) -> list[str]:
+    return self.plan.blocks
+
+  def modes(self) -> dict[str, str]:
+    """Per traced kernel: 'fused' or 'layer' (per-example G for that layer)."""
+    return self.projector.modes()
+
+  def _prepare(self, batch: Mapping[str, Any]) -> tuple[dict[str, jax.Array], int]:
+    missing = [k for k in BATCH_FIELDS if k not in batch]
+    if missing:
+      raise ValueError(f"Batch is missing fields {missing}; see trackstar_jax.losses for the batch convention.")
+    rows = {k: np.asarray(batch[k]) for k in BATCH_FIELDS}
+    b = rows["inputs"].shape[0]
+    ids = np.asarray(batch["ids"]) if "ids" in batch else np.zeros((b,), np.int64)
+    rows["ids"] = np.where(ids >= 0, 0, -1).astype(np.int32)
+    pad = -b % self._local_data
+    if pad:
+      # Padding rows: one real-looking token (so attention is well defined), ids -1
+      # (their loss is masked out), no loss tokens.
+      fill = dict(inputs=0, targets=0, loss_mask=0, pad_mask=True, ids=-1)
+      rows = {k: np.concatenate([v, np.full((pad,) + v.shape[1:], fill[k], v.dtype)]) for k, v in rows.items()}
+    return mesh_lib.shard_batch(rows, self.mesh), b
+
+  def encode(self, batch: Mapping[str, Any]) -> jax.Array:
+    """phi [B, d] float32 of this batch (numpy rows of this process).
+
+    One process: exactly the B given rows. Several processes: the global
+    [sum of padded per-process rows, d] array (use `encode_local`).
+    """
+    global_batch, b = self._prepare(batch)
+    phi = self._fn(self.params, self.arrays, global_batch)
+    if jax.process_count() == 1 and phi.shape[0] != b:
+      phi = phi[:b]
+    return phi
+
+  def encode_local(self, batch: Mapping[str, Any]) -> np.ndarray:
+    """phi [B_local, d] as numpy: this process's rows, in order, unpadded."""
+    global_batch, b = self._prepare(batch)
+    phi = self._fn(self.params, self.arrays, global_batch)
+    shards = {}
+    for s in phi.addressable_shards:
+      shards.setdefault(s.index[0].start or 0, s)
+    local = np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+    return local[:b]
+
+  def reference(self, batch: Mapping[str, Any]) -> jax.Array:
+    """Brute-force phi (vmap(grad) per example): for tests and debugging."""
+    rows = dict(batch)
+    if "ids" in rows:
+      rows["ids"] = np.where(np.asarray(rows["ids"]) >= 0, 0, -1).astype(np.int32)
+    rows = {k: jnp.asarray(v) for k, v in rows.items() if k in BATCH_FIELDS + ("ids",)}
+    params = jax.tree.map(lambda a: jnp.asarray(_host(a)), self.params)
+    return gradients.reference_phi(self.loss_fn, params, rows, plan=self.plan, correction=self.correction)

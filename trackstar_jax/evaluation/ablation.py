@@ -1,0 +1,104 @@
+"""The ablation table: retrieval metrics and tail-patch per method.
+
+Rows are methods in the order given, typically the paper's ladder
+
+  gradient dot → + unit norm → + optimizer correction → + R_train →
+  + R_mixed (TrackStar), Adam exact vs rank-1, projection dims, BM25, dense, random
+
+and columns MRR, recall@10, precision@10, tail-patch@1/@10 (absolute and
+relative). Rendered as markdown (for READMEs/logs) and JSON (for tooling).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+from trackstar_jax.evaluation import metrics as metrics_lib
+
+COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10",
+           "tail_patch_rel@1", "tail_patch_rel@10")
+# Which query subset the metrics columns come from: the paper evaluates on the
+# queries the model answers correctly.
+SUBSETS = ("overall", "model_correct", "model_incorrect")
+
+
+def ablation_table(*, methods: Mapping[str, Any], queries: Sequence[Mapping],
+                   tail_patch: Mapping[str, Mapping[str, float]] | None = None,
+                   subset: str = "overall", **metric_kwargs) -> dict:
+  """Builds the table.
+
+  Args:
+    methods: name -> results (a JSONL path or a list of result dicts), in row
+      order.
+    queries: ground-truth query dicts.
+    tail_patch: name -> `tail_patch.summarize(...)` output (optional per method).
+    subset: one of SUBSETS: which queries the metric columns average over.
+    **metric_kwargs: passed to `metrics.compute_metrics` (num_examples,
+      fingerprint, model_correct, ...).
+
+  Returns:
+    {"subset": subset, "columns": [...], "rows": [{"method": name, col: value,
+     "n": #queries}], "metrics": {name: full compute_metrics output}}.
+  """
+  if subset not in SUBSETS:
+    raise ValueError(f"subset={subset!r}; expected one of {SUBSETS}.")
+  tail_patch = tail_patch or {}
+  unknown = set(tail_patch) - set(methods)
+  if unknown:
+    raise ValueError(f"tail_patch has methods {sorted(unknown)} that are not in `methods`.")
+  rows, full = [], {}
+  for name, results in methods.items():
+    m = metrics_lib.compute_metrics(results, queries, **metric_kwargs)
+    full[name] = m
+    row = {"method": name, "n": m[subset]["n"]}
+    for col in metrics_lib.METRIC_NAMES:
+      row[col] = m[subset][col]
+    for col in COLUMNS[3:]:
+      row[col] = tail_patch.get(name, {}).get(col, math.nan)
+    rows.append(row)
+  return {"subset": subset, "columns": list(COLUMNS), "rows": rows, "metrics": full}
+
+
+def _fmt(x) -> str:
+  if x is None or (isinstance(x, float) and math.isnan(x)):
+    return "–"
+  if isinstance(x, float) and x != 0 and abs(x) < 1e-3:
+    return f"{x:.2e}"
+  return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def to_markdown(table: Mapping) -> str:
+  """A markdown table: one row per method."""
+  cols = ["method", "n", *table["columns"]]
+  lines = [f"Queries: {table['subset']}", "",
+           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for row in table["rows"]:
+    lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def to_json(table: Mapping) -> str:
+  """JSON text (NaN written as null)."""
+
+  def clean(x):
+    if isinstance(x, float) and math.isnan(x):
+      return None
+    if isinstance(x, Mapping):
+      return {str(k): clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+      return [clean(v) for v in x]
+    return x
+
+  return json.dumps(clean(table), indent=2, sort_keys=False)
+
+
+def write_table(table: Mapping, path_prefix: str) -> tuple[str, str]:
+  """Writes <prefix>.md and <prefix>.json; returns both paths."""
+  md, js = path_prefix + ".md", path_prefix + ".json"
+  with open(md, "w") as f:
+    f.write(to_markdown(table))
+  with open(js, "w") as f:
+    f.write(to_json(table))
+  return md, js

@@ -1,0 +1,326 @@
+"""The ablation ladder as config variants of one pipeline, run by one call.
+
+  run_ladder(config, workdir)      # = python -m launch.pipeline --config=... --workdir=...
+
+Stages (each logged, each skipped when its output exists and was made from
+the same inputs, each resumable):
+
+  train      train the LM, or reuse a finished checkpoint in `workdir`
+  hessian    per encoding variant and Hessian kind: `pipeline.fit_hessian_job`
+  encode     per encoding variant: `pipeline.encode_corpus` into its own store
+  retrieve   per gradient method: `pipeline.retrieve_job`; BM25 / dense / random baselines
+  evaluate   `evaluation.run.evaluate_job` over every method -> <workdir>/ablation.{md,json}
+
+Encoding variants (raw phi is task-independent, so methods share stores):
+
+  none        no optimizer correction, config d_in x d_out
+  <corr>      config.encoder.correction (adam by default), config d_in x d_out
+  adam_rank1  Adam's nu fitted by a rank-1 matrix (fused path); only for Adam
+  <corr>_half <corr> at d_in/2 x d_out/2 (a quarter of the dimensions)
+
+Methods (table rows, in the paper's ladder order):
+
+  1 gradient dot       none,  no unit norm, no R
+  2 + unit norm        none,  cosine
+  3 + optimizer corr.  <corr>, cosine
+  4 + R_train          <corr>, R = R_train (hessian.mixed=False)
+  5 TrackStar          <corr>, R = R_mixed
+  TrackStar adam_rank1, TrackStar d=<d/4>, BM25, dense (optional), random.
+
+Layout: <workdir>/ladder/<variant>/{encodings.zarr, hessian_<kind>.npz},
+<workdir>/ladder/results/<method>.jsonl, and `.stage.json` stamps recording
+the inputs of each finished stage output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Sequence
+
+from absl import logging
+
+from trackstar_jax import checkpointing
+from trackstar_jax import pipeline
+from trackstar_jax import results as results_lib
+from trackstar_jax import train as train_lib
+from trackstar_jax.evaluation import baselines
+from trackstar_jax.evaluation import run as run_lib
+
+STAGES = ("train", "hessian", "encode", "retrieve", "evaluate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One encoding: an optimizer correction at one projection size."""
+
+  name: str
+  correction: str
+  d_in: int
+  d_out: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """One table row. `variant` None: a text baseline (`kind`)."""
+
+  name: str
+  kind: str = "gradient"  # gradient | bm25 | dense | random
+  variant: str | None = None
+  hessian: str | None = None  # None | "train" | "mixed"
+  normalize: bool = True
+
+
+def ladder(config) -> tuple[list[Variant], list[Method]]:
+  """The encoding variants and methods of the ablation ladder for `config`."""
+  enc = config.encoder
+  corr = str(enc.correction)
+  corr = corr if corr != "none" else "adam"
+  d_in, d_out = int(enc.d_in), int(enc.d_out)
+  half = Variant(f"{corr}_half", corr, max(1, d_in // 2), max(1, d_out // 2))
+  variants = [Variant("none", "none", d_in, d_out), Variant(corr, corr, d_in, d_out)]
+  methods = [
+      Method("gradient dot product", variant="none", normalize=False),
+      Method("+ unit norm (cosine)", variant="none"),
+      Method(f"+ optimizer correction ({corr})", variant=corr),
+      Method("+ R_train", variant=corr, hessian="train"),
+      Method("+ R_mixed = TrackStar", variant=corr, hessian="mixed"),
+  ]
+  if corr == "adam":
+    variants.append(Variant("adam_rank1", "adam_rank1", d_in, d_out))
+    methods.append(Method("TrackStar, Adam rank-1", variant="adam_rank1", hessian="mixed"))
+  variants.append(half)
+  methods += [
+      Method(f"TrackStar, d={half.d_in * half.d_out}/block", variant=half.name, hessian="mixed"),
+      Method("BM25", kind="bm25"),
+      Method("dense (MiniLM)", kind="dense"),
+      Method("random", kind="random"),
+  ]
+  return variants, methods
+
+
+def enable_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache at `path` (unless one is configured).
+
+  The ladder builds an encoder per job and variant; identical programs then
+  compile once per workdir instead of once per job (and not at all on reruns).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if jax.config.jax_compilation_cache_dir:
+    return
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _slug(name: str) -> str:
+  return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def variant_config(config, workdir: str, v: Variant, *, hessian: str | None = None, method: Method | None = None):
+  """`config` with the encoder / store / hessian / retrieve fields of one variant (and method)."""
+  c = config.copy_and_resolve_references()
+  root = os.path.join(os.path.abspath(workdir), "ladder")
+  with c.unlocked():
+    c.encoder.correction, c.encoder.d_in, c.encoder.d_out = v.correction, v.d_in, v.d_out
+    c.store.url = os.path.join(root, v.name, "encodings.zarr")
+    c.hessian.mixed = hessian != "train"
+    c.hessian.path = os.path.join(root, v.name, f"hessian_{hessian or 'mixed'}.npz")
+    if method is not None:
+      c.retrieve.method = method.name
+      c.retrieve.use_hessian = method.hessian is not None
+      c.retrieve.normalize = method.normalize
+      c.retrieve.output = results_file(workdir, method)
+  return c
+
+
+def results_file(workdir: str, method: Method) -> str:
+  return os.path.join(os.path.abspath(workdir), "ladder", "results", _slug(method.name) + ".jsonl")
+
+
+# ----------------------------------------------------------------------------
+# Stage stamps: what a finished output was made from.
+
+
+def _key(**parts) -> str:
+  return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stamp_path(output: str) -> str:
+  return output.rstrip("/") + ".stage.json"
+
+
+def _is_current(output: str, key: str) -> bool:
+  stamp = _stamp_path(output)
+  if not (os.path.exists(output) and os.path.exists(stamp)):
+    return False
+  with open(stamp) as f:
+    return json.load(f).get("key") == key
+
+
+def _stamp(output: str, key: str, **info) -> None:
+  os.makedirs(os.path.dirname(output.rstrip("/")), exist_ok=True)
+  with open(_stamp_path(output), "w") as f:
+    json.dump(dict(key=key, time=time.time(), **info), f, indent=1)
+
+
+def _remove(path: str) -> None:
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  elif os.path.exists(path):
+    os.remove(path)
+
+
+class _Log:
+  """Per-stage progress lines with elapsed time."""
+
+  def __init__(self, total: int):
+    self.i, self.total, self.t0 = 0, total, time.perf_counter()
+    self.times: dict[str, float] = {}
+
+  def run(self, name: str, fn, *, skip: bool = False, why: str = ""):
+    self.i += 1
+    tag = f"[{self.i}/{self.total}] {name}"
+    if skip:
+      logging.info("pipeline %s: skipped (%s)", tag, why or "up to date")
+      return None
+    logging.info("pipeline %s: running", tag)
+    t = time.perf_counter()
+    out = fn()
+    self.times[name] = time.perf_counter() - t
+    logging.info("pipeline %s: done in %.1fs (total %.1fs)", tag, self.times[name], time.perf_counter() - self.t0)
+    return out
+
+
+def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None) -> dict[str, Any]:
+  """Runs the ablation ladder; returns the evaluation table (None without the evaluate stage)."""
+  unknown = set(stages) - set(STAGES)
+  if unknown:
+    raise ValueError(f"Unknown --stages {sorted(unknown)}; known: {STAGES}.")
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.join(workdir, "ladder", "results"), exist_ok=True)
+  checkpointing.quiet_orbax_logging()
+  variants, methods = ladder(config)
+  by_name = {v.name: v for v in variants}
+  hess = sorted({(m.variant, m.hessian) for m in methods if m.hessian})
+  used = [v for v in variants if any(m.variant == v.name for m in methods)]
+  total = (len(hess) if "hessian" in stages else 0) + (len(used) if "encode" in stages else 0) + (
+      len(methods) if "retrieve" in stages else 0) + ("train" in stages) + ("evaluate" in stages)
+  log = _Log(total)
+  if dataset is None:
+    from trackstar_jax import data  # pylint: disable=g-import-not-at-top
+
+    dataset = data.load_dataset(config, data_dir=train_lib.resolve_data_dir(config, workdir))
+
+  if "train" in stages:
+    step = checkpointing.latest_step(workdir)
+    done = step is not None and step >= int(config.train.num_steps)
+    if done:
+      checkpointing.check_compatible(checkpointing.load_meta(workdir, step=step), config, workdir=workdir,
+                                     dataset_fingerprint=dataset.fingerprint)
+    log.run("train", lambda: train_lib.train_and_evaluate(config, workdir, dataset=dataset), skip=done,
+            why=f"checkpoint at step {step} >= train.num_steps")
+  step = run_lib.checkpoint_step(config, workdir)
+  base = dict(step=step, workdir=workdir, corpus=dataset.fingerprint)
+
+  def enc_key(v):
+    c = variant_config(config, workdir, v)
+    return _key(**base, encoder=checkpointing.config_to_dict(c.encoder), seq_len=c.seq_len)
+
+  if "hessian" in stages:
+    for vname, kind in hess:
+      c = variant_config(config, workdir, by_name[vname], hessian=kind)
+      key = _key(enc=enc_key(by_name[vname]), hessian=checkpointing.config_to_dict(c.hessian))
+      path = c.hessian.path
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+
+      def fit(c=c, path=path, key=key):
+        pipeline.fit_hessian_job(c, workdir, dataset=dataset)
+        _stamp(path, key)
+
+      log.run(f"fit_hessian {vname} R_{kind}", fit, skip=_is_current(path, key))
+
+  if "encode" in stages:
+    for v in used:
+      c = variant_config(config, workdir, v)
+      key = _key(enc=enc_key(v), store=checkpointing.config_to_dict(c.store))
+      url = c.store.url
+
+      def encode(c=c, url=url, key=key):
+        stamp = _stamp_path(url)
+        if os.path.exists(stamp):
+          with open(stamp) as f:
+            started = json.load(f)
+          if started.get("key") != key:  # an old variant's store: start over
+            logging.info("pipeline: %s is stale (made from other inputs): re-encoding.", url)
+            _remove(url)
+        elif os.path.exists(url):
+          _remove(url)  # no stamp: not ours / unknown provenance
+        _stamp(url, key, complete=False)  # a restart resumes this store
+        pipeline.encode_corpus(c, workdir, dataset=dataset)
+        _stamp(url, key, complete=True)
+
+      current = _is_current(url, key) and json.load(open(_stamp_path(url))).get("complete", False)  # pylint: disable=consider-using-with
+      log.run(f"encode {v.name} ({v.correction}, {v.d_in}x{v.d_out}/block)", encode, skip=current)
+
+  results = {}
+  skipped = {}
+  if "retrieve" in stages or "evaluate" in stages:
+    for m in methods:
+      out = results_file(workdir, m)
+      if m.kind == "dense" and not baselines.dense_available():
+        skipped[m.name] = "optional packages not installed: pip install '.[dense]'"
+        if "retrieve" in stages:
+          log.run(f"retrieve {m.name}", None, skip=True, why=skipped[m.name])
+        continue
+      results[m.name] = out
+      if "retrieve" not in stages:
+        continue
+      if m.kind == "gradient":
+        v = by_name[m.variant]
+        c = variant_config(config, workdir, v, hessian=m.hessian, method=m)
+        hkey = _key(enc=enc_key(v), hessian=checkpointing.config_to_dict(c.hessian)) if m.hessian else None
+        key = _key(enc=enc_key(v), hessian=hkey, retrieve=checkpointing.config_to_dict(c.retrieve))
+        fn = lambda c=c: pipeline.retrieve_job(c, workdir, dataset=dataset)
+      else:
+        key = _key(**base, kind=m.kind, k=int(config.retrieve.k), seed=int(config.evaluate.get("seed", 0)))
+        fn = lambda m=m, out=out: _baseline(m, out, config=config, dataset=dataset)
+
+      def retrieve(fn=fn, out=out, key=key):
+        fn()
+        results_lib.validate_results_file(out)
+        _stamp(out, key)
+
+      log.run(f"retrieve {m.name}", retrieve, skip=_is_current(out, key))
+
+  table = None
+  if "evaluate" in stages:
+    prefix = os.path.join(workdir, "ablation")
+    table = log.run("evaluate", lambda: run_lib.evaluate_job(config, workdir, results=results, output_prefix=prefix,
+                                                             dataset=dataset, skipped=skipped))
+    table["stage_seconds"] = log.times
+    print(run_lib.to_markdown(table), flush=True)
+  logging.info("pipeline: stage times %s", {k: round(v, 1) for k, v in log.times.items()})
+  return table
+
+
+def _baseline(m: Method, out: str, *, config, dataset) -> None:
+  """BM25 / dense / random results file with the dataset's metadata."""
+  corpus, queries = list(dataset.corpus), list(dataset.queries)
+  k = int(config.retrieve.k)
+  if m.kind == "bm25":
+    lines = baselines.bm25_retrieve(corpus=corpus, queries=queries, k=k)
+  elif m.kind == "dense":
+    lines = baselines.dense_retrieve(corpus=corpus, queries=queries, k=k)
+  elif m.kind == "random":
+    lines = baselines.random_retrieve(corpus=corpus, queries=queries, k=k, seed=int(config.evaluate.get("seed", 0)))
+  else:
+    raise ValueError(f"Unknown baseline kind {m.kind!r}.")
+  results_lib.write_results(out, lines, metadata=dict(dataset=dataset.name, fingerprint=dataset.fingerprint,
+                                                      num_examples=len(corpus), method=m.name, k=k))

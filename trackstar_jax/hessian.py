@@ -1,0 +1,242 @@
+"""The Gauss-Newton Hessian approximation R in projected space, and R^{-1/2}.
+
+  R_train = (1/N) sum_z phi(z) phi(z)^T    over a sample of training examples
+  R_eval  = (1/Q) sum_q phi(q) phi(q)^T    over the query set
+  R       = lam R_eval + (1 - lam) R_train     (task-specific, "mixed")
+            with lam * sigma_eval[k] = (1 - lam) * sigma_train[k] for the k-th
+            largest eigenvalues, i.e. lam = s_t / (s_e + s_t)
+  R       = R_train                        (config.hessian.mixed = False)
+  R^{-1/2} = U diag(sigma + eta * mean(sigma))^{-1/2} U^T     (damped)
+
+Second moments accumulate in float32 (matmuls at HIGHEST precision) under
+jit: inputs may be data-sharded global arrays, the sum over examples is then
+a cross-device reduction; the full [d, d] accumulator can be kept sharded by
+rows over the mesh's data axis (`SecondMoment(mesh=...)`). Eigendecompositions
+run in float32 on the default device, or float64 on the host
+(`config.hessian.dtype`), never in bf16. Block-diagonal mode
+(`config.hessian.block_diagonal`) keeps one [d_b, d_b] matrix per projection
+block (d_b = d_in * d_out) and its eigenvalues pool for the lambda rule.
+
+Public API:
+  SecondMoment(dim, *, n_blocks=1, block_diagonal=False, mesh=None)
+      .update(phi [B, d], *, valid=None), .count, .result() -> R
+  mixing_lambda(sigma_train, sigma_eval, *, k) -> float
+  inverse_sqrt(R, *, damping, dtype) -> (R^{-1/2}, eigenvalues)
+  fit_hessian(*, train_phi, eval_phi=None, config, n_blocks=1) -> Hessian
+  Hessian.apply(phi) -> psi, .save(path), Hessian.load(path)
+  normalize(psi), unit_encode(phi, hessian=None) -> e, cosine_scores(q, z)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@jax.jit
+def _outer(phi, valid):
+  phi = jnp.where(valid[:, None], phi.astype(jnp.float32), 0.0)
+  return jnp.einsum("ni,nj->ij", phi, phi, precision=_HIGHEST)
+
+
+@jax.jit
+def _outer_blocks(phi, valid):
+  phi = jnp.where(valid[:, None, None], phi.astype(jnp.float32), 0.0)
+  return jnp.einsum("nbi,nbj->bij", phi, phi, precision=_HIGHEST)
+
+
+class SecondMoment:
+  """Running (1/N) sum phi phi^T over batches, padding rows excluded."""
+
+  def __init__(self, dim: int, *, n_blocks: int = 1, block_diagonal: bool = False, mesh=None):
+    if block_diagonal and dim % n_blocks:
+      raise ValueError(f"phi dim {dim} is not a multiple of the number of blocks {n_blocks}.")
+    self.dim, self.n_blocks, self.block_diagonal = dim, n_blocks, block_diagonal
+    shape = (n_blocks, dim // n_blocks, dim // n_blocks) if block_diagonal else (dim, dim)
+    sharding = None
+    if mesh is not None and "data" in mesh.axis_names and shape[0] % mesh.shape["data"] == 0:
+      sharding = NamedSharding(mesh, P("data", *([None] * (len(shape) - 1))))
+    self._sum = jnp.zeros(shape, jnp.float32, device=sharding)
+    fn = _outer_blocks if block_diagonal else _outer
+    self._add = jax.jit(lambda acc, phi, valid: acc + fn(phi, valid), donate_argnums=0,
+                        out_shardings=sharding)
+    self.count = 0
+
+  def update(self, phi: Any, *, valid: Any = None) -> None:
+    """phi [B, d]; valid [B] bool (default: all rows, e.g. ids >= 0)."""
+    if phi.shape[-1] != self.dim:
+      raise ValueError(f"phi has dim {phi.shape[-1]}, expected {self.dim}.")
+    if valid is None:
+      valid = np.ones(phi.shape[0], bool)
+    valid = jnp.asarray(valid, bool)
+    if self.block_diagonal:
+      phi = jnp.reshape(phi, (phi.shape[0], self.n_blocks, -1))
+    self._sum = self._add(self._sum, phi, valid)
+    self.count += int(jnp.sum(valid))
+
+  def result(self) -> jax.Array:
+    if not self.count:
+      raise ValueError("No examples were accumulated into the second moment.")
+    return self._sum / self.count
+
+
+def second_moment(phis: Any, *, n_blocks: int = 1, block_diagonal: bool = False) -> tuple[jax.Array, int]:
+  """R and N from an array [N, d] or an iterable of arrays / (phi, valid) pairs."""
+  if hasattr(phis, "shape"):
+    phis = [phis]
+  acc = None
+  for item in phis:
+    phi, valid = item if isinstance(item, tuple) else (item, None)
+    if acc is None:
+      acc = SecondMoment(phi.shape[-1], n_blocks=n_blocks, block_diagonal=block_diagonal)
+    acc.update(phi, valid=valid)
+  if acc is None:
+    raise ValueError("No phi batches given.")
+  return acc.result(), acc.count
+
+
+def _eigh(r: Any, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+  if dtype == "float64":
+    sigma, u = np.linalg.eigh(np.asarray(r, np.float64))
+    return sigma, u
+  if dtype != "float32":
+    raise ValueError(f"config.hessian.dtype must be 'float32' or 'float64', got {dtype!r} (never bf16).")
+  sigma, u = jnp.linalg.eigh(jnp.asarray(r, jnp.float32), symmetrize_input=True)
+  return sigma, u
+
+
+def eigenvalues(r: Any, *, dtype: str = "float32") -> np.ndarray:
+  """All eigenvalues of R (or of every block), descending."""
+  sigma, _ = _eigh(r, dtype)
+  return np.sort(np.asarray(sigma, np.float64).reshape(-1))[::-1]
+
+
+def mixing_lambda(sigma_train: Any, sigma_eval: Any, *, k: int) -> float:
+  """lam with lam * sigma_eval[k] = (1 - lam) * sigma_train[k] (k-th largest, 1-based)."""
+  st = np.sort(np.asarray(sigma_train, np.float64))[::-1]
+  se = np.sort(np.asarray(sigma_eval, np.float64))[::-1]
+  k = int(min(max(k, 1), len(st), len(se)))
+  s_t, s_e = max(st[k - 1], 0.0), max(se[k - 1], 0.0)
+  if s_t + s_e <= 0:
+    logging.warning("k-th eigenvalues of R_train and R_eval are both 0 (k=%d): lambda = 0.5.", k)
+    return 0.5
+  return float(s_t / (s_t + s_e))
+
+
+def inverse_sqrt(r: Any, *, damping: float, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
+  """(R + eta mean(eig R) I)^{-1/2} and R's eigenvalues; R [d, d] or [nb, db, db].
+
+  For block-diagonal R the mean is over all eigenvalues of all blocks.
+  """
+  sigma, u = _eigh(r, dtype)
+  xp = np if dtype == "float64" else jnp
+  sigma = xp.maximum(sigma, 0.0)
+  shift = damping * xp.mean(sigma)
+  scale = (sigma + shift) ** -0.5
+  if not bool(xp.all(xp.isfinite(scale))):
+    raise ValueError("R + damping is singular: use config.hessian.damping > 0.")
+  inv = xp.einsum("...ik,...k,...jk->...ij", u, scale, u, **({} if xp is np else dict(precision=_HIGHEST)))
+  return np.asarray(inv, np.float32), np.asarray(sigma)
+
+
+@dataclasses.dataclass
+class Hessian:
+  """R^{-1/2}: [d, d] or, block-diagonal, [n_blocks, d_b, d_b] (float32)."""
+
+  inv_sqrt: Any
+  lam: float
+  meta: dict[str, Any]
+
+  @property
+  def block_diagonal(self) -> bool:
+    return np.ndim(self.inv_sqrt) == 3
+
+  @property
+  def dim(self) -> int:
+    s = np.shape(self.inv_sqrt)
+    return s[0] * s[1] if len(s) == 3 else s[0]
+
+  def apply(self, phi: Any) -> jax.Array:
+    """psi = R^{-1/2} phi for phi [N, d] -> [N, d] float32."""
+    phi = jnp.asarray(phi, jnp.float32)
+    if phi.shape[-1] != self.dim:
+      raise ValueError(f"phi has dim {phi.shape[-1]} but the Hessian was fit for dim {self.dim}.")
+    return _apply(jnp.asarray(self.inv_sqrt), phi)
+
+  def save(self, path: str) -> None:
+    """One .npz with inv_sqrt, lam and JSON metadata."""
+    with open(path, "wb") as f:
+      np.savez(f, inv_sqrt=np.asarray(self.inv_sqrt, np.float32), lam=np.float64(self.lam),
+               meta=np.asarray(json.dumps(self.meta, sort_keys=True)))
+
+  @classmethod
+  def load(cls, path: str) -> "Hessian":
+    with np.load(path) as data:
+      return cls(inv_sqrt=data["inv_sqrt"], lam=float(data["lam"]), meta=json.loads(str(data["meta"])))
+
+
+@jax.jit
+def _apply(inv_sqrt, phi):
+  if inv_sqrt.ndim == 3:
+    nb = inv_sqrt.shape[0]
+    psi = jnp.einsum("nbi,bij->nbj", phi.reshape(phi.shape[0], nb, -1), inv_sqrt, precision=_HIGHEST)
+    return psi.reshape(phi.shape)
+  return jnp.matmul(phi, inv_sqrt, precision=_HIGHEST)
+
+
+def fit_hessian(*, train_phi: Any, eval_phi: Any = None, config: Any, n_blocks: int = 1) -> Hessian:
+  """R^{-1/2} from training (and query) phis, per `config` (= config.hessian).
+
+  Args:
+    train_phi: [N, d] array or iterable of [B, d] arrays / (phi, valid) pairs.
+    eval_phi: same for the queries; required when config.mixed.
+    config: fields mixed, top_k_eig, damping, block_diagonal, dtype.
+    n_blocks: number of projection blocks of phi (for block_diagonal).
+  """
+  block = bool(config.get("block_diagonal", False))
+  dtype = str(config.get("dtype", "float32"))
+  damping = float(config.get("damping", 1e-3))
+  r_train, n_train = second_moment(train_phi, n_blocks=n_blocks, block_diagonal=block)
+  meta = dict(n_train=n_train, n_eval=0, damping=damping, dtype=dtype, block_diagonal=block, n_blocks=n_blocks,
+              top_k_eig=int(config.get("top_k_eig", 100)), mixed=bool(config.get("mixed", True)))
+  lam = 0.0
+  r = r_train
+  if meta["mixed"]:
+    if eval_phi is None:
+      raise ValueError("config.hessian.mixed=True needs query phis (eval_phi); or set hessian.mixed=False.")
+    r_eval, n_eval = second_moment(eval_phi, n_blocks=n_blocks, block_diagonal=block)
+    s_train, s_eval = eigenvalues(r_train, dtype=dtype), eigenvalues(r_eval, dtype=dtype)
+    lam = mixing_lambda(s_train, s_eval, k=meta["top_k_eig"])
+    k = min(meta["top_k_eig"], len(s_train)) - 1
+    meta.update(n_eval=n_eval, sigma_train_k=float(s_train[k]), sigma_eval_k=float(s_eval[k]))
+    r = lam * r_eval + (1.0 - lam) * r_train
+  inv, sigma = inverse_sqrt(r, damping=damping, dtype=dtype)
+  meta.update(lam=lam, sigma_max=float(np.max(sigma)), sigma_mean=float(np.mean(sigma)))
+  logging.info("Hessian: lambda=%.4f N_train=%d N_eval=%d dim=%d", lam, n_train, meta["n_eval"], r.shape[-1])
+  return Hessian(inv_sqrt=inv, lam=lam, meta=meta)
+
+
+def normalize(psi: Any, *, eps: float = 1e-12) -> jax.Array:
+  """Rows divided by their L2 norm (zero rows stay zero)."""
+  psi = jnp.asarray(psi, jnp.float32)
+  return psi / jnp.maximum(jnp.linalg.norm(psi, axis=-1, keepdims=True), eps)
+
+
+def unit_encode(phi: Any, hessian: Hessian | None = None) -> jax.Array:
+  """e = R^{-1/2} phi / ||R^{-1/2} phi|| (no Hessian: phi / ||phi||)."""
+  psi = jnp.asarray(phi, jnp.float32) if hessian is None else hessian.apply(phi)
+  return normalize(psi)
+
+
+def cosine_scores(queries: Any, corpus: Any, *, hessian: Hessian | None = None) -> jax.Array:
+  """score(q, z) = e_q . e_z for raw phis: [Q, d] x [N, d] -> [Q, N]."""
+  return jnp.matmul(unit_encode(queries, hessian), unit_encode(corpus, hessian).T, precision=_HIGHEST)

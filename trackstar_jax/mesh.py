@@ -1,0 +1,91 @@
+"""Device mesh from config, multi-host start-up, and batch sharding helpers.
+
+The mesh is declared in the config as axis (name, size) pairs, -1 meaning
+"all remaining devices": `(("data", -1),)` or `(("data", -1), ("model", 2))`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Sequence
+
+from absl import logging
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def maybe_initialize_distributed(*, force: bool = False) -> None:
+  """Starts `jax.distributed` when asked or when the environment says so.
+
+  Explicit: `--distributed` flag (force=True), or env JAX_COORDINATOR_ADDRESS +
+  JAX_NUM_PROCESSES + JAX_PROCESS_ID (our launch scripts set these). Cloud TPU
+  and SLURM environments are auto-detected by `jax.distributed.initialize()`.
+  """
+  env = os.environ
+  if "JAX_COORDINATOR_ADDRESS" in env:
+    jax.distributed.initialize(
+        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+        num_processes=int(env["JAX_NUM_PROCESSES"]),
+        process_id=int(env["JAX_PROCESS_ID"]),
+    )
+  elif force:
+    jax.distributed.initialize()
+  logging.info(
+      "process %d/%d, local devices %d, global devices %d (%s)",
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+      jax.devices()[0].platform,
+  )
+
+
+def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """Resolves -1 in mesh axes against the device count."""
+  names = tuple(str(a) for a, _ in axes)
+  sizes = [int(s) for _, s in axes]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {axes}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n_devices % known:
+      raise ValueError(f"Mesh {axes} does not divide {n_devices} devices.")
+    sizes[sizes.index(-1)] = n_devices // known
+  if math.prod(sizes) != n_devices:
+    raise ValueError(f"Mesh {axes} needs {math.prod(sizes)} devices, have {n_devices}.")
+  return names, tuple(sizes)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] = (("data", -1),), devices: Sequence[Any] | None = None) -> Mesh:
+  """A `Mesh` over `devices` (default: all global devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  names, sizes = mesh_shape(axes, len(devices))
+  return Mesh(np.asarray(devices).reshape(sizes), names)
+
+
+def data_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+  """Leading axis split over the mesh's "data" axis, the rest replicated."""
+  return NamedSharding(mesh, P("data", *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Places this host's slice of a global batch on the mesh's data axis.
+
+  Each process passes its own rows (global_batch / process_count of them);
+  the result is one global array per field.
+  """
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    sharding = data_sharding(mesh, value.ndim)
+    if jax.process_count() == 1:
+      out[key] = jax.device_put(value, sharding)
+    else:
+      out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out

@@ -1,0 +1,341 @@
+"""Exact top-k / bottom-k retrieval over an encoding store, streamed by chunks.
+
+For query encodings e_q [Q, d] (already R^{-1/2}-transformed and unit-norm,
+replicated on every device) and the raw corpus encodings phi [N, d] of a
+`store.EncodingStore`, computes per query the k highest scores (proponents)
+and the k lowest (opponents) of
+
+  score(q, z) = e_q . e_z,   e_z = T(phi_z) / ||T(phi_z)||,   T(phi) = phi @ inv_sqrt
+
+without ever holding the [Q, N] score matrix: the corpus is read in chunks of
+`rows_per_chunk` rows (chunk j goes to host j % process_count), each chunk is
+split by rows over this host's devices, and every device keeps a running
+[Q, k] top-k and bottom-k that it merges with each new [Q, rows/devices] score
+block (inside `shard_map`). At the end the per-device lists are all-gathered
+and merged on device, then the per-host lists are all-gathered across
+processes and merged once more on the host. Memory per device: a
+[Q, rows/devices] score block plus one chunk of phi, whatever N.
+
+Speed. R^{-1/2} is folded into the queries once (e_q . R^{-1/2} phi =
+(R^{-1/2} e_q) . phi), so only the norm ||R^{-1/2} phi|| needs the train-side
+transform and scaled encodings are never written. The merge first narrows each
+score block hierarchically to a few groups of columns (group maxima, see
+`_candidates`) so that `lax.top_k` never runs over a long row: on a GPU a full
+`lax.top_k` over the block costs several times the score matmul.
+
+Tie order (deterministic, independent of device count, host count and chunk
+size): equal scores are ordered by lower store row first, for the top-k and the
+bottom-k alike, both within the returned lists and at the k-th place. It holds
+because each device sees its rows in increasing order, candidates keep
+increasing-row order, `lax.top_k` keeps the lower index of equal values, and
+the merges sort by (score, row).
+
+Scores are float32. `matmul_dtype="bfloat16"` feeds the matmuls (scores, and
+the R^{-1/2} of the norms) bf16 inputs with float32 accumulation (the GPU fast
+path); "float32" runs them at full float32 precision (no TF32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+from absl import logging
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from trackstar_jax import store as store_lib
+
+if hasattr(jax, "shard_map"):
+  _shard_map = functools.partial(jax.shard_map, check_vma=False)
+else:  # jax < 0.7
+  from jax.experimental.shard_map import shard_map as _experimental_shard_map  # pylint: disable=g-import-not-at-top
+
+  _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+  """Per query, best first. Missing entries (only if the store has fewer valid
+  rows than k, i.e. -1 padding rows) have id -1, row -1 and score nan."""
+
+  top_ids: np.ndarray  # [Q, k] int64
+  top_scores: np.ndarray  # [Q, k] float32, descending
+  top_rows: np.ndarray  # [Q, k] int64 store rows
+  bottom_ids: np.ndarray  # [Q, k] int64
+  bottom_scores: np.ndarray  # [Q, k] float32, ascending
+  bottom_rows: np.ndarray  # [Q, k] int64
+
+
+def _apply_inv(x: jax.Array, inv_sqrt: jax.Array, dtype) -> jax.Array:
+  """x @ inv_sqrt ([d, d] or block-diagonal [B, d/B, d/B]); `dtype` inputs, float32 accumulation."""
+  hi = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  x, m = x.astype(dtype), inv_sqrt.astype(dtype)
+  if m.ndim == 2:
+    return jnp.dot(x, m, precision=hi, preferred_element_type=jnp.float32)
+  b, db, _ = m.shape
+  y = jnp.einsum("cbi,bij->cbj", x.reshape(x.shape[0], b, db), m, precision=hi, preferred_element_type=jnp.float32)
+  return y.reshape(x.shape[0], b * db)
+
+
+def apply_transform(phi: jax.Array, inv_sqrt: jax.Array | None, *, normalize: bool = True) -> jax.Array:
+  """Reference train-side encoding e = phi @ inv_sqrt / ||.||, in float32.
+
+  inv_sqrt: [d, d], block-diagonal [B, d/B, d/B], or None; symmetric (R^{-1/2}),
+  so phi @ inv_sqrt == (inv_sqrt @ phi^T)^T. Zero vectors stay zero (score 0).
+  The retrieval step computes the same scores without materializing e (see
+  `StreamingTopK`).
+  """
+  x = phi.astype(jnp.float32) if inv_sqrt is None else _apply_inv(phi, inv_sqrt, jnp.float32)
+  if normalize:
+    x = x * _inv_norm(x)[:, None]
+  return x
+
+
+def _inv_norm(x: jax.Array) -> jax.Array:
+  """1 / ||x|| per row, in float32; 0-rows get a finite (huge) factor so their scores stay 0."""
+  x = x.astype(jnp.float32)
+  return lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), jnp.finfo(jnp.float32).tiny))
+
+
+def group_sizes(rows: int, k: int) -> tuple[int, ...]:
+  """Group sizes of the hierarchical pre-selection for a [Q, rows] score block ((), (g,) or (g, g))."""
+  g = 1 << max(3, min(8, round(math.log2(max(rows / k, 1)) / 3)))
+  if rows >= 4 * k * g * g:
+    return (g, g)
+  if rows >= 4 * k * g:
+    return (g,)
+  return ()
+
+
+def _candidates(vals: jax.Array, k: int, groups: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+  """A superset of the top-k columns of vals [Q, c], as (values, column indices), indices increasing.
+
+  Columns are split into groups of groups[0]; only the k groups with the largest
+  maxima can hold top-k elements (a group whose max ranks below k other groups'
+  maxima has k larger elements above all of its own), and those k groups are
+  found the same way one level up (groups[1:]). The result has k * groups[0]
+  columns. Ties rank by lower column, as `lax.top_k` does, because candidate
+  indices stay increasing at every level.
+  """
+  q, c = vals.shape
+  if not groups:
+    return vals, jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (q, c))
+  g = groups[0]
+  grouped = vals.reshape(q, c // g, g)
+  cand_v, cand_i = _candidates(grouped.max(axis=-1), k, groups[1:])
+  _, j = lax.top_k(cand_v, k)
+  gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [Q, k] best groups, in column order
+  new_vals = jnp.take_along_axis(grouped, gi[:, :, None], axis=1).reshape(q, k * g)
+  return new_vals, (gi[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(q, k * g)
+
+
+def _merge_running(vals, rows, new_vals, row0, k, groups=()):
+  """Exact top-k of [running (vals, rows) [Q, k], new_vals [Q, c] at rows row0 + column].
+
+  `groups` (see `_candidates`) first narrows the c new columns to a few k * g
+  candidates, so that `lax.top_k` never runs over a long row: on a GPU the
+  selection then costs a fraction of the score matmul. Candidates follow the
+  running list, whose rows are all lower, in increasing-row order, so
+  `lax.top_k`'s lower-index-first rule breaks ties by lower row.
+  """
+  span = math.prod(groups)
+  pad = -new_vals.shape[1] % span
+  if pad:
+    new_vals = jnp.pad(new_vals, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  new_vals, cols = _candidates(new_vals, k, tuple(groups))
+  v, i = lax.top_k(jnp.concatenate([vals, new_vals], axis=-1), k)
+  return v, jnp.take_along_axis(jnp.concatenate([rows, row0 + cols], axis=-1), i, axis=-1)
+
+
+def _sort_by_value_then_row(vals, rows, k):
+  """[Q, M] (value descending, row ascending) -> first k; padding (-inf) last."""
+  neg, r = lax.sort((-vals, rows), dimension=-1, num_keys=2)
+  return -neg[:, :k], r[:, :k]
+
+
+class StreamingTopK:
+  """Running exact top-k / bottom-k of e_q . T(phi) over chunks fed in row order.
+
+  Args:
+    queries: [Q, d] unit query encodings (numpy or jax array).
+    k: how many proponents / opponents per query (<= rows that will be fed).
+    mesh: mesh of this host's devices (default: all local devices); chunk rows
+      are split over all of its axes.
+    inv_sqrt: train-side R^{-1/2}, [d, d] or [B, d/B, d/B], or None.
+    normalize: unit-normalize train encodings (cosine); False = dot product.
+    matmul_dtype: "bfloat16" (f32 accumulation) or "float32".
+    hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
+  """
+
+  def __init__(self, queries, *, k: int, mesh: Mesh | None = None, inv_sqrt=None, normalize: bool = True,
+               matmul_dtype: str = "bfloat16", hierarchical: bool = True):
+    queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
+    if queries.ndim != 2 or queries.shape[0] == 0:
+      raise ValueError(f"Query encodings must be [Q, d] with Q > 0, got shape {queries.shape}: no queries to score.")
+    if k <= 0:
+      raise ValueError(f"k (config.retrieve.k) must be > 0, got {k}.")
+    if matmul_dtype not in ("bfloat16", "float32"):
+      raise ValueError(f"matmul_dtype must be 'bfloat16' or 'float32', got {matmul_dtype!r}.")
+    self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
+    if any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
+      raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
+    self.k, self.dim, self.hierarchical = k, queries.shape[1], hierarchical
+    self.n_dev = self.mesh.devices.size
+    axes = tuple(self.mesh.axis_names)
+    rep = NamedSharding(self.mesh, P())
+    self._rows_sharding = NamedSharding(self.mesh, P(axes))
+    self._phi_sharding = NamedSharding(self.mesh, P(axes, None))
+    mm = jnp.bfloat16 if matmul_dtype == "bfloat16" else jnp.float32
+    if inv_sqrt is not None:
+      inv_sqrt = jnp.asarray(inv_sqrt, jnp.float32)
+      if inv_sqrt.shape[-1] * (inv_sqrt.shape[0] if inv_sqrt.ndim == 3 else 1) != self.dim:
+        raise ValueError(f"inv_sqrt shape {inv_sqrt.shape} does not match encoding dim {self.dim}.")
+      inv_sqrt = jax.device_put(inv_sqrt, rep)
+    # R^{-1/2} is folded into the queries once: e_q . (R^{-1/2} phi) = (R^{-1/2} e_q) . phi. Only the
+    # norm ||R^{-1/2} phi|| needs the train-side transform, so the scaled encodings are never stored.
+    q_fold = jnp.asarray(queries, jnp.float32)
+    if inv_sqrt is not None:
+      q_fold = _apply_inv(q_fold, inv_sqrt, jnp.float32)
+    self._q = jax.device_put(q_fold.astype(mm), rep)
+    self._inv = None if inv_sqrt is None or not normalize else inv_sqrt.astype(mm)
+    q, n_dev = queries.shape[0], self.n_dev
+    state_sharding = NamedSharding(self.mesh, P(axes))  # as shard_map returns it: one jit cache entry
+    # Top keeps scores, bottom keeps -scores; both maximize. Four distinct buffers (donated).
+    self._state = tuple(
+        jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
+        for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
+    )
+
+    def local_step(qm, inv, state, phi, valid, row0):
+      top_v, top_r, bot_v, bot_r = (s[0] for s in state)
+      c = phi.shape[0]
+      row0 = row0 + lax.axis_index(axes) * c  # this device's first row
+      groups = group_sizes(c, k) if self.hierarchical else ()
+      phi = phi.astype(mm)
+      hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
+      s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
+      if normalize:  # scale score columns by 1 / ||R^{-1/2} phi||
+        s = s * _inv_norm(phi if inv is None else _apply_inv(phi, inv, mm))[None, :]
+      top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
+      bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
+      return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
+
+    def local_final(state):
+      out = []
+      for v, r in ((state[0], state[1]), (state[2], state[3])):
+        # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
+        v = lax.all_gather(v[0], axes, axis=1, tiled=True)
+        r = lax.all_gather(r[0], axes, axis=1, tiled=True)
+        out += list(_sort_by_value_then_row(v, r, k))
+      return tuple(out)
+
+    sspec = (P(axes, None, None),) * 4
+    inv_spec = None if self._inv is None else P()
+    self._step = jax.jit(
+        _shard_map(local_step, mesh=self.mesh, in_specs=(P(), inv_spec, sspec, P(axes, None), P(axes), P()),
+                   out_specs=sspec),
+        donate_argnums=(2,),
+    )
+    self._final = jax.jit(_shard_map(local_final, mesh=self.mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
+
+  def padded_rows(self, rows: int) -> int:
+    """Chunk rows rounded up to a multiple of the device count (one compiled shape)."""
+    return -(-rows // self.n_dev) * self.n_dev
+
+  def update(self, *, start: int, ids: np.ndarray, phi: np.ndarray, pad_to: int | None = None) -> None:
+    """Scores rows [start, start + n) against the queries (asynchronous dispatch).
+
+    Rows with id -1 are ignored. `pad_to` pads the chunk (to keep one compiled
+    shape); it is rounded up to a multiple of the device count.
+    """
+    n = ids.shape[0]
+    if phi.shape != (n, self.dim):
+      raise ValueError(f"Chunk phi shape {phi.shape} != ({n}, {self.dim}).")
+    c = self.padded_rows(max(n, pad_to or 0))
+    if start + c >= 2**31:
+      raise ValueError("Store rows beyond 2**31 are not supported (int32 row indices).")
+    valid = np.zeros((c,), bool)
+    valid[:n] = ids >= 0
+    if c != n:
+      phi = np.concatenate([phi, np.zeros((c - n, self.dim), phi.dtype)])
+    phi = jax.device_put(phi, self._phi_sharding)
+    valid = jax.device_put(valid, self._rows_sharding)
+    self._state = self._step(self._q, self._inv, self._state, phi, valid, jnp.int32(start))
+
+  def step_memory(self, rows_per_chunk: int):
+    """XLA's per-device `CompiledMemoryStats` of one chunk step (depends on Q, k, chunk rows; not on N)."""
+    c = self.padded_rows(rows_per_chunk)
+    phi = jax.ShapeDtypeStruct((c, self.dim), jnp.bfloat16, sharding=self._phi_sharding)
+    valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=self._rows_sharding)
+    return self._step.lower(self._q, self._inv, self._state, phi, valid, jnp.int32(0)).compile().memory_analysis()
+
+  def local_result(self) -> tuple[np.ndarray, ...]:
+    """This host's merged (top_v, top_rows, bottom_negv, bottom_rows), each [Q, k]."""
+    return tuple(np.asarray(x) for x in self._final(self._state))
+
+
+def _merge_hosts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Merges per-host [Q, k] (value, row) lists by (value desc, row asc)."""
+  v = np.concatenate([p[0] for p in parts], axis=1)
+  r = np.concatenate([p[1] for p in parts], axis=1).astype(np.int64)
+  order = np.lexsort((r, -v), axis=1)[:, :k]  # last key is primary
+  return np.take_along_axis(v, order, 1), np.take_along_axis(r, order, 1)
+
+
+def retrieve(
+    store: store_lib.EncodingStore,
+    queries,
+    *,
+    k: int,
+    rows_per_chunk: int = 65536,
+    mesh: Mesh | None = None,
+    inv_sqrt=None,
+    normalize: bool = True,
+    matmul_dtype: str = "bfloat16",
+) -> RetrievalResult:
+  """Exact top-k and bottom-k of every query over the whole (complete) store.
+
+  Multi-host: every process calls this with the same queries; each reads its own
+  chunks and all processes get the same result. k > num_rows is clamped (with a
+  warning). See the module docstring for the math, tie order and memory.
+  """
+  store.require_complete()
+  queries = np.asarray(queries, np.float32)
+  if queries.ndim != 2 or queries.shape[0] == 0:
+    raise ValueError(f"Query encodings must be [Q, d] with Q > 0, got shape {queries.shape}: no queries to score.")
+  if queries.shape[1] != store.dim:
+    raise ValueError(f"Query dim {queries.shape[1]} != store dim {store.dim} ({store.url}).")
+  if k > store.num_rows:
+    logging.warning("k=%d > %d rows in %s; clamping k to %d.", k, store.num_rows, store.url, store.num_rows)
+    k = store.num_rows
+  rows_per_chunk = min(rows_per_chunk, store.num_rows)
+  topk = StreamingTopK(queries, k=k, mesh=mesh, inv_sqrt=inv_sqrt, normalize=normalize, matmul_dtype=matmul_dtype)
+  pi, pc = jax.process_index(), jax.process_count()
+  n_chunks = 0
+  for chunk in store.iter_chunks(rows_per_chunk=rows_per_chunk, process_index=pi, process_count=pc):
+    topk.update(start=chunk.start, ids=chunk.ids, phi=chunk.phi, pad_to=rows_per_chunk)
+    n_chunks += 1
+  top_v, top_r, bot_v, bot_r = topk.local_result()
+  logging.info("Process %d scored %d chunks of %d rows.", pi, n_chunks, rows_per_chunk)
+  if pc > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    g = multihost_utils.process_allgather((top_v, top_r, bot_v, bot_r), tiled=False)
+    top = _merge_hosts([(g[0][i], g[1][i]) for i in range(pc)], k)
+    bot = _merge_hosts([(g[2][i], g[3][i]) for i in range(pc)], k)
+  else:
+    top, bot = (top_v, top_r.astype(np.int64)), (bot_v, bot_r.astype(np.int64))
+
+  def finish(v, r, sign):
+    missing = ~np.isfinite(v) | (r < 0)
+    r = np.where(missing, -1, r)
+    return store.read_ids(r), np.where(missing, np.nan, sign * v).astype(np.float32), r
+
+  ti, ts_, tr = finish(*top, 1.0)
+  bi, bs, br = finish(*bot, -1.0)
+  return RetrievalResult(ti, ts_, tr, bi, bs, br)
