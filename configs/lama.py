@@ -26,7 +26,7 @@ def get_config(arg=None):
   c.encoder.batch_size = 256
   c.hessian.top_k_eig = 1000
   if a.runlocal:
-    c.seq_len = 64
+    c.seq_len = 96  # the longest query prompt needs ~75 tokens with this vocabulary
     c.model = configs.model_config("tiny", max_len=c.seq_len)
     c.tokenizer.vocab_size = 2048
     c.train.num_steps = 20

@@ -11,13 +11,18 @@ from trackstar_jax import configs
 
 def get_config(arg=None):
   a = configs.parse_arg(arg, model="tiny", runlocal=False)
-  c = configs.base_config(dataset="synthetic_facts", model=a.model, seq_len=32)
-  c.tokenizer.vocab_size = 512
-  c.train.num_steps = 1500
+  # With the 2048-piece tokenizer the longest corpus sentence is 24 tokens
+  # (BOS/EOS included; median 15): seq_len 24 wastes less compute on padding.
+  c = configs.base_config(dataset="synthetic_facts", model=a.model, seq_len=32 if a.runlocal else 24)
+  c.tokenizer.vocab_size = 2048  # 512 splits names into letters: <90% on freq>=3
+  # 800 steps x 64 sentences (~4 epochs): ~0.95 query accuracy on facts stated
+  # >= 3 times, in under 3 minutes on a 2-core CPU (tests/test_train.py, slow).
+  c.train.num_steps = 800
+  c.train.warmup_steps = 50
   c.train.batch_size = 64
   c.train.learning_rate = 3e-3
-  c.train.eval_every = 500
-  c.train.checkpoint_every = 500
+  c.train.eval_every = 400
+  c.train.checkpoint_every = 400
   if a.runlocal:
     c.world.n_entities = 60
     c.world.n_facts = 60

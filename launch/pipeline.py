@@ -11,6 +11,8 @@ table to <workdir>/ablation.{md,json}. Every stage is skipped when its output
 is up to date and resumes when killed. See trackstar_jax/evaluation/ladder.py.
 """
 
+import os
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -23,6 +25,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Exp
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir: checkpoints, stores, results, ablation table.")
 _STAGES = flags.DEFINE_list("stages", list(ladder.STAGES), f"Stages to run, a subset of {ladder.STAGES}.")
+_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache dir "
+                              "(default <workdir>/jax_cache; 'none' to disable).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
 flags.mark_flag_as_required("workdir")
 
@@ -31,6 +35,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   mesh.maybe_initialize_distributed(force=_DISTRIBUTED.value)
+  if _CACHE.value != "none":
+    ladder.enable_compilation_cache(_CACHE.value or os.path.join(_WORKDIR.value, "jax_cache"))
   pipeline.write_job_config(_CONFIG.value, _WORKDIR.value, "pipeline")
   ladder.run_ladder(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value)
 

@@ -2,8 +2,8 @@
 
 Trains the `tiny` DecoderLM (2 layers, d=128) for 1500 steps at batch 64 on the
 default world and checks teacher-forced exact-match accuracy on the queries,
-whose prompts use phrasings that never occur in the corpus. ~5 min on 2 CPU
-cores; seconds on a GPU.
+whose prompts use phrasings that never occur in the corpus. 5-15 min on 2
+busy CPU cores; ~15 s on a GPU.
 """
 
 import jax

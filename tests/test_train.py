@@ -98,8 +98,11 @@ def test_resume_with_incompatible_config_refuses(tmp_path):
   bad = _config(num_steps=6)
   bad.model.d_model = 64
   bad.train.optimizer = "adafactor"
-  with pytest.raises(ValueError, match=r"(?s)model.d_model.*train.optimizer"):
-    train.train_and_evaluate(bad, workdir, dataset=ds)
+  bad.world.seed = 1
+  with pytest.raises(ValueError, match=r"(?s)model.d_model.*train.optimizer.*world.seed.*dataset fingerprint"):
+    train.train_and_evaluate(bad, workdir, dataset=_dataset(bad))
+  ok = _config(num_steps=4, log_every=1, learning_rate=1e-3)  # free fields may change
+  assert train.train_and_evaluate(ok, workdir, dataset=ds)["step"] == 4
 
 
 def test_train_batches_follow_step():

@@ -71,6 +71,7 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.dataset = dataset
   c.data_dir = ""  # TFDS data dir; "" = <workdir>/../tfds or $TFDS_DATA_DIR.
   c.manual_dir = ""  # lama_trex: the folder holding evidences/ and lama_templates/.
+  c.lama_relations = ()  # lama_trex: relation ids to keep, e.g. ("P20", "P27"); () = all
 
   c.world = ml_collections.ConfigDict()
   c.world.seed = 0
@@ -82,6 +83,7 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.vocab_size = 1024
+  c.tokenizer.byte_fallback = None  # None: on from 2048 pieces
 
   c.seq_len = seq_len
   c.model = model_config(model, max_len=seq_len)
@@ -110,11 +112,17 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   # Regex on '/'-joined parameter paths; default: every block weight matrix.
   c.encoder.param_regex = r"block_\d+/(attn|mlp)/.*/kernel$"
   c.encoder.layers_per_group = 1  # blocks = layer groups x {attn, mlp}
+  # Named groups form the block key; group `layer` is divided by layers_per_group.
+  c.encoder.block_regex = r"block_(?P<layer>\d+)/(?P<kind>attn|mlp)/"
   c.encoder.d_in = 16  # per-block projection: d_in x d_out
   c.encoder.d_out = 16
   c.encoder.seed = 0
   c.encoder.correction = "adam"  # none | adam | adam_rank1 | adafactor
   c.encoder.bias_correction = False
+  c.encoder.eps = 1e-8  # Adam eps of the correction (launchers copy train.eps)
+  c.encoder.b2 = 0.99  # Adam b2 for bias correction (launchers copy train.b2)
+  c.encoder.layer_mode = "auto"  # auto | fused | layer (debug: force per-layer G)
+  c.encoder.projection_dtype = "auto"  # auto: bf16 operands for bf16 models on GPU/TPU
   c.encoder.batch_size = 64
   c.encoder.step = -1  # checkpoint step to encode with (-1 = latest)
 

@@ -10,14 +10,19 @@ correction can find the second moments by type anywhere in the tree:
               clip_by_block_rms, MaskedState(...), ScaleByScheduleState(count))
 
 Adafactor uses `optax.scale_by_factored_rms`: a parameter gets factored
-second moments (row r = `v_row`, column c = `v_col`, V_ij ~ r_i c_j / mean(r))
-when its two largest axes are both >= `train.adafactor_min_dim_size_to_factor`
-(default 32, so every transformer weight matrix of our presets is factored;
-optax's own default, 128, would leave the `tiny` attention kernels
-[128, 4, 32] unfactored). A 3-axis attention kernel is factored over its two
-largest axes ([D, H, Dh] -> D and Dh); the remaining (head) axis is a batch
-axis of the factored state. Vectors, norms and small matrices keep a full
-`v` and dummy `v_row`/`v_col` of shape (1,).
+second moments when its two largest axes are both >=
+`train.adafactor_min_dim_size_to_factor` (default 32, so every transformer
+weight matrix of our presets is factored; optax's own default, 128, would
+leave the `tiny` attention kernels [128, 4, 32] unfactored). With d0 the
+largest axis and d1 the second largest (optax `_factored_dims`),
+`v_row` = EMA of mean_{d0}(g^2) (shape without d0), `v_col` = EMA of
+mean_{d1}(g^2) (shape without d1), and the second-moment estimate is
+V = v_row (broadcast over d0) * v_col (broadcast over d1) / mean_{d1}(v_row).
+For a [n, m] matrix with n < m: v_row is [n], v_col is [m], V_ij = r_i c_j /
+mean(r). A 3-axis attention kernel is factored over its two largest axes
+([D, H, Dh] -> D and Dh); the remaining (head) axis is a batch axis of the
+factored state (rank-1 per head). Vectors keep a full `v` and dummy
+`v_row`/`v_col` of shape (1,); factored parameters have a dummy `v` of (1,).
 
 `make_optimizer(train_cfg, learning_rate=lr)` builds the same chain with a
 constant learning rate: its state has exactly the same structure, so a

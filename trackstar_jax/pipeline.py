@@ -79,7 +79,12 @@ def load_encoder(config, workdir: str, tokenizer, *, mesh=None):
   opt_state = None
   if config.encoder.get("correction", "none") != "none":
     _, opt_state = oc.restore_second_moments(workdir, step=step, paths=config.encoder.param_regex)
-  encoder = TrackStarEncoder(model_apply=model.apply, params=params, config=config.encoder, opt_state=opt_state,
+  # The correction's Adam eps / b2 are the training optimizer's.
+  enc_cfg = config.encoder.copy_and_resolve_references()
+  with enc_cfg.unlocked():
+    enc_cfg.eps = float(config.train.get("eps", enc_cfg.get("eps", 1e-8)))
+    enc_cfg.b2 = float(config.train.get("b2", enc_cfg.get("b2", 0.99)))
+  encoder = TrackStarEncoder(model_apply=model.apply, params=params, config=enc_cfg, opt_state=opt_state,
                              mesh=mesh, seq_len=config.seq_len)
   return encoder, step
 

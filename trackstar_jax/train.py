@@ -28,14 +28,19 @@ from typing import Any, Iterator
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
 from trackstar_jax import checkpointing
+from trackstar_jax import data
 from trackstar_jax import losses
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import optim
+from trackstar_jax.data import batching
+from trackstar_jax.data import tokenizer as tokenizer_lib
 from trackstar_jax.models import DecoderLM, TransformerConfig
 from trackstar_jax.progress import Progress
 
@@ -59,8 +64,6 @@ def init_params(model: DecoderLM, *, seq_len: int, seed: int, sharding=None) -> 
 
 @functools.lru_cache(maxsize=8)
 def _cached_optimizer(train_cfg_json: str) -> optax.GradientTransformation:
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
   return optim.make_optimizer(ml_collections.ConfigDict(json.loads(train_cfg_json)))
 
 
@@ -116,8 +119,6 @@ def train_batches(examples, *, batch_size: int, seed: int, start_step: int) -> I
   s % batches_per_epoch of epoch s // batches_per_epoch, so a restarted run
   sees exactly the batches of an uninterrupted one without replaying them.
   """
-  from trackstar_jax.data import batching  # helper A's module; imported lazily.
-
   per_epoch = batching.num_batches(len(examples.inputs), batch_size=batch_size, pad_last=True)
   if per_epoch == 0:
     raise ValueError("The training corpus is empty.")
@@ -299,16 +300,10 @@ def load_data(config, workdir: str, *, dataset=None):
 
   The tokenizer is trained on the corpus once and saved in the workdir.
   """
-  from trackstar_jax.data import batching, tokenizer as tokenizer_lib  # imported lazily
-
   if dataset is None:
-    from trackstar_jax import data
-
     dataset = data.load_dataset(config, data_dir=resolve_data_dir(config, workdir))
   tok_path = tokenizer_path(workdir)
   if jax.process_count() > 1:  # process 0 trains and saves it; the others load it
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
     if jax.process_index() == 0:
       tokenizer_lib.get_tokenizer(dataset, config, path=tok_path)
     multihost_utils.sync_global_devices("trackstar_tokenizer")
@@ -335,9 +330,6 @@ def load_trained(workdir: str, *, step: int | None = None, sharding=None) -> Tra
   The config comes from the checkpoint's metadata; the tokenizer from
   `<workdir>/tokenizer.model` (or the path recorded at training time).
   """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from trackstar_jax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
-
   meta = checkpointing.load_meta(workdir, step=step)
   config = ml_collections.ConfigDict(meta["config"])
   path = tokenizer_path(workdir)
@@ -386,6 +378,13 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> dict[str, Any]:
     )
   repl = mesh_lib.replicated(mesh)
 
+  if dataset is None:
+    dataset = data.load_dataset(config, data_dir=resolve_data_dir(config, workdir))
+  manager = checkpointing.make_manager(workdir, keep=tc.get("keep_checkpoints", None))
+  start_step = manager.latest_step()
+  if start_step is not None:  # refuse before anything in the workdir is touched
+    saved = checkpointing.load_meta(workdir, step=start_step)
+    checkpointing.check_compatible(saved, config, workdir=workdir, dataset_fingerprint=dataset.fingerprint)
   dataset, tokenizer, tok_path, corpus, query_ex = load_data(config, workdir, dataset=dataset)
   frequencies = np.asarray([int(q["frequency"]) for q in dataset.queries])
   logging.info("corpus: %d examples, queries: %d, vocab %d", len(corpus.inputs), len(query_ex.inputs),
@@ -395,15 +394,11 @@ def train_and_evaluate(config, workdir: str, *, dataset=None) -> dict[str, Any]:
   optimizer = optimizer_for(tc)
   meta = checkpointing.make_meta(step=0, config=config, dataset_name=dataset.name,
                                  dataset_fingerprint=dataset.fingerprint, tokenizer_path=tok_path)
-  manager = checkpointing.make_manager(workdir, keep=tc.get("keep_checkpoints", None))
-  start_step = manager.latest_step()
   if start_step is None:
     params = init_params(model, seq_len=config.seq_len, seed=tc.seed, sharding=repl)
     opt_state = _jitted_opt_init(optimizer, repl)(params)
     start_step = 0
   else:
-    saved = checkpointing.load_meta(workdir, step=start_step)
-    checkpointing.check_compatible(saved, config, workdir=workdir, dataset_fingerprint=dataset.fingerprint)
     abstract_params = jax.eval_shape(lambda: init_params(model, seq_len=config.seq_len, seed=tc.seed))
     ckpt = checkpointing.restore(workdir, step=start_step, abstract_params=abstract_params,
                                  abstract_opt_state=jax.eval_shape(optimizer.init, abstract_params), sharding=repl)

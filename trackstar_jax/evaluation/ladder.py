@@ -95,7 +95,8 @@ def ladder(config) -> tuple[list[Variant], list[Method]]:
     methods.append(Method("TrackStar, Adam rank-1", variant="adam_rank1", hessian="mixed"))
   variants.append(half)
   methods += [
-      Method(f"TrackStar, d={half.d_in * half.d_out}/block", variant=half.name, hessian="mixed"),
+      Method(f"TrackStar, {half.d_in}x{half.d_out}/block (not {d_in}x{d_out})", variant=half.name,
+             hessian="mixed"),
       Method("BM25", kind="bm25"),
       Method("dense (MiniLM)", kind="dense"),
       Method("random", kind="random"),
@@ -165,12 +166,22 @@ def _is_current(output: str, key: str) -> bool:
 
 
 def _stamp(output: str, key: str, **info) -> None:
+  if not _is_chief():
+    return
   os.makedirs(os.path.dirname(output.rstrip("/")), exist_ok=True)
   with open(_stamp_path(output), "w") as f:
     json.dump(dict(key=key, time=time.time(), **info), f, indent=1)
 
 
+def _is_chief() -> bool:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return jax.process_index() == 0
+
+
 def _remove(path: str) -> None:
+  if not _is_chief():
+    return
   if os.path.isdir(path):
     shutil.rmtree(path)
   elif os.path.exists(path):
@@ -294,7 +305,8 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
 
       def retrieve(fn=fn, out=out, key=key):
         fn()
-        results_lib.validate_results_file(out)
+        if _is_chief():
+          results_lib.validate_results_file(out)
         _stamp(out, key)
 
       log.run(f"retrieve {m.name}", retrieve, skip=_is_current(out, key))
@@ -322,5 +334,7 @@ def _baseline(m: Method, out: str, *, config, dataset) -> None:
     lines = baselines.random_retrieve(corpus=corpus, queries=queries, k=k, seed=int(config.evaluate.get("seed", 0)))
   else:
     raise ValueError(f"Unknown baseline kind {m.kind!r}.")
+  if not _is_chief():
+    return
   results_lib.write_results(out, lines, metadata=dict(dataset=dataset.name, fingerprint=dataset.fingerprint,
                                                       num_examples=len(corpus), method=m.name, k=k))
