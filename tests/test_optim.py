@@ -127,3 +127,25 @@ def test_weight_decay_mask():
   mask = _paths(optim.decay_mask(_params()))
   assert mask["params/block_0/mlp/wi/kernel"] and mask["params/block_0/attn/query/kernel"]
   assert not mask["params/embed/embedding"] and not mask["params/final_norm/scale"]
+
+
+def test_adafactor_second_moment_matches_documented_formula():
+  """V = v_row (bcast over d0) * v_col (bcast over d1) / mean_d1(v_row); update = -lr g / sqrt(V)."""
+  cfg = _cfg(optimizer="adafactor", grad_clip=0.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
+             adafactor_clipping_threshold=1e9)
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.zeros((40, 64)), "q": jnp.zeros((64, 3, 32))}  # q: d0 = 0 (64), d1 = 2 (32)
+  grads = {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in params.items()}
+  tx = optim.make_optimizer(cfg)
+  updates, state = tx.update(grads, tx.init(params), params)
+  (fs,) = _find(state, optax.FactoredState)
+  for name, d0, d1 in (("w", 1, 0), ("q", 0, 2)):
+    g2 = np.asarray(grads[name], np.float64) ** 2 + 1e-30
+    v_row, v_col = np.asarray(fs.v_row[name]), np.asarray(fs.v_col[name])
+    np.testing.assert_allclose(v_row, g2.mean(axis=d0), rtol=1e-5)  # first step: no EMA history
+    np.testing.assert_allclose(v_col, g2.mean(axis=d1), rtol=1e-5)
+    reduced_d1 = d1 - 1 if d1 > d0 else d1
+    v = (np.expand_dims(v_row, d0) * np.expand_dims(v_col, d1)
+         / np.expand_dims(v_row.mean(axis=reduced_d1), (d0, d1)))
+    want = -1e-2 * np.asarray(grads[name]) / np.sqrt(v)
+    np.testing.assert_allclose(np.asarray(updates[name]), want, rtol=1e-4, err_msg=name)

@@ -204,3 +204,52 @@ def test_synthetic_default_config_learns_facts(tmp_path):
   print(f"wall {wall:.1f}s, final accuracy {final}")
   assert final["query_accuracy/freq_>=3"] >= 0.9, final
   assert wall < 180, f"training took {wall:.0f}s (> 3 min)"
+
+
+def test_train_step_invariant_to_device_count():
+  """Data-parallel over 8 devices == one device (global mean loss over masked tokens)."""
+  from trackstar_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from trackstar_jax import optim  # pylint: disable=g-import-not-at-top
+
+  config = _config()
+  model = DecoderLM(TransformerConfig(vocab_size=30, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8))
+  tx = optim.make_optimizer(config.train)
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(2, 9, (16, 1))
+  batch = dict(inputs=rng.integers(1, 30, (16, 8)).astype(np.int32), targets=rng.integers(1, 30, (16, 8)).astype(np.int32),
+               pad_mask=np.arange(8)[None] < lengths)
+  batch["loss_mask"] = batch["pad_mask"].astype(np.float32)
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = mesh_lib.make_mesh(devices=devices)
+    repl = mesh_lib.replicated(mesh)
+    params = train.init_params(model, seq_len=8, seed=0, sharding=repl)
+    opt_state = jax.jit(tx.init, out_shardings=repl)(params)
+    step = train.make_train_step(model, tx, mesh)
+    for _ in range(2):
+      params, opt_state, metrics = step(params, opt_state, mesh_lib.shard_batch(batch, mesh))
+    results.append((jax.device_get(params), float(metrics["loss"])))
+  (p1, l1), (p8, l8) = results
+  assert l1 == pytest.approx(l8, rel=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_progress_rates_and_eta():
+  from trackstar_jax import progress as progress_lib  # pylint: disable=g-import-not-at-top
+
+  now = [0.0]
+  p = progress_lib.Progress(total=100, start=20, name="train", clock=lambda: now[0])
+  now[0] = 5.0
+  p.update(21, items=999)  # first (compiling) step
+  p.mark()
+  now[0] = 15.0
+  p.update(41, items=2000)
+  steps_s, items_s = p.rates()
+  assert steps_s == pytest.approx(2.0) and items_s == pytest.approx(200.0)
+  assert p.eta() == pytest.approx(59 / 2.0)
+  line = p.line()
+  assert "41/100" in line and "ETA 29.5s" in line and "200 tokens/s" in line
+  assert progress_lib.format_seconds(3725) == "1h02m05s" and progress_lib.format_seconds(65) == "1m05s"
+  assert progress_lib.format_seconds(float("inf")) == "?"
+  assert p.due(every_s=10.0) and not p.due(every_s=10.0)

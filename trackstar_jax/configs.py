@@ -90,6 +90,11 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
 
   c.train = ml_collections.ConfigDict()
   c.train.optimizer = "adamw"  # or "adafactor"
+  c.train.schedule = "cosine"  # warmup, then cosine | linear | constant
+  c.train.adafactor_decay_rate = 0.8
+  c.train.adafactor_eps = 1e-30
+  c.train.adafactor_clipping_threshold = 1.0
+  c.train.adafactor_min_dim_size_to_factor = 32  # optax's 128 leaves tiny kernels unfactored
   c.train.learning_rate = 3e-3
   c.train.end_learning_rate_frac = 0.1
   c.train.warmup_steps = 100
@@ -105,6 +110,8 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.train.eval_every = 500
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
+  c.train.eval_batch_size = 256
+  c.train.num_sample_answers = 5
 
   c.mesh = (("data", -1),)
 

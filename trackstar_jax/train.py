@@ -139,7 +139,11 @@ def train_batches(examples, *, batch_size: int, seed: int, start_step: int) -> I
 
 
 class MetricsWriter:
-  """Appends JSON lines to `<workdir>/metrics.jsonl` (process 0 only)."""
+  """Appends JSON lines to `<workdir>/metrics.jsonl` (process 0 only).
+
+  A resumed run appends too; steps between the last checkpoint and a crash
+  appear twice (readers keep the last row per step and kind).
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "metrics.jsonl")
