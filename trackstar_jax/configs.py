@@ -161,5 +161,6 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.evaluate.tail_patch_k = 10
   c.evaluate.query_chunk = 8  # queries per tail-patch step (x k param copies)
   c.evaluate.seed = 0  # random-proponent floor
+  c.evaluate.baselines = ("bm25", "dense", "random")  # dense needs the [dense] extra
   c.evaluate.subset = "model_correct"  # headline rows: queries the model gets right
   return c

@@ -285,8 +285,12 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
   if "retrieve" in stages or "evaluate" in stages:
     for m in methods:
       out = results_file(workdir, m)
-      if m.kind == "dense" and not baselines.dense_available():
+      wanted = tuple(config.evaluate.get("baselines", ("bm25", "dense", "random")))
+      if m.kind != "gradient" and m.kind not in wanted:
+        skipped[m.name] = f"not in config.evaluate.baselines={wanted}"
+      elif m.kind == "dense" and not baselines.dense_available():
         skipped[m.name] = "optional packages not installed: pip install '.[dense]'"
+      if m.name in skipped:
         if "retrieve" in stages:
           log.run(f"retrieve {m.name}", None, skip=True, why=skipped[m.name])
         continue
