@@ -25,6 +25,10 @@ def get_config(arg=None):
   c.encoder.d_out = 64
   c.encoder.batch_size = 256
   c.hessian.top_k_eig = 1000
+  # d = 16 blocks x 64 x 64 = 2^16: a full R is 16 GiB with a 65536^2 eigh, and
+  # N >= 10 d samples per block keeps R well estimated (README "Reading").
+  c.hessian.block_diagonal = True
+  c.hessian.train_sample = 32768  # 8 x the block size; 8.6 GB of phi on the host
   if a.runlocal:
     c.seq_len = 96  # the longest query prompt needs ~75 tokens with this vocabulary
     c.model = configs.model_config("tiny", max_len=c.seq_len)
