@@ -80,7 +80,7 @@ def test_evaluate_writes_table_and_caches_tail_patch(trained, tmp_path):
   assert saved["rows"][0]["mrr"] == 1.0 and saved["model_accuracy"]["n"] == len(dataset.queries)
   # Rerun: tail-patch comes from the cache (same numbers); a changed results file is patched again.
   cache = os.path.join(prefix + "_cache", "oracle.tail_patch.json")
-  assert run._file_name("TrackStar, d=64/block") == "TrackStar_d_64_block"  # pylint: disable=protected-access
+  assert run.file_slug("TrackStar, d=64/block") == "TrackStar_d_64_block"
   mtime = os.path.getmtime(cache)
   again = run.evaluate_job(config, workdir, results=files, output_prefix=prefix, dataset=dataset)
   assert os.path.getmtime(cache) == mtime

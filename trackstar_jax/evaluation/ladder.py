@@ -120,10 +120,6 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def _slug(name: str) -> str:
-  return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
-
-
 def variant_config(config, workdir: str, v: Variant, *, hessian: str | None = None, method: Method | None = None):
   """`config` with the encoder / store / hessian / retrieve fields of one variant (and method)."""
   c = config.copy_and_resolve_references()
@@ -142,7 +138,8 @@ def variant_config(config, workdir: str, v: Variant, *, hessian: str | None = No
 
 
 def results_file(workdir: str, method: Method) -> str:
-  return os.path.join(os.path.abspath(workdir), "ladder", "results", _slug(method.name) + ".jsonl")
+  slug = run_lib.file_slug(method.name.lower())
+  return os.path.join(os.path.abspath(workdir), "ladder", "results", slug + ".jsonl")
 
 
 # ----------------------------------------------------------------------------
@@ -283,9 +280,9 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
   results = {}
   skipped = {}
   if "retrieve" in stages or "evaluate" in stages:
+    wanted = tuple(config.evaluate.get("baselines", ("bm25", "dense", "random")))
     for m in methods:
       out = results_file(workdir, m)
-      wanted = tuple(config.evaluate.get("baselines", ("bm25", "dense", "random")))
       if m.kind != "gradient" and m.kind not in wanted:
         skipped[m.name] = f"not in config.evaluate.baselines={wanted}"
       elif m.kind == "dense" and not baselines.dense_available():

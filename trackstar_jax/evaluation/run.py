@@ -155,7 +155,7 @@ def _cache_key(path: str, *, step: int, k: int, subset_ids: Sequence[int], confi
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def _file_name(name: str) -> str:
+def file_slug(name: str) -> str:
   """A method name as a file name: 'TrackStar, d=64/block' -> 'TrackStar_d_64_block'."""
   out = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
   while "__" in out:
@@ -233,7 +233,7 @@ def evaluate_job(config, workdir: str, *, results: Mapping[str, str], output_pre
         logging.warning("evaluate: no %s queries for %r: no tail-patch.", subset, name)
         continue
       key = _cache_key(path, step=step, k=k, subset_ids=[r["example_id"] for r in recs], config=config)
-      cache = os.path.join(prefix + "_cache", f"{_file_name(name)}.tail_patch.json")
+      cache = os.path.join(prefix + "_cache", f"{file_slug(name)}.tail_patch.json")
       if os.path.exists(cache):
         with open(cache) as f:
           cached = json.load(f)
