@@ -4,7 +4,11 @@
 #   bash launch/lama_gpu.sh bench     WORKDIR   # encoder vs training-step throughput/memory
 #   bash launch/lama_gpu.sh train     WORKDIR   # small LM on all 20 relations
 #   bash launch/lama_gpu.sh attribute WORKDIR   # fit_hessian -> encode -> retrieve
-#   bash launch/lama_gpu.sh evaluate  WORKDIR   # the full ablation table (launch.pipeline)
+#   bash launch/lama_gpu.sh evaluate  WORKDIR   # the full ablation table (launch.pipeline; trains if needed)
+#
+# Text baselines need no GPU: precompute them anywhere with
+#   python -m launch.pipeline --config=configs/lama.py:model=small --workdir=W --stages=retrieve --methods=dense
+# and copy W/ladder/results/ into WORKDIR/ladder/results/ (reused, not recomputed).
 #
 # LAMA_DIR points at the lama_trex folder (default ../shared/data/lama_trex);
 # RESULTS_DIR receives the small result files (default WORKDIR).
@@ -30,8 +34,11 @@ case $stage in
     done
     du -sh "$wd"/encodings.zarr | tee "$out/store_size.txt"
     cp "$wd/results.jsonl" "$out/" ;;
-  evaluate)
+  evaluate)  # trains too, unless WORKDIR holds the finished checkpoint
     timed python -m launch.pipeline --config=$cfg --config.manual_dir="$data" --workdir="$wd"
-    cp "$wd"/ablation.* "$out/" ;;
+    cp "$wd"/ablation.md "$wd"/ablation.json "$out/"
+    [ -f "$wd/metrics.jsonl" ] && cp "$wd/metrics.jsonl" "$out/train_metrics.jsonl"
+    du -sh "$wd"/ladder/*/encodings.zarr | tee "$out/store_size.txt"
+    gzip -c "$wd/ladder/results/r_mixed_trackstar.jsonl" > "$out/trackstar_results.jsonl.gz" || true ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -94,12 +94,14 @@ def test_matches_brute_force_f32(n_dev, rows_per_chunk, transform):
   assert np.all(np.diff(res.top_scores, axis=1) <= 0) and np.all(np.diff(res.bottom_scores, axis=1) >= 0)
 
 
-def test_bf16_store_and_matmul_within_tolerance():
+@pytest.mark.parametrize("transform", ["full", "block"])
+def test_bf16_store_and_matmul_within_tolerance(transform):
+  # "block": the LAMA config's block-diagonal R^{-1/2} with bf16 operands (on CPU via float32, see _apply_inv).
   rng = np.random.default_rng(5)
   n, d, k = 500, 64, 10
   store, ids = _make_store(rng.normal(size=(n, d)).astype(np.float32), chunk_rows=32, dtype="bfloat16")
   q = _unit(rng.normal(size=(7, d))).astype(np.float32)
-  inv = _spd(rng, d)
+  inv = _spd(rng, d) if transform == "full" else np.stack([_spd(rng, 16) for _ in range(4)])
   res = retrieval.retrieve(store, q, k=k, rows_per_chunk=77, inv_sqrt=inv, matmul_dtype="bfloat16")
   s, top, bot = _brute(store, q, inv, True, k)
   exact_of_returned = np.take_along_axis(s, res.top_rows, 1)
@@ -128,35 +130,104 @@ def test_ties_broken_by_lower_row_for_any_layout():
     np.testing.assert_array_equal(res.bottom_rows, bot, err_msg=f"{n_dev} devices, chunk {rows}")
 
 
-@pytest.mark.parametrize("groups", [(8,), (16,), (64,), (4, 4), (8, 2)])
-def test_hierarchical_selection_equals_direct(groups):
-  rng = np.random.default_rng(sum(groups))
-  q_n, c, k = 6, 1000, 7
-  vals = rng.integers(0, 40, size=(q_n, c)).astype(np.float32)  # many ties
-  vals[:, rng.choice(c, 100, replace=False)] = -np.inf  # padding rows
-  run_v = np.sort(rng.integers(30, 45, size=(q_n, k)).astype(np.float32), axis=1)[:, ::-1].copy()
-  run_r = np.sort(rng.choice(100, size=(q_n, k)), axis=1).astype(np.int32)
-  args = (jax.numpy.asarray(run_v), jax.numpy.asarray(run_r), jax.numpy.asarray(vals), 500)
-  want = retrieval._merge_running(*args, k, ())  # pylint: disable=protected-access
-  got = retrieval._merge_running(*args, k, groups)  # pylint: disable=protected-access
-  np.testing.assert_array_equal(got[0], want[0])
-  np.testing.assert_array_equal(got[1], want[1])
-  # Reference: sort (value desc, row asc) over running + all new rows.
-  all_v = np.concatenate([run_v, vals], 1)
-  all_r = np.concatenate([run_r, np.broadcast_to(500 + np.arange(c), (q_n, c))], 1)
-  order = np.lexsort((all_r, -all_v), axis=1)[:, :k]
-  np.testing.assert_array_equal(got[1], np.take_along_axis(all_r, order, 1))
+def _running(rng, k, n_set, n_rows):
+  """A valid running state [2, 1, k] per side: n_set entries in (value desc, row asc) order, then (-inf, -1)."""
+  vals, rows = np.full((2, 1, k), -np.inf, np.float32), np.full((2, 1, k), -1, np.int32)
+  for side in range(2):
+    r = rng.choice(n_rows, n_set, replace=False)
+    v = rng.integers(20, 45, size=n_set).astype(np.float32) * (1 if side == 0 else -0.25)
+    order = np.lexsort((r, -v))
+    vals[side, 0, :n_set], rows[side, 0, :n_set] = v[order], r[order]
+  return vals, rows
+
+
+@pytest.mark.parametrize("groups", [(), (8,), (16,), (64,), (4, 4), (8, 2), (7, 3)])
+@pytest.mark.parametrize("case", ["ties", "scaled", "all_invalid", "few_valid", "narrow"])
+def test_merge_equals_sort(groups, case):
+  """_merge_running == sort by (key desc, row asc) over running + valid new columns, both sides.
+
+  c = 1000 is no multiple of most group spans (a last partial group, padded group maxima);
+  "narrow" has fewer groups than k; "few_valid" fewer valid columns than k.
+  """
+  rng = np.random.default_rng(sum(groups) + len(case))
+  q_n, c, k, row0 = 6, 40 if case == "narrow" else 1000, 7, 500
+  s = rng.integers(-40, 41, size=(q_n, c)).astype(np.float32)  # many ties
+  valid = rng.random(c) > 0.1
+  scale = None
+  if case == "scaled":  # distinct columns with equal scaled scores: ties after the scaling
+    scale = rng.uniform(0.5, 2.0, size=c).astype(np.float32)
+    s[:, 600:700], scale[600:700] = s[:, 100:200], scale[100:200]
+  elif case == "all_invalid":
+    valid[:] = False
+  elif case == "few_valid":
+    valid[:] = False
+    valid[rng.choice(c, 3, replace=False)] = True
+  run_v = [np.zeros((2, q_n, k), np.float32), np.zeros((2, q_n, k), np.int32)]
+  for i in range(q_n):  # some queries start with a partly empty running list
+    v, r = _running(rng, k, k - i % 3 * 2, row0)
+    run_v[0][:, i], run_v[1][:, i] = v[:, 0], r[:, 0]
+  merge = jax.jit(retrieval._merge_running, static_argnums=(4, 5))  # pylint: disable=protected-access
+  got = merge(run_v[0], run_v[1], s, row0, k, groups, scale=scale, valid=valid)
+  x = s if scale is None else s * scale  # float32, as on device
+  for side, key in enumerate((x, -x)):
+    new_v = np.where(valid, key, -np.inf)[:, valid]
+    new_r = np.broadcast_to(row0 + np.arange(c)[valid], new_v.shape)
+    all_v = np.concatenate([run_v[0][side], new_v, np.full((q_n, k), -np.inf, np.float32)], 1)
+    all_r = np.concatenate([run_v[1][side], new_r, np.full((q_n, k), -1)], 1)
+    order = np.lexsort((all_r, -all_v), axis=1)[:, :k]
+    want_v, want_r = np.take_along_axis(all_v, order, 1), np.take_along_axis(all_r, order, 1)
+    want_r = np.where(np.isfinite(want_v), want_r, -1)  # empty slots keep row -1 (sort puts -1 first anyway)
+    np.testing.assert_array_equal(got[0][side], want_v, err_msg=f"side {side}")
+    np.testing.assert_array_equal(got[1][side], want_r, err_msg=f"side {side}")
 
 
 @pytest.mark.parametrize("groups", [(8,), (4, 2), (2, 2)])
 def test_hierarchical_ties_follow_rows_not_group_rank(groups):
   # Group of row 24 ranks first (max 50) but the tied 30s must come back lower row first.
-  vals = np.full((1, 64), -np.inf, np.float32)
-  vals[0, [24, 25, 8, 9]] = [50, 30, 40, 30]
-  empty_v, empty_r = jax.numpy.full((1, 3), -np.inf), jax.numpy.full((1, 3), -1, jax.numpy.int32)
-  v, r = retrieval._merge_running(empty_v, empty_r, jax.numpy.asarray(vals), 0, 3, groups)  # pylint: disable=protected-access
-  np.testing.assert_array_equal(r, [[24, 8, 9]])
-  np.testing.assert_array_equal(v, [[50, 40, 30]])
+  s = np.zeros((1, 64), np.float32)
+  s[0, [24, 25, 8, 9]] = [50, 30, 40, 30]
+  valid = np.isin(np.arange(64), [24, 25, 8, 9])
+  empty_v, empty_r = np.full((2, 1, 3), -np.inf, np.float32), np.full((2, 1, 3), -1, np.int32)
+  merge = jax.jit(retrieval._merge_running, static_argnums=(4, 5))  # pylint: disable=protected-access
+  v, r = merge(empty_v, empty_r, s, 0, 3, groups, valid=valid)
+  np.testing.assert_array_equal(r, [[[24, 8, 9]], [[9, 25, 8]]])
+  np.testing.assert_array_equal(v, [[[50, 40, 30]], [[-30, -30, -40]]])
+
+
+def test_all_invalid_chunk_and_partial_group_end_to_end():
+  """Hierarchical steps (one device) over a chunk with no valid row and one with fewer than k."""
+  rng = np.random.default_rng(6)
+  n, d, k, rows = 1400, 8, 5, 700  # 700 rows: groups (8,), 700 % 8 = 4 columns in a last partial group
+  assert retrieval.group_sizes(rows, k) == (8,)
+  phi = rng.normal(size=(n, d)).astype(np.float32)
+  ids = np.full(n, -1, np.int64)
+  ids[[3, 250, 699]] = [30, 2500, 6990]  # chunk 0: 3 valid rows (< k), the last in the partial group
+  store, _ = _make_store(phi, ids, chunk_rows=100)
+  q = _unit(rng.normal(size=(4, d))).astype(np.float32)
+  res = retrieval.retrieve(store, q, k=k, rows_per_chunk=rows, mesh=_mesh(1), matmul_dtype="float32")
+  s, _, _ = _brute(store, q, None, True, k)
+  for rows_got, scores, sign in ((res.top_rows, res.top_scores, 1), (res.bottom_rows, res.bottom_scores, -1)):
+    order = np.argsort(-sign * s[:, [3, 250, 699]], axis=1, kind="stable")
+    np.testing.assert_array_equal(rows_got[:, :3], np.array([3, 250, 699])[order])
+    assert (rows_got[:, 3:] == -1).all() and np.isnan(scores[:, 3:]).all()
+  assert sorted(res.top_ids[0, :3]) == [30, 2500, 6990]
+
+
+def test_hierarchical_flag_same_result():
+  """The reference path (hierarchical=False: top_k over whole blocks) and the grouped one agree exactly."""
+  rng = np.random.default_rng(7)
+  q_n, d, k, rows = 5, 8, 4, 1000  # 1000 rows on one device: groups (8,), partial last group
+  q = _unit(rng.normal(size=(q_n, d))).astype(np.float32)
+  phi = rng.integers(-2, 3, size=(3 * rows, d)).astype(np.float32)  # ties
+  out = []
+  for hierarchical in (False, True):
+    topk = retrieval.StreamingTopK(q, k=k, mesh=_mesh(1), hierarchical=hierarchical, matmul_dtype="float32")
+    for a in range(0, 3 * rows, rows):
+      topk.update(start=a, ids=np.where(np.arange(rows) % 7 == 0, -1, a + np.arange(rows)), phi=phi[a : a + rows])
+    out.append(topk.local_result())
+  assert retrieval.group_sizes(rows, k) == (8,)
+  for got, want in zip(out[1], out[0]):
+    np.testing.assert_array_equal(got, want)
 
 
 def test_padding_rows_never_returned():

@@ -226,7 +226,7 @@ class EncodingStore:
     if ids.ndim != 1 or phi.shape != (ids.shape[0], self.dim):
       raise ValueError(f"Expected ids [n] and phi [n, {self.dim}], got {ids.shape} and {phi.shape}.")
     stop = self._check_write(start, ids.shape[0])
-    phi = phi.astype(self.phi.dtype.numpy_dtype)
+    phi = np.asarray(phi, self.phi.dtype.numpy_dtype)  # no copy when already the store's dtype
     futures = [self.phi[start:stop].write(phi), self.ids[start:stop].write(ids)]
     return PendingWrite(self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures)
 

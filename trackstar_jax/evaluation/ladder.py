@@ -206,8 +206,29 @@ class _Log:
     return out
 
 
-def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None) -> dict[str, Any]:
-  """Runs the ablation ladder; returns the evaluation table (None without the evaluate stage)."""
+def select_methods(methods: Sequence[Method], only: Sequence[str] | None) -> list[Method]:
+  """The methods named in `only` (a method name, or a kind: gradient | bm25 | dense | random); all if empty."""
+  if not only:
+    return list(methods)
+  wanted = {w.strip().lower() for w in only if w.strip()}
+  chosen = [m for m in methods if m.name.lower() in wanted or m.kind in wanted]
+  known = {m.name.lower() for m in methods} | {m.kind for m in methods}
+  unknown = sorted(wanted - known)
+  if unknown:
+    raise ValueError(f"--methods {unknown} match no ladder method; known: kinds gradient/bm25/dense/random or "
+                     f"names {[m.name for m in methods]}.")
+  return chosen
+
+
+def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
+               only: Sequence[str] | None = None) -> dict[str, Any]:
+  """Runs the ablation ladder; returns the evaluation table (None without the evaluate stage).
+
+  `only` restricts every stage to some methods (see `select_methods`), e.g.
+  ("dense",) to produce a text baseline's results on a machine without the
+  checkpoint: baselines depend on the corpus alone, so their results are reused
+  by a later full run in the same workdir (or a copy of their results folder).
+  """
   unknown = set(stages) - set(STAGES)
   if unknown:
     raise ValueError(f"Unknown --stages {sorted(unknown)}; known: {STAGES}.")
@@ -215,6 +236,7 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
   os.makedirs(os.path.join(workdir, "ladder", "results"), exist_ok=True)
   checkpointing.quiet_orbax_logging()
   variants, methods = ladder(config)
+  methods = select_methods(methods, only)
   by_name = {v.name: v for v in variants}
   hess = sorted({(m.variant, m.hessian) for m in methods if m.hessian})
   used = [v for v in variants if any(m.variant == v.name for m in methods)]
@@ -234,7 +256,8 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
                                      dataset_fingerprint=dataset.fingerprint)
     log.run("train", lambda: train_lib.train_and_evaluate(config, workdir, dataset=dataset), skip=done,
             why=f"checkpoint at step {step} >= train.num_steps")
-  step = run_lib.checkpoint_step(config, workdir)
+  needs_model = bool(used) and bool({"hessian", "encode", "retrieve"} & set(stages)) or "evaluate" in stages
+  step = run_lib.checkpoint_step(config, workdir) if needs_model else None
   base = dict(step=step, workdir=workdir, corpus=dataset.fingerprint)
 
   def enc_key(v):
@@ -281,11 +304,14 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
   skipped = {}
   if "retrieve" in stages or "evaluate" in stages:
     wanted = tuple(config.evaluate.get("baselines", ("bm25", "dense", "random")))
+    # Text baselines depend on the corpus and queries alone (not the checkpoint or the workdir).
+    text_key = lambda m: _key(corpus=dataset.fingerprint, kind=m.kind, k=int(config.retrieve.k),
+                              seed=int(config.evaluate.get("seed", 0)))
     for m in methods:
       out = results_file(workdir, m)
       if m.kind != "gradient" and m.kind not in wanted:
         skipped[m.name] = f"not in config.evaluate.baselines={wanted}"
-      elif m.kind == "dense" and not baselines.dense_available():
+      elif m.kind == "dense" and not baselines.dense_available() and not _is_current(out, text_key(m)):
         skipped[m.name] = "optional packages not installed: pip install '.[dense]'"
       if m.name in skipped:
         if "retrieve" in stages:
@@ -301,7 +327,7 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
         key = _key(enc=enc_key(v), hessian=hkey, retrieve=checkpointing.config_to_dict(c.retrieve))
         fn = lambda c=c: pipeline.retrieve_job(c, workdir, dataset=dataset)
       else:
-        key = _key(**base, kind=m.kind, k=int(config.retrieve.k), seed=int(config.evaluate.get("seed", 0)))
+        key = text_key(m)
         fn = lambda m=m, out=out: _baseline(m, out, config=config, dataset=dataset)
 
       def retrieve(fn=fn, out=out, key=key):
