@@ -114,10 +114,12 @@ def _host_batch(examples, rows: np.ndarray, size: int) -> dict[str, np.ndarray]:
   return batch
 
 
-def _encode_rows(encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int,
-                 dtype=None) -> np.ndarray:
-  """phi [len(rows), d] of this process's rows, in exactly `num_batches` encoder calls (lockstep).
+def _dispatch_rows(encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int,
+                   dtype=None) -> list[tuple[int, Any]]:
+  """Starts encoding this process's `rows` in exactly `num_batches` encoder calls (lockstep across hosts).
 
+  One process: returns device arrays still being computed (JAX dispatch is
+  asynchronous), so the caller can do host work meanwhile; `_collect` waits.
   `dtype` (e.g. the store's bfloat16) converts on the device: half the bytes to
   copy to the host, and no host-side conversion (the same round-to-nearest-even).
   """
@@ -126,12 +128,23 @@ def _encode_rows(encoder, examples, rows: np.ndarray, *, host_batch: int, num_ba
     part = rows[j * host_batch : (j + 1) * host_batch]
     batch = _host_batch(examples, part, host_batch)
     if jax.process_count() == 1:
-      phi = encoder.encode(batch)  # async: the device runs ahead
+      phi = encoder.encode(batch)
       out.append((len(part), phi if dtype is None else phi.astype(dtype)))
     else:
       out.append((len(part), encoder.encode_local(batch)))
-  parts = [np.asarray(phi)[:n] for n, phi in out if n]
-  return np.concatenate(parts) if parts else np.zeros((0, encoder.dim), np.float32)
+  return out
+
+
+def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
+  """[rows, d] numpy of `_dispatch_rows`' output (waits for the device)."""
+  parts = [np.asarray(phi)[:n] for n, phi in parts if n]
+  return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+
+
+def _encode_rows(encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int) -> np.ndarray:
+  """phi [len(rows), d] float32 of this process's rows (see `_dispatch_rows`)."""
+  return _collect(_dispatch_rows(encoder, examples, rows, host_batch=host_batch, num_batches=num_batches),
+                  encoder.dim)
 
 
 def encode_examples(encoder, examples, *, batch_size: int) -> np.ndarray:
@@ -168,19 +181,32 @@ def encode_corpus(config, workdir: str, *, dataset=None) -> store_lib.EncodingSt
   logging.info("encode: %d rows in %d chunks; this process: %d pending of %d; store %s", store.num_rows,
                store.num_chunks, len(pending), len(range(pi, store.num_chunks, pc)), url)
   prog = progress_lib.Progress(total=n_iter, unit="chunk", item_unit="examples", name="encode")
+  # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is copied to the host
+  # and handed to the writer, so host work (batching, device-to-host copy, store writes) overlaps
+  # device work instead of idling the accelerator between chunks.
+  in_flight = None  # (chunk, a, b, dispatched parts)
+
+  def finish(done: int, chunk, a: int, b: int, parts) -> None:
+    phi = _collect(parts, encoder.dim)
+    if chunk is not None:
+      writer.submit(start=a, ids=corpus.ids[a:b], phi=phi)  # committed (and marked) asynchronously
+    prog.update(done, items=b - a)
+    if done == 1:
+      prog.mark()  # exclude compilation from the rate
+    if prog.due(every_s=30) or done == n_iter:
+      logging.info(prog.line())
+
   with store_lib.AsyncWriter(store, max_pending=2) as writer:
     for i in range(n_iter):
       chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
       a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
-      phi = _encode_rows(encoder, corpus, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk,
-                         dtype=store_dtype)
-      if chunk is not None:
-        writer.submit(start=a, ids=corpus.ids[a:b], phi=phi)  # written while the next chunk encodes
-      prog.update(i + 1, items=b - a)
-      if i == 0:
-        prog.mark()  # exclude compilation from the rate
-      if prog.due(every_s=30) or i + 1 == n_iter:
-        logging.info(prog.line())
+      parts = _dispatch_rows(encoder, corpus, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk,
+                             dtype=store_dtype)
+      if in_flight is not None:
+        finish(i, *in_flight)
+      in_flight = (chunk, a, b, parts)
+    if in_flight is not None:
+      finish(n_iter, *in_flight)
   _sync("encode:done")
   store.require_complete()
   return store

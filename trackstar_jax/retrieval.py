@@ -21,12 +21,7 @@ Speed. R^{-1/2} is folded into the queries once (e_q . R^{-1/2} phi =
 transform and scaled encodings are never written. The merge first narrows each
 score block hierarchically to a few groups of columns (group maxima, see
 `_candidates`) so that `lax.top_k` never runs over a long row: on a GPU a full
-`lax.top_k` over the block costs several times the score matmul. Past the
-matmul, the step is bound by reads of the [Q, rows] f32 score block, so it is
-read exactly once (`_select`): one reduce yields the group maxima of the top
-and bottom keys together, with the norm scaling and the padding mask fused in;
-the few candidate columns are then gathered from the raw scores and scaled
-again (the same float ops, so the same values).
+`lax.top_k` over the block costs several times the score matmul.
 
 Tie order (deterministic, independent of device count, host count and chunk
 size): equal scores are ordered by lower store row first, for the top-k and the
@@ -122,117 +117,49 @@ def group_sizes(rows: int, k: int) -> tuple[int, ...]:
 
 
 def _candidates(vals: jax.Array, k: int, groups: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """A superset of the top-k columns of vals [..., c], as (values, column indices), indices increasing.
+  """A superset of the top-k columns of vals [Q, c], as (values, column indices), indices increasing.
 
   Columns are split into groups of groups[0]; only the k groups with the largest
   maxima can hold top-k elements (a group whose max ranks below k other groups'
   maxima has k larger elements above all of its own), and those k groups are
-  found the same way one level up (groups[1:]). c must be a multiple of
-  prod(groups). The result has k * groups[0] columns. Ties rank by lower column,
-  as `lax.top_k` does, because candidate indices stay increasing at every level.
-  Only runs on group maxima (small); the score block itself goes through `_select`.
+  found the same way one level up (groups[1:]). The result has k * groups[0]
+  columns. Ties rank by lower column, as `lax.top_k` does, because candidate
+  indices stay increasing at every level.
   """
-  *lead, c = vals.shape
+  q, c = vals.shape
   if not groups:
-    return vals, jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), vals.shape)
+    return vals, jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (q, c))
   g = groups[0]
-  grouped = vals.reshape(*lead, c // g, g)
-  gi = _best_groups(*_candidates(grouped.max(axis=-1), k, groups[1:]), k)
-  new_vals = jnp.take_along_axis(grouped, gi[..., None], axis=-2).reshape(*lead, -1)
-  return new_vals, _group_columns(gi, g)
+  grouped = vals.reshape(q, c // g, g)
+  cand_v, cand_i = _candidates(grouped.max(axis=-1), k, groups[1:])
+  _, j = lax.top_k(cand_v, k)
+  gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [Q, k] best groups, in column order
+  new_vals = jnp.take_along_axis(grouped, gi[:, :, None], axis=1).reshape(q, k * g)
+  return new_vals, (gi[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(q, k * g)
 
 
-def _best_groups(cand_v: jax.Array, cand_i: jax.Array, k: int) -> jax.Array:
-  """[..., <= k] indices of the k best candidate groups, in column order (all of them if fewer)."""
-  _, j = lax.top_k(cand_v, min(k, cand_v.shape[-1]))
-  return jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)
+def _merge_running(vals, rows, new_vals, row0, k, groups=()):
+  """Exact top-k of [running (vals, rows) [Q, k], new_vals [Q, c] at rows row0 + column].
 
-
-def _group_columns(gi: jax.Array, g: int) -> jax.Array:
-  """Groups [..., m] of g columns -> their columns [..., m * g], increasing if gi is."""
-  return (gi[..., None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(*gi.shape[:-1], -1)
-
-
-def _keys(s: jax.Array, scale: jax.Array | None, valid: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-  """Selection keys of raw scores s: (s * scale, -(s * scale)), -inf where not valid.
-
-  Top and bottom both maximize. Elementwise only, so that XLA fuses it into
-  whatever reads s instead of writing a scaled or masked copy of the block.
+  `groups` (see `_candidates`) first narrows the c new columns to a few k * g
+  candidates, so that `lax.top_k` never runs over a long row: on a GPU the
+  selection then costs a fraction of the score matmul. Candidates follow the
+  running list, whose rows are all lower, in increasing-row order, so
+  `lax.top_k`'s lower-index-first rule breaks ties by lower row.
   """
-  x = s if scale is None else s * scale
-  if valid is None:
-    return x, -x
-  return jnp.where(valid, x, -jnp.inf), jnp.where(valid, -x, -jnp.inf)
-
-
-def _group_max_both(s, scale, valid, g: int) -> jax.Array:
-  """[2, Q, ceil(c / g)] group maxima of both `_keys` of s [Q, c] in ONE read of s.
-
-  One variadic reduce over (top key, bottom key), both elementwise in s: a
-  single fusion whatever XLA's multi-output heuristics decide. A last partial
-  group (c % g columns) is reduced on its own, so the block is never padded.
-  """
-  q, c = s.shape
-  cut = c - c % g
-  neg_inf = np.array(-np.inf, np.float32)
-  parts = []
-  for a, b, size in ((0, cut, g), (cut, c, c - cut)):
-    if a == b:
-      continue
-    # Slice s (the matmul output) before the elementwise ops: each reduce then reads s directly.
-    keys = _keys(s[:, a:b], None if scale is None else scale[a:b], None if valid is None else valid[a:b])
-    parts.append(lax.reduce(tuple(x.reshape(q, -1, size) for x in keys), (neg_inf, neg_inf),
-                            lambda x, y: (lax.max(x[0], y[0]), lax.max(x[1], y[1])), (2,)))
-  return jnp.stack([jnp.concatenate([p[i] for p in parts], axis=-1) for i in (0, 1)])
-
-
-def _select(s, scale, valid, k: int, groups: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-  """Candidates for the top-k of both `_keys` of s [Q, c]: (keys, columns), each [2, Q, m], columns increasing.
-
-  groups (see `_candidates`) narrow the c columns to k * groups[0] per side.
-  The full [Q, c] block is read once, by `_group_max_both`; everything after
-  runs on group maxima or on the k * groups[0] gathered columns, for both
-  sides at once. Without groups the keys of all columns come back (reference
-  path: it writes a [2, Q, c] buffer).
-  """
-  q, c = s.shape
-  if not groups:
-    return jnp.stack(_keys(s, scale, valid)), jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (2, q, c))
-  g = groups[0]
-  maxima = _group_max_both(s, scale, valid, g)  # [2, Q, ceil(c / g)]
-  pad = -maxima.shape[-1] % math.prod(groups[1:])
-  if pad:  # small: 1/g of the block
-    maxima = jnp.pad(maxima, ((0, 0), (0, 0), (0, pad)), constant_values=-jnp.inf)
-  cols = _group_columns(_best_groups(*_candidates(maxima, k, groups[1:]), k), g)  # [2, Q, m]
-  # Gather raw scores at the candidate columns and recompute their keys: same float ops, same values.
-  # Columns past c (a last partial group, or padded groups when fewer than k have valid rows) read
-  # column c - 1 and are masked to -inf.
-  inside = cols < c
-  cols = jnp.minimum(cols, c - 1)
-  sv = s[jnp.arange(q)[:, None], cols]
-  top, bot = _keys(sv, None if scale is None else scale[cols], inside if valid is None else inside & valid[cols])
-  return jnp.where(jnp.arange(2)[:, None, None] == 0, top, bot), cols
-
-
-def _merge_running(vals, rows, s, row0, k, groups=(), *, scale=None, valid=None):
-  """Exact top-k of [running (vals, rows) [2, Q, k], the keys of s [Q, c] at rows row0 + column].
-
-  Side 0 ranks by s * scale, side 1 by -(s * scale); columns with valid False
-  are skipped. `groups` (see `_select`) first narrows the c new columns to a
-  few k * g candidates, so that `lax.top_k` never runs over a long row: on a
-  GPU the selection then costs a fraction of the score matmul. Candidates
-  follow the running list, whose rows are all lower, in increasing-row order,
-  so `lax.top_k`'s lower-index-first rule breaks ties by lower row.
-  """
-  new_vals, cols = _select(s, scale, valid, k, tuple(groups))
+  span = math.prod(groups)
+  pad = -new_vals.shape[1] % span
+  if pad:
+    new_vals = jnp.pad(new_vals, ((0, 0), (0, pad)), constant_values=-jnp.inf)
+  new_vals, cols = _candidates(new_vals, k, tuple(groups))
   v, i = lax.top_k(jnp.concatenate([vals, new_vals], axis=-1), k)
   return v, jnp.take_along_axis(jnp.concatenate([rows, row0 + cols], axis=-1), i, axis=-1)
 
 
 def _sort_by_value_then_row(vals, rows, k):
-  """[..., M] (value descending, row ascending) -> first k; padding (-inf) last."""
-  neg, r = lax.sort((-vals, rows), dimension=vals.ndim - 1, num_keys=2)
-  return -neg[..., :k], r[..., :k]
+  """[Q, M] (value descending, row ascending) -> first k; padding (-inf) last."""
+  neg, r = lax.sort((-vals, rows), dimension=-1, num_keys=2)
+  return -neg[:, :k], r[:, :k]
 
 
 class StreamingTopK:
@@ -282,34 +209,36 @@ class StreamingTopK:
     self._inv = None if inv_sqrt is None or not normalize else inv_sqrt.astype(mm)
     q, n_dev = queries.shape[0], self.n_dev
     state_sharding = NamedSharding(self.mesh, P(axes))  # as shard_map returns it: one jit cache entry
-    # (values, rows), each [n_dev, 2, Q, k]: side 0 keeps the top scores, side 1 the negated bottom
-    # ones, so both maximize and run through one selection. Donated.
+    # Top keeps scores, bottom keeps -scores; both maximize. Four distinct buffers (donated).
     self._state = tuple(
-        jax.device_put(np.full((n_dev, 2, q, k), fill, dtype), state_sharding)
-        for fill, dtype in ((-np.inf, np.float32), (-1, np.int32))
+        jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
+        for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
     )
 
     def local_step(qm, inv, state, phi, valid, row0):
-      vals, rows = (s[0] for s in state)
+      top_v, top_r, bot_v, bot_r = (s[0] for s in state)
       c = phi.shape[0]
       row0 = row0 + lax.axis_index(axes) * c  # this device's first row
       groups = group_sizes(c, k) if self.hierarchical else ()
       phi = phi.astype(mm)
       hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
-      s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c], never rewritten
-      # Score columns scale by 1 / ||R^{-1/2} phi|| inside the selection (fused into its one read of s).
-      scale = _inv_norm(phi if inv is None else _apply_inv(phi, inv, mm)) if normalize else None
-      vals, rows = _merge_running(vals, rows, s, row0, k, groups, scale=scale, valid=valid)
-      return vals[None], rows[None]
+      s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
+      if normalize:  # scale score columns by 1 / ||R^{-1/2} phi||
+        s = s * _inv_norm(phi if inv is None else _apply_inv(phi, inv, mm))[None, :]
+      top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
+      bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
+      return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
 
     def local_final(state):
-      # [1, 2, Q, k] per device -> [2, Q, n_dev * k], merged by (value desc, row asc).
-      v = lax.all_gather(state[0][0], axes, axis=2, tiled=True)
-      r = lax.all_gather(state[1][0], axes, axis=2, tiled=True)
-      v, r = _sort_by_value_then_row(v, r, k)
-      return v[0], r[0], v[1], r[1]
+      out = []
+      for v, r in ((state[0], state[1]), (state[2], state[3])):
+        # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
+        v = lax.all_gather(v[0], axes, axis=1, tiled=True)
+        r = lax.all_gather(r[0], axes, axis=1, tiled=True)
+        out += list(_sort_by_value_then_row(v, r, k))
+      return tuple(out)
 
-    sspec = (P(axes, None, None, None),) * 2
+    sspec = (P(axes, None, None),) * 4
     inv_spec = None if self._inv is None else P()
     self._step = jax.jit(
         _shard_map(local_step, mesh=self.mesh, in_specs=(P(), inv_spec, sspec, P(axes, None), P(axes), P()),
