@@ -28,7 +28,7 @@ def get_config(arg=None):
   # d = 16 blocks x 64 x 64 = 2^16: a full R is 16 GiB with a 65536^2 eigh, and
   # N >= 10 d samples per block keeps R well estimated (README "Reading").
   c.hessian.block_diagonal = True
-  c.hessian.train_sample = 32768  # 8 x the block size; 8.6 GB of phi on the host
+  c.hessian.train_sample = 32768  # 8 x the block size (streamed into R; multi-host: 8.6 GB phi per host)
   if a.runlocal:
     c.seq_len = 96  # the longest query prompt needs ~75 tokens with this vocabulary
     c.model = configs.model_config("tiny", max_len=c.seq_len)

@@ -17,6 +17,7 @@ process 0 creates the store and writes shared files. Every job is resumable:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
@@ -147,6 +148,13 @@ def _encode_rows(encoder, examples, rows: np.ndarray, *, host_batch: int, num_ba
                   encoder.dim)
 
 
+def _phi_batches(encoder, examples, *, batch_size: int):
+  """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums."""
+  for a in range(0, len(examples), batch_size):
+    batch = _host_batch(examples, np.arange(a, min(a + batch_size, len(examples))), batch_size)
+    yield encoder.encode(batch), batch["ids"] >= 0
+
+
 def encode_examples(encoder, examples, *, batch_size: int) -> np.ndarray:
   """phi [N, d] float32 of all `examples`, on every process (each encodes a share)."""
   pi, pc = jax.process_index(), jax.process_count()
@@ -219,10 +227,13 @@ def fit_hessian_job(config, workdir: str, *, dataset=None) -> hessian_lib.Hessia
   n = min(int(config.hessian.train_sample), len(corpus))
   rows = np.sort(np.random.default_rng(int(config.hessian.get("seed", 0))).choice(len(corpus), n, replace=False))
   batch_size = int(config.encoder.batch_size)
-  train_phi = encode_examples(encoder, corpus.select(rows), batch_size=batch_size)
-  eval_phi = encode_examples(encoder, queries, batch_size=batch_size) if config.hessian.mixed else None
-  h = hessian_lib.fit_hessian(train_phi=train_phi, eval_phi=eval_phi, config=config.hessian,
-                              n_blocks=len(encoder.blocks))
+  if jax.process_count() == 1:  # streamed into R batch by batch: no [N, d] phi on the host or device
+    encode = functools.partial(_phi_batches, encoder, batch_size=batch_size)
+  else:  # every process needs every row's phi (allgathered): N x d x 4 bytes per host
+    encode = functools.partial(encode_examples, encoder, batch_size=batch_size)
+  h = hessian_lib.fit_hessian(train_phi=encode(corpus.select(rows)),
+                              eval_phi=encode(queries) if config.hessian.mixed else None,
+                              config=config.hessian, n_blocks=len(encoder.blocks))
   h.meta["encoding"] = _producer(encoding_meta(config, workdir, encoder, step=step, dataset=dataset,
                                                num_rows=len(corpus)))
   path = hessian_path(config, workdir)
@@ -230,8 +241,8 @@ def fit_hessian_job(config, workdir: str, *, dataset=None) -> hessian_lib.Hessia
     tmp = f"{path}.tmp-{os.getpid()}"
     h.save(tmp)
     os.replace(tmp, path)
-    logging.info("fit_hessian: lambda=%.4f from %d corpus examples and %d queries -> %s", h.lam, n,
-                 0 if eval_phi is None else len(eval_phi), path)
+    logging.info("fit_hessian: lambda=%.4f from %d corpus examples and %d queries -> %s", h.lam,
+                 h.meta["n_train"], h.meta["n_eval"], path)
   _sync("fit_hessian:saved")
   return h
 
