@@ -51,6 +51,7 @@ def test_ablation_ladder_end_to_end(tmp_path):
   first = _pipeline(workdir)
   table = json.load(open(os.path.join(workdir, "ablation.json")))
   assert os.path.exists(os.path.join(workdir, "ablation.md"))
+  assert table["stage_seconds"]["evaluate"] > 0  # every stage's wall time is in the JSON
   assert "| + R_mixed = TrackStar |" in first.stdout  # the table is printed
 
   sys.path.insert(0, REPO)

@@ -344,6 +344,7 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
     table = log.run("evaluate", lambda: run_lib.evaluate_job(config, workdir, results=results, output_prefix=prefix,
                                                              dataset=dataset, skipped=skipped))
     table["stage_seconds"] = log.times
+    run_lib.write(table, prefix)  # again, with the stage wall times (the evaluate stage's included)
     print(run_lib.to_markdown(table), flush=True)
   logging.info("pipeline: stage times %s", {k: round(v, 1) for k, v in log.times.items()})
   return table
