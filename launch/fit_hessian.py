@@ -8,27 +8,19 @@ with config.hessian.mixed, every query. Short: a rerun redoes it.
 """
 
 from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-from trackstar_jax import mesh
-from trackstar_jax import pipeline
+from trackstar_jax.jobs import cli
+from trackstar_jax.jobs import fit_hessian
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: checkpoints, tokenizer; outputs go here.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-flags.mark_flag_as_required("workdir")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Training workdir (checkpoint with optimizer state, tokenizer); hessian.npz goes here.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  mesh.maybe_initialize_distributed(force=_DISTRIBUTED.value)
-  pipeline.write_job_config(_CONFIG.value, _WORKDIR.value, "fit_hessian")
-  h = pipeline.fit_hessian_job(_CONFIG.value, _WORKDIR.value)
-  logging.info("Done: lambda=%.4f, dim %d -> %s", h.lam, h.dim, pipeline.hessian_path(_CONFIG.value, _WORKDIR.value))
+  config = cli.start(argv, CONFIG, DISTRIBUTED)
+  h = fit_hessian.run(config, WORKDIR.value)
+  cli.finish(config, WORKDIR.value, "fit_hessian")
+  logging.info("Done: lambda %.4f, dim %d", h.lam, h.dim)
 
 
 if __name__ == "__main__":

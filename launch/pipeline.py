@@ -9,7 +9,7 @@ Hessians and encodes the corpus for every encoding variant (no correction,
 the optimizer correction, Adam rank-1, half projection size), retrieves with
 every ladder method plus BM25 / dense / random, tail-patches and writes one
 table to <workdir>/ablation.{md,json}. Every stage is skipped when its output
-is up to date and resumes when killed. See trackstar_jax/evaluation/ladder.py.
+is up to date and resumes when killed. See trackstar_jax/jobs/pipeline.py.
 
 --methods restricts the run to some rows (names or kinds: gradient, bm25, dense,
 random). Text baselines need no checkpoint, so e.g. the dense baseline can be
@@ -21,32 +21,25 @@ import os
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-from trackstar_jax import mesh
-from trackstar_jax import pipeline
-from trackstar_jax.evaluation import ladder
+from trackstar_jax.jobs import cli
+from trackstar_jax.jobs import pipeline
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Workdir: checkpoints, stores, results, ablation table.")
-_STAGES = flags.DEFINE_list("stages", list(ladder.STAGES), f"Stages to run, a subset of {ladder.STAGES}.")
-_METHODS = flags.DEFINE_list("methods", [], "Only these methods (names or kinds gradient/bm25/dense/random); "
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
+    workdir_help="Workdir: checkpoints, stores, results, the ablation table.")
+_STAGES = flags.DEFINE_list("stages", list(pipeline.STAGES), f"Stages to run, a subset of {pipeline.STAGES}.")
+_METHODS = flags.DEFINE_list("methods", [], "Only these methods (names, or kinds gradient/bm25/dense/random); "
                              "default all.")
 _CACHE = flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache dir "
-                              "(default <workdir>/jax_cache; 'none' to disable).")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-flags.mark_flag_as_required("workdir")
+                             "(default <workdir>/jax_cache; 'none' to disable).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  mesh.maybe_initialize_distributed(force=_DISTRIBUTED.value)
+  config = cli.start(argv, CONFIG, DISTRIBUTED)
   if _CACHE.value != "none":
-    ladder.enable_compilation_cache(_CACHE.value or os.path.join(_WORKDIR.value, "jax_cache"))
-  pipeline.write_job_config(_CONFIG.value, _WORKDIR.value, "pipeline")
-  ladder.run_ladder(_CONFIG.value, _WORKDIR.value, stages=_STAGES.value, only=_METHODS.value)
+    pipeline.enable_compilation_cache(_CACHE.value or os.path.join(WORKDIR.value, "jax_cache"))
+  pipeline.run(config, WORKDIR.value, stages=_STAGES.value, only=_METHODS.value)
+  cli.finish(config, WORKDIR.value, "pipeline")
 
 
 if __name__ == "__main__":

@@ -11,26 +11,18 @@ config.retrieve.output) in the TrackStar results schema, with
 """
 
 from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-from trackstar_jax import mesh
-from trackstar_jax import pipeline
+from trackstar_jax.jobs import cli
+from trackstar_jax.jobs import retrieve
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/synthetic.py", "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir: checkpoints, tokenizer; outputs go here.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-flags.mark_flag_as_required("workdir")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Training workdir (checkpoint, tokenizer, hessian.npz, encodings.zarr); results.jsonl goes here.")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  mesh.maybe_initialize_distributed(force=_DISTRIBUTED.value)
-  pipeline.write_job_config(_CONFIG.value, _WORKDIR.value, "retrieve")
-  path = pipeline.retrieve_job(_CONFIG.value, _WORKDIR.value)
+  config = cli.start(argv, CONFIG, DISTRIBUTED)
+  path = retrieve.run(config, WORKDIR.value)
+  cli.finish(config, WORKDIR.value, "retrieve")
   logging.info("Done: %s", path)
 
 

@@ -1,7 +1,7 @@
 """The encode / retrieve launchers as real subprocesses: SIGKILL-resume and 2-process runs.
 
-One tiny training run (configs/synthetic.py:runlocal=True, 4 steps) is shared
-by the module; the reference is an uninterrupted one-process `launch.encode`
+The shared tiny training run (conftest `trained`: configs/synthetic.py:runlocal=True,
+4 steps) is copied for the module; the reference is an uninterrupted one-process `launch.encode`
 (4 fake CPU devices) plus `launch.fit_hessian`. Every process runs under
 `timeout` in its own process group (killed by that group's id).
 
@@ -23,10 +23,9 @@ import time
 import numpy as np
 import pytest
 
-from configs import synthetic
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
-from trackstar_jax import train as train_lib
+from trackstar_jax.jobs import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "synthetic.py") + ":runlocal=True"
@@ -102,19 +101,13 @@ def _read_store(url: str) -> store_lib.Chunk:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """(workdir, corpus ids, reference store url): trained once, encoded + Hessian by one uninterrupted process."""
-  root = tmp_path_factory.mktemp("encode_job")
-  workdir = str(root / "w")
-  config = synthetic.get_config("runlocal=True")
-  with config.unlocked():
-    for key, value in OVERRIDES.items():
-      section, field = key.split("__")
-      config[section][field] = value
-  train_lib.train_and_evaluate(config, workdir)
-  _, _, _, corpus, _ = train_lib.load_data(config, workdir)
-  ref_url = str(root / "ref.zarr")
-  logs = [str(root / "ref_encode.log"), str(root / "fit_hessian.log")]
+def encoded(trained):
+  """(workdir, corpus ids, reference store url): encoded + Hessian by one uninterrupted process each."""
+  workdir = trained.workdir
+  root = os.path.dirname(workdir)
+  corpus = workdir_lib.load_data(trained.config, workdir).corpus
+  ref_url = os.path.join(root, "ref.zarr")
+  logs = [os.path.join(root, "ref_encode.log"), os.path.join(root, "fit_hessian.log")]
   _finish([_start("encode", workdir, logs[0], env=_env(devices=4), store__url=ref_url),
            _start("fit_hessian", workdir, logs[1], env=_env(devices=4))], logs)  # <workdir>/hessian.npz
   ref = _read_store(ref_url)
@@ -122,8 +115,8 @@ def trained(tmp_path_factory):
   return workdir, np.asarray(corpus.ids), ref_url
 
 
-def test_encode_survives_sigkill(trained, tmp_path):
-  workdir, corpus_ids, ref_url = trained
+def test_encode_survives_sigkill(encoded, tmp_path):
+  workdir, corpus_ids, ref_url = encoded
   url, log = str(tmp_path / "killed.zarr"), str(tmp_path / "encode.log")
   ref = _read_store(ref_url)
   n_chunks = -(-len(corpus_ids) // OVERRIDES["store__chunk_rows"])
@@ -159,8 +152,8 @@ def test_encode_survives_sigkill(trained, tmp_path):
     assert f"this process: {n_chunks - done_before} pending of {n_chunks}" in f.read()
 
 
-def test_two_process_encode_and_retrieve_match_one_process(trained, tmp_path):
-  workdir, corpus_ids, ref_url = trained
+def test_two_process_encode_and_retrieve_match_one_process(encoded, tmp_path):
+  workdir, corpus_ids, ref_url = encoded
   url = str(tmp_path / "two.zarr")
   for job, extra in (("encode", dict(store__url=url)),
                      ("retrieve", dict(store__url=url, retrieve__output=str(tmp_path / "two.jsonl")))):

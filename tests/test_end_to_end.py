@@ -56,7 +56,7 @@ def test_ablation_ladder_end_to_end(tmp_path):
 
   sys.path.insert(0, REPO)
   from configs import synthetic  # pylint: disable=g-import-not-at-top
-  from trackstar_jax.evaluation import ladder  # pylint: disable=g-import-not-at-top
+  from trackstar_jax.jobs import pipeline as ladder  # pylint: disable=g-import-not-at-top
 
   _, methods = ladder.ladder(synthetic.get_config())
   rows = {r["method"]: r for r in table["rows"]}

@@ -1,4 +1,4 @@
-"""The evaluate job (trackstar_jax/evaluation/run.py): outputs, and clear errors on inputs that don't belong together.
+"""The evaluate job (trackstar_jax/jobs/evaluate.py): outputs, and clear errors on inputs that don't belong together.
 
 One tiny checkpoint (runlocal world, 4 training steps) serves every test; the
 results files are written directly (oracle / random / doctored), so no encoding
@@ -14,24 +14,18 @@ import pytest
 from configs import synthetic
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
-from trackstar_jax import train as train_lib
 from trackstar_jax.evaluation import baselines
-from trackstar_jax.evaluation import run
+from trackstar_jax.jobs import evaluate as run
+from trackstar_jax.jobs import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  config = synthetic.get_config("runlocal=True")
-  with config.unlocked():
-    config.train.num_steps = 4
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 4
-    config.evaluate.subset = "overall"  # 4 steps: the model answers nothing yet
-    config.evaluate.tail_patch_k = 2
-  workdir = str(tmp_path_factory.mktemp("eval") / "w")
-  train_lib.train_and_evaluate(config, workdir)
-  dataset = train_lib.load_data(config, workdir)[0]
-  return config, workdir, dataset
+def evaluated(trained):
+  config = trained.config
+  config.evaluate.subset = "overall"  # 4 steps: the model answers nothing yet
+  config.evaluate.tail_patch_k = 2
+  dataset = workdir_lib.load_data(config, trained.workdir).dataset
+  return config, trained.workdir, dataset
 
 
 def _meta(ds, **kw):
@@ -57,14 +51,14 @@ def _write(path, lines, meta):
   return str(path)
 
 
-def test_evaluate_writes_table_and_caches_tail_patch(trained, tmp_path):
-  config, workdir, dataset = trained
+def test_evaluate_writes_table_and_caches_tail_patch(evaluated, tmp_path):
+  config, workdir, dataset = evaluated
   rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
   files = {"oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
            "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset))}
   prefix = str(tmp_path / "out" / "evaluation")
-  table = run.evaluate_job(config, workdir, results=files, output_prefix=prefix, dataset=dataset,
-                           skipped={"dense": "not installed"})
+  table = run.run(config, workdir, results=files, output_prefix=prefix, dataset=dataset,
+                  skipped={"dense": "not installed"})
   rows = {r["method"]: r for r in table["rows"]}
   assert list(rows) == ["oracle", "random", "dense"]
   assert rows["oracle"]["mrr"] == 1.0 and rows["oracle"]["recall@10"] == 1.0
@@ -82,36 +76,36 @@ def test_evaluate_writes_table_and_caches_tail_patch(trained, tmp_path):
   cache = os.path.join(prefix + "_cache", "oracle.tail_patch.json")
   assert run.file_slug("TrackStar, d=64/block") == "TrackStar_d_64_block"
   mtime = os.path.getmtime(cache)
-  again = run.evaluate_job(config, workdir, results=files, output_prefix=prefix, dataset=dataset)
+  again = run.run(config, workdir, results=files, output_prefix=prefix, dataset=dataset)
   assert os.path.getmtime(cache) == mtime
   assert again["tail_patch"]["oracle"] == table["tail_patch"]["oracle"]
 
 
-def test_results_for_a_query_without_ground_truth(trained, tmp_path):
-  config, workdir, dataset = trained
+def test_results_for_a_query_without_ground_truth(evaluated, tmp_path):
+  config, workdir, dataset = evaluated
   lines = _oracle(dataset)
   lines[0] = dict(lines[0], example_id=10_000)
   path = _write(tmp_path / "r.jsonl", lines, _meta(dataset))
   with pytest.raises(run.EvaluationInputError, match="example_id=10000 has no ground truth"):
-    run.evaluate_job(config, workdir, results={"bad": path}, dataset=dataset, tail_patch=False)
+    run.run(config, workdir, results={"bad": path}, dataset=dataset, tail_patch=False)
 
 
-def test_results_from_another_corpus(trained, tmp_path):
-  config, workdir, dataset = trained
+def test_results_from_another_corpus(evaluated, tmp_path):
+  config, workdir, dataset = evaluated
   path = _write(tmp_path / "r.jsonl", _oracle(dataset), _meta(dataset, fingerprint="f" * 64))
   with pytest.raises(run.EvaluationInputError, match="fingerprint .* does not match"):
-    run.evaluate_job(config, workdir, results={"other": path}, dataset=dataset, tail_patch=False)
+    run.run(config, workdir, results={"other": path}, dataset=dataset, tail_patch=False)
   path = _write(tmp_path / "r2.jsonl", _oracle(dataset), _meta(dataset, dataset="lama_trex/all/1.0.0"))
   with pytest.raises(run.EvaluationInputError, match="results are for dataset 'lama_trex"):
-    run.evaluate_job(config, workdir, results={"other": path}, dataset=dataset, tail_patch=False)
+    run.run(config, workdir, results={"other": path}, dataset=dataset, tail_patch=False)
 
 
-def test_results_from_another_checkpoint_or_store(trained, tmp_path):
-  config, workdir, dataset = trained
+def test_results_from_another_checkpoint_or_store(evaluated, tmp_path):
+  config, workdir, dataset = evaluated
   # The results' own step differs from the evaluated checkpoint's.
   path = _write(tmp_path / "r.jsonl", _oracle(dataset), _meta(dataset, step=999))
   with pytest.raises(run.EvaluationInputError, match="step 999.*--config.encoder.step"):
-    run.evaluate_job(config, workdir, results={"old": path}, dataset=dataset, tail_patch=False)
+    run.run(config, workdir, results={"old": path}, dataset=dataset, tail_patch=False)
   # The results' store was encoded from another checkpoint.
   url = str(tmp_path / "enc.zarr")
   store_lib.open_store(url, create=True, expected_meta=store_lib.StoreMeta(
@@ -119,11 +113,11 @@ def test_results_from_another_checkpoint_or_store(trained, tmp_path):
       corpus_fingerprint=dataset.fingerprint))
   path = _write(tmp_path / "r2.jsonl", _oracle(dataset), _meta(dataset, step=4, store=url))
   with pytest.raises(run.EvaluationInputError, match="store checkpoint '/elsewhere/run' != evaluated workdir"):
-    run.evaluate_job(config, workdir, results={"s": path}, dataset=dataset, tail_patch=False)
+    run.run(config, workdir, results={"s": path}, dataset=dataset, tail_patch=False)
 
 
-def test_checkpoint_trained_on_another_corpus(trained):
-  _, workdir, dataset = trained
+def test_checkpoint_trained_on_another_corpus(evaluated):
+  _, workdir, dataset = evaluated
   meta = {"step": 4, "dataset": {"name": dataset.name, "fingerprint": "0" * 64}}
   with pytest.raises(run.EvaluationInputError, match="was trained on corpus 000000000000"):
     run.check_checkpoint(ckpt_meta=meta, dataset=dataset, workdir=workdir)

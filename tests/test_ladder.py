@@ -14,15 +14,15 @@ import pytest
 from configs import synthetic
 from trackstar_jax import data
 from trackstar_jax import results as results_lib
-from trackstar_jax import train as train_lib
-from trackstar_jax.evaluation import ladder
+from trackstar_jax.jobs import workdir as workdir_lib
+from trackstar_jax.jobs import pipeline as ladder
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   config = synthetic.get_config("runlocal=True")
   workdir = str(tmp_path_factory.mktemp("ladder") / "w")
-  dataset = data.load_dataset(config, data_dir=train_lib.resolve_data_dir(config, workdir))
+  dataset = data.load_dataset(config, data_dir=workdir_lib.data_dir(config, workdir))
   return config, workdir, dataset
 
 
@@ -40,7 +40,7 @@ def test_select_methods_by_name_and_kind(setup):
 
 def test_baselines_run_without_a_checkpoint_and_are_reused_elsewhere(setup, tmp_path):
   config, workdir, dataset = setup
-  ladder.run_ladder(config, workdir, stages=("retrieve",), dataset=dataset, only=("bm25", "random"))
+  ladder.run(config, workdir, stages=("retrieve",), dataset=dataset, only=("bm25", "random"))
   files = {m: ladder.results_file(workdir, m) for m in ladder.select_methods(ladder.ladder(config)[1], ["bm25", "random"])}
   for path in files.values():
     assert results_lib.validate_results_file(path) == len(dataset.queries)
@@ -49,14 +49,14 @@ def test_baselines_run_without_a_checkpoint_and_are_reused_elsewhere(setup, tmp_
   # The results folder copied into another workdir is current there: nothing is recomputed.
   other = str(tmp_path / "other")
   shutil.copytree(os.path.join(workdir, "ladder", "results"), os.path.join(other, "ladder", "results"))
-  ladder.run_ladder(config, other, stages=("retrieve",), dataset=dataset, only=("bm25", "random"))
+  ladder.run(config, other, stages=("retrieve",), dataset=dataset, only=("bm25", "random"))
   for m in files:
     assert os.path.getmtime(ladder.results_file(other, m)) == mtimes[m.name]
 
   # Another k is another result: recomputed.
   with config.unlocked():
     config.retrieve.k = 3
-  ladder.run_ladder(config, other, stages=("retrieve",), dataset=dataset, only=("random",))
+  ladder.run(config, other, stages=("retrieve",), dataset=dataset, only=("random",))
   path = ladder.results_file(other, ladder.select_methods(ladder.ladder(config)[1], ["random"])[0])
   assert os.path.getmtime(path) != mtimes["random"]
   assert len(results_lib.read_results(path)[0]["proponent_ids"]) == 3
@@ -65,7 +65,7 @@ def test_baselines_run_without_a_checkpoint_and_are_reused_elsewhere(setup, tmp_
 def test_gradient_methods_still_need_the_checkpoint(setup, tmp_path):
   config, _, dataset = setup
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    ladder.run_ladder(config, str(tmp_path / "empty"), stages=("retrieve",), dataset=dataset, only=("gradient",))
+    ladder.run(config, str(tmp_path / "empty"), stages=("retrieve",), dataset=dataset, only=("gradient",))
 
 
 def test_precomputed_dense_results_are_used_without_its_packages(setup, tmp_path, monkeypatch):
@@ -76,15 +76,15 @@ def test_precomputed_dense_results_are_used_without_its_packages(setup, tmp_path
   monkeypatch.setattr(ladder.baselines, "dense_retrieve", lambda **kw: fake)
   monkeypatch.setattr(ladder.baselines, "dense_available", lambda: True)
   made = str(tmp_path / "made")
-  ladder.run_ladder(config, made, stages=("retrieve",), dataset=dataset, only=("dense",))
+  ladder.run(config, made, stages=("retrieve",), dataset=dataset, only=("dense",))
 
   monkeypatch.setattr(ladder.baselines, "dense_available", lambda: False)
   monkeypatch.setattr(ladder.baselines, "dense_retrieve", lambda **kw: pytest.fail("recomputed"))
   other = str(tmp_path / "other")
   assert not os.path.exists(ladder.results_file(other, dense))
-  ladder.run_ladder(config, other, stages=("retrieve",), dataset=dataset, only=("dense",))
+  ladder.run(config, other, stages=("retrieve",), dataset=dataset, only=("dense",))
   assert not os.path.exists(ladder.results_file(other, dense))  # no results, no packages: skipped
   shutil.copytree(os.path.join(made, "ladder", "results"), os.path.join(other, "ladder", "results"),
                   dirs_exist_ok=True)
-  ladder.run_ladder(config, other, stages=("retrieve",), dataset=dataset, only=("dense",))
+  ladder.run(config, other, stages=("retrieve",), dataset=dataset, only=("dense",))
   assert results_lib.validate_results_file(ladder.results_file(other, dense)) == len(dataset.queries)

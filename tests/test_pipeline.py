@@ -8,38 +8,33 @@ import os
 
 import jax
 import numpy as np
-import pytest
 
-from configs import synthetic
+from trackstar_jax import encoding
 from trackstar_jax import hessian as hessian_lib
-from trackstar_jax import pipeline
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
-from trackstar_jax import train as train_lib
+from trackstar_jax.jobs import encode
+from trackstar_jax.jobs import fit_hessian
+from trackstar_jax.jobs import retrieve
+from trackstar_jax.jobs import workdir as workdir_lib
 
 
-@pytest.mark.slow
-def test_pipeline_end_to_end(tmp_path):
-  config = synthetic.get_config("runlocal=True")
-  with config.unlocked():
-    config.train.num_steps = 4
-    config.train.eval_every = 4
-    config.train.checkpoint_every = 4
-    config.store.chunk_rows = 48
-    config.store.dtype = "float32"
-    config.encoder.batch_size = 16
-    config.hessian.train_sample = 48
-    config.retrieve.k = 4
-    config.retrieve.chunk_rows = 100
-    config.retrieve.matmul_dtype = "float32"
-  workdir = str(tmp_path / "w")
-  train_lib.train_and_evaluate(config, workdir)
-  dataset, tokenizer, _, corpus, queries = train_lib.load_data(config, workdir)
+def test_pipeline_end_to_end(trained):
+  config, workdir = trained.config, trained.workdir
+  config.store.chunk_rows = 48
+  config.store.dtype = "float32"
+  config.encoder.batch_size = 16
+  config.hessian.train_sample = 48
+  config.retrieve.k = 4
+  config.retrieve.chunk_rows = 100
+  config.retrieve.matmul_dtype = "float32"
+  rd = workdir_lib.load_data(config, workdir)
+  dataset, tokenizer, corpus, queries = rd.dataset, rd.tokenizer, rd.corpus, rd.queries
 
-  h = pipeline.fit_hessian_job(config, workdir, dataset=dataset)
-  assert os.path.exists(pipeline.hessian_path(config, workdir)) and 0 < h.lam < 1
+  h = fit_hessian.run(config, workdir, dataset=dataset)
+  assert os.path.exists(workdir_lib.hessian_path(config, workdir)) and 0 < h.lam < 1
 
-  store = pipeline.encode_corpus(config, workdir, dataset=dataset)
+  store = encode.run(config, workdir, dataset=dataset)
   assert store.is_complete() and store.num_rows == len(corpus)
   full = store.read(0, store.num_rows)
   np.testing.assert_array_equal(full.ids, corpus.ids)
@@ -47,17 +42,17 @@ def test_pipeline_end_to_end(tmp_path):
   for c in (1, 3):
     store._kv.delete_range(store_lib.ts.KvStore.KeyRange(f"done/{c:010d}", f"done/{c:010d}~")).result()  # pylint: disable=protected-access
   assert [a for a, _ in store_lib.open_store(store.url).missing_ranges()] == [48, 144]
-  again = pipeline.encode_corpus(config, workdir, dataset=dataset)
+  again = encode.run(config, workdir, dataset=dataset)
   np.testing.assert_array_equal(again.read(0, again.num_rows).phi, full.phi)
 
-  path = pipeline.retrieve_job(config, workdir, dataset=dataset)
+  path = retrieve.run(config, workdir, dataset=dataset)
   assert results_lib.validate_results_file(path) == len(dataset.queries)
   lines = results_lib.read_results(path)
   meta = results_lib.read_metadata(path)
   assert meta["fingerprint"] == dataset.fingerprint and meta["num_examples"] == len(corpus)
 
-  encoder, _ = pipeline.load_encoder(config, workdir, tokenizer)
-  phi_q = pipeline.encode_examples(encoder, queries, batch_size=16)
+  encoder, _ = workdir_lib.load_encoder(config, workdir, tokenizer)
+  phi_q = encoding.encode_to_array(encoder, queries, batch_size=16)
   scores = np.asarray(hessian_lib.cosine_scores(phi_q, full.phi, hessian=h))  # [Q, N] brute force
   for i, line in enumerate(lines):
     want = np.argsort(-scores[i], kind="stable")[:4]

@@ -1,4 +1,4 @@
-"""Training job: resume equivalence, config checks, query accuracy, launcher."""
+"""Training: the job (resume equivalence, config checks, launcher), its step and batches, query accuracy."""
 
 import json
 import os
@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from trackstar_jax import checkpointing
-from trackstar_jax import train
+from trackstar_jax import lm_eval
+from trackstar_jax import training
+from trackstar_jax.jobs import train
 from trackstar_jax.data import batching
 from trackstar_jax.data import world
 from trackstar_jax.models import DecoderLM, TransformerConfig
@@ -59,14 +61,14 @@ def test_restart_resumes_to_identical_params(tmp_path, optimizer):
   config = _config(optimizer=optimizer)
   ds = _dataset(config)
   full = str(tmp_path / "full")
-  out = train.train_and_evaluate(config, full, dataset=ds)
+  out = train.run(config, full, dataset=ds)
   assert out["step"] == 6 and np.isfinite(out["loss"])
   # Interrupted after step 3 (checkpoint), then restarted with a larger num_steps target.
   part = str(tmp_path / "part")
   short = _config(optimizer=optimizer, num_steps=3)
-  train.train_and_evaluate(short, part, dataset=ds)
+  train.run(short, part, dataset=ds)
   assert checkpointing.latest_step(part) == 3
-  out2 = train.train_and_evaluate(config, part, dataset=ds)
+  out2 = train.run(config, part, dataset=ds)
   assert out2["step"] == 6
   a, b = _params(full), _params(part)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -94,25 +96,25 @@ def test_resume_with_incompatible_config_refuses(tmp_path):
   config = _config(num_steps=3)
   ds = _dataset(config)
   workdir = str(tmp_path / "w")
-  train.train_and_evaluate(config, workdir, dataset=ds)
+  train.run(config, workdir, dataset=ds)
   bad = _config(num_steps=6)
   bad.model.d_model = 64
   bad.train.optimizer = "adafactor"
   bad.world.seed = 1
   with pytest.raises(ValueError, match=r"(?s)model.d_model.*train.optimizer.*world.seed.*dataset fingerprint"):
-    train.train_and_evaluate(bad, workdir, dataset=_dataset(bad))
+    train.run(bad, workdir, dataset=_dataset(bad))
   ok = _config(num_steps=4, log_every=1, learning_rate=1e-3)  # free fields may change
-  assert train.train_and_evaluate(ok, workdir, dataset=ds)["step"] == 4
+  assert train.run(ok, workdir, dataset=ds)["step"] == 4
 
 
 def test_train_batches_follow_step():
   ex = batching.Examples(
       inputs=np.arange(10, dtype=np.int32)[:, None].repeat(3, 1), targets=np.zeros((10, 3), np.int32),
       loss_mask=np.ones((10, 3), np.float32), pad_mask=np.ones((10, 3), bool), ids=np.arange(10, dtype=np.int64))
-  it = train.train_batches(ex, batch_size=4, seed=1, start_step=0)
+  it = training.train_batches(ex, batch_size=4, seed=1, start_step=0)
   first = [next(it)["ids"] for _ in range(9)]  # 3 batches per epoch (last padded)
   for start in (0, 2, 3, 5):
-    again = train.train_batches(ex, batch_size=4, seed=1, start_step=start)
+    again = training.train_batches(ex, batch_size=4, seed=1, start_step=start)
     for want in first[start:]:
       np.testing.assert_array_equal(next(again)["ids"], want)
   epoch0 = np.concatenate(first[:3])
@@ -138,7 +140,7 @@ def test_query_accuracy_against_brute_force():
   ex = batching.Examples(inputs=inputs, targets=targets, loss_mask=loss_mask, pad_mask=pad_mask,
                          ids=np.arange(n, dtype=np.int64))
   freqs = np.array([1, 1, 2, 3, 5, 9, 10, 50, 2, 3, 1])
-  res = train.query_accuracy(model, params, ex, batch_size=4, frequencies=freqs)
+  res = lm_eval.query_accuracy(model.apply, params, ex, batch_size=4, frequencies=freqs)
   want = np.ones(n, bool)
   want[wrong] = False
   np.testing.assert_array_equal(res["correct"], want)
@@ -149,14 +151,14 @@ def test_query_accuracy_against_brute_force():
   assert res["by_frequency"]["10+"] == pytest.approx(1 / 2)  # row 7 wrong
   assert res["by_frequency"][">=3"] == pytest.approx(4 / 6)
   with pytest.raises(ValueError, match="frequencies"):
-    train.query_accuracy(model, params, ex, batch_size=4, frequencies=freqs[:3])
+    lm_eval.query_accuracy(model.apply, params, ex, batch_size=4, frequencies=freqs[:3])
 
 
 def test_greedy_decode_matches_argmax_chain():
   model = DecoderLM(TransformerConfig(vocab_size=12, d_model=16, n_layers=1, n_heads=2, d_ff=32, max_len=8))
   params = model.init(jax.random.key(1), jnp.ones((1, 8), jnp.int32))
   prompt = [1, 5, 3]
-  got = train.greedy_decode(model, params, prompt, max_new_tokens=4)
+  got = lm_eval.greedy_decode(model.apply, params, prompt, max_len=8, max_new_tokens=4)
   seq = list(prompt)
   for _ in range(4):  # brute force: unpadded forward of the growing sequence
     logits = jax.jit(model.apply)(params, jnp.asarray([seq], jnp.int32))
@@ -223,9 +225,9 @@ def test_train_step_invariant_to_device_count():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = mesh_lib.make_mesh(devices=devices)
     repl = mesh_lib.replicated(mesh)
-    params = train.init_params(model, seq_len=8, seed=0, sharding=repl)
+    params = training.init_params(model, seq_len=8, seed=0, sharding=repl)
     opt_state = jax.jit(tx.init, out_shardings=repl)(params)
-    step = train.make_train_step(model, tx, mesh)
+    step = training.make_train_step(model.apply, tx, mesh)
     for _ in range(2):
       params, opt_state, metrics = step(params, opt_state, mesh_lib.shard_batch(batch, mesh))
     results.append((jax.device_get(params), float(metrics["loss"])))

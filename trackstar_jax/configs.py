@@ -20,6 +20,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from trackstar_jax import encoder as encoder_lib
+from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import optim
+from trackstar_jax import options
+from trackstar_jax import retrieval
+from trackstar_jax import store as store_lib
+
 # Model shapes. `small` is our GPU benchmark model (~33M parameters with a 16k
 # vocabulary); the `paper_*` shapes approximate the TrackStar paper's three
 # model sizes and serve compile/throughput checks, not training here.
@@ -88,23 +95,9 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.seq_len = seq_len
   c.model = model_config(model, max_len=seq_len)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.optimizer = "adamw"  # or "adafactor"
-  c.train.schedule = "cosine"  # warmup, then cosine | linear | constant
-  c.train.adafactor_decay_rate = 0.8
-  c.train.adafactor_eps = 1e-30
-  c.train.adafactor_clipping_threshold = 1.0
-  c.train.adafactor_min_dim_size_to_factor = 32  # optax's 128 leaves tiny kernels unfactored
-  c.train.learning_rate = 3e-3
-  c.train.end_learning_rate_frac = 0.1
-  c.train.warmup_steps = 100
-  c.train.num_steps = 2000
+  # Library options (defaults in their dataclasses) plus the jobs' own fields.
+  c.train = ml_collections.ConfigDict(options.defaults(optim.OptimizerOptions))
   c.train.batch_size = 64
-  c.train.weight_decay = 0.01
-  c.train.b1 = 0.9
-  c.train.b2 = 0.99
-  c.train.eps = 1e-8
-  c.train.grad_clip = 1.0
   c.train.seed = 0
   c.train.log_every = 50
   c.train.eval_every = 500
@@ -115,45 +108,23 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
 
   c.mesh = (("data", -1),)
 
-  c.encoder = ml_collections.ConfigDict()
-  # Regex on '/'-joined parameter paths; default: every block weight matrix.
-  c.encoder.param_regex = r"block_\d+/(attn|mlp)/.*/kernel$"
-  c.encoder.layers_per_group = 1  # blocks = layer groups x {attn, mlp}
-  # Named groups form the block key; group `layer` is divided by layers_per_group.
-  c.encoder.block_regex = r"block_(?P<layer>\d+)/(?P<kind>attn|mlp)/"
-  c.encoder.d_in = 16  # per-block projection: d_in x d_out
-  c.encoder.d_out = 16
-  c.encoder.seed = 0
-  c.encoder.correction = "adam"  # none | adam | adam_rank1 | adafactor
-  c.encoder.bias_correction = False
-  c.encoder.eps = 1e-8  # Adam eps of the correction (launchers copy train.eps)
-  c.encoder.b2 = 0.99  # Adam b2 for bias correction (launchers copy train.b2)
-  c.encoder.layer_mode = "auto"  # auto | fused | layer (debug: force per-layer G)
-  c.encoder.projection_dtype = "auto"  # auto: bf16 operands for bf16 models on GPU/TPU
-  c.encoder.batch_size = 64
+  c.encoder = ml_collections.ConfigDict(options.defaults(encoder_lib.EncoderOptions))
+  c.encoder.b2 = ml_collections.FieldReference(None, field_type=float)  # None: from the state (or train.b2)
+  c.encoder.batch_size = 64  # examples per encoder call (global)
   c.encoder.step = -1  # checkpoint step to encode with (-1 = latest)
 
-  c.hessian = ml_collections.ConfigDict()
-  c.hessian.train_sample = 4096
-  c.hessian.mixed = True  # task-specific R = lam R_eval + (1 - lam) R_train
-  c.hessian.top_k_eig = 100  # k of the lambda rule (paper: ~1000 of 2^16)
-  c.hessian.damping = 0.001  # eta: R + eta * mean(eig R) * I
-  c.hessian.block_diagonal = False
-  c.hessian.dtype = "float32"
+  c.hessian = ml_collections.ConfigDict(options.defaults(hessian_lib.HessianOptions))
+  c.hessian.train_sample = 4096  # corpus examples sampled for R_train
   c.hessian.seed = 0  # corpus-sample seed for R_train
   c.hessian.path = ""  # "" = <workdir>/hessian.npz
 
   c.store = ml_collections.ConfigDict()
   c.store.url = ""  # "" = <workdir>/encodings.zarr
-  c.store.dtype = "bfloat16"
-  c.store.chunk_rows = 4096
+  c.store.dtype = store_lib.StoreMeta.dtype  # bfloat16 | float32
+  c.store.chunk_rows = store_lib.StoreMeta.chunk_rows
 
-  c.retrieve = ml_collections.ConfigDict()
-  c.retrieve.k = 10
-  c.retrieve.chunk_rows = 65536  # rows read per host per step, split over local devices
+  c.retrieve = ml_collections.ConfigDict(options.defaults(retrieval.RetrieveOptions))
   c.retrieve.use_hessian = True  # False: no R^{-1/2} (ablation rungs 1-3)
-  c.retrieve.normalize = True  # False: raw dot product (ablation rung 1)
-  c.retrieve.matmul_dtype = "bfloat16"  # or "float32" (exact)
   c.retrieve.method = ""  # name in the results metadata ("" = trackstar)
   c.retrieve.output = ""  # "" = <workdir>/results.jsonl
 

@@ -1,8 +1,7 @@
 """TrackStarEncoder: raw per-example TrackStar encodings phi(z), sharded.
 
   encoder = TrackStarEncoder(model_apply=model.apply, params=variables,
-                             config=config.encoder, opt_state=opt_state,
-                             mesh=make_mesh(config.mesh))
+                             options=EncoderOptions(d_in=32, d_out=32), opt_state=opt_state)
   phi = encoder.encode(batch)          # [B, encoder.dim] float32
 
 phi(z) = concat_b vec(sum_{i in b} P_in,i^T (grad_{W_i} L(z) / sqrt(V_i)) P_out,i)
@@ -11,12 +10,9 @@ a training example, only the target tokens of a query) — raw and
 task-independent; R^{-1/2} and the unit norm are applied later
 (`hessian.unit_encode`). Padding rows (`ids < 0`) encode to 0.
 
-Config (`config.encoder`): param_regex, layers_per_group, block_regex
-(optional, default `projection.DEFAULT_BLOCK_REGEX`), d_in, d_out, seed,
-correction (none | adam | adam_rank1 | adafactor | auto), bias_correction,
-eps (default 1e-8), b2 (for bias correction), layer_mode (auto | fused |
-layer; default auto), projection_dtype (auto: the model's compute dtype on
-accelerators, float32 on CPU | float32).
+Options: `EncoderOptions` (param_regex, block_regex, layers_per_group, d_in,
+d_out, seed, correction, bias_correction, eps, b2, layer_mode,
+projection_dtype), given as `options=` or as a ConfigDict (`config=config.encoder`).
 
 Distribution: one jitted program per process with explicit shardings on
 `mesh`: the batch split over the "data" axis, params and projection matrices
@@ -26,7 +22,7 @@ split over "data" only and XLA partitions the taps with the layers. Each
 process passes its own rows; `encode_local` returns them, unpadded.
 
 Public API:
-  TrackStarEncoder(*, model_apply, params, config, opt_state=None,
+  TrackStarEncoder(*, model_apply, params, options=None | config=None, opt_state=None,
                    correction=None, mesh=None, loss_fn=None, block_fn=None,
                    param_sharding=None, seq_len=8)
     .dim, .blocks, .plan, .correction, .modes()
@@ -36,6 +32,7 @@ Public API:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 from absl import logging
@@ -44,10 +41,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from trackstar_jax import batch as batch_lib
 from trackstar_jax import gradients
 from trackstar_jax import losses
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import optimizer_correction as oc
+from trackstar_jax import options as opts_lib
 from trackstar_jax import projection
 
 BATCH_FIELDS = ("inputs", "targets", "loss_mask", "pad_mask")
@@ -81,11 +80,51 @@ def _dummy_batch(seq_len: int) -> dict[str, np.ndarray]:
               ids=np.zeros((1,), np.int32))
 
 
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+  """How phi is computed. The defaults here are the project's defaults (config section `encoder`).
+
+  Attributes:
+    param_regex: regex on '/'-joined parameter paths selecting the traced
+      kernels (default: every block weight matrix of `models.DecoderLM`).
+    block_regex: named groups of a path that form its block key; group
+      `layer` is divided by `layers_per_group`.
+    layers_per_group: consecutive layers sharing one projection block.
+    d_in, d_out: per-block projection size: d_in x d_out dims per block.
+    seed: projection seed (projections derive from (seed, parameter path)).
+    correction: none | adam | adam_rank1 | adafactor | auto (from the optax
+      state: Adam's nu when present, else Adafactor's factored moments).
+    bias_correction: divide Adam's nu by 1 - b2^t.
+    eps: Adam's epsilon (an `inject_hyperparams` eps in the state wins).
+    b2: Adam's b2, needed for bias correction only (likewise).
+    layer_mode: auto | fused | layer (debug: force per-layer per-example G).
+    projection_dtype: auto (bf16 operands for bf16 models on GPU/TPU) | float32.
+  """
+
+  param_regex: str = r"block_\d+/(attn|mlp)/.*/kernel$"
+  block_regex: str = projection.DEFAULT_BLOCK_REGEX
+  layers_per_group: int = 1
+  d_in: int = 16
+  d_out: int = 16
+  seed: int = 0
+  correction: str = "auto"
+  bias_correction: bool = False
+  eps: float = 1e-8
+  b2: float | None = None
+  layer_mode: str = "auto"
+  projection_dtype: str = "auto"
+
+
+# Fields of the config section `encoder` that belong to the jobs, not to the encoder.
+JOB_FIELDS = ("batch_size", "step")
+
+
 class TrackStarEncoder:
   """Per-example projected, optimizer-corrected gradients on a device mesh."""
 
-  def __init__(self, *, model_apply: Callable[..., jax.Array] | None = None, params: Any, config: Any,
-               opt_state: Any = None, correction: oc.Correction | None = None, mesh: jax.sharding.Mesh | None = None,
+  def __init__(self, *, model_apply: Callable[..., jax.Array] | None = None, params: Any,
+               options: EncoderOptions | None = None, config: Any = None, opt_state: Any = None,
+               correction: oc.Correction | None = None, mesh: jax.sharding.Mesh | None = None,
                loss_fn: gradients.LossFn | None = None, block_fn: Callable[[str], Any] | None = None,
                param_sharding: Any = None, seq_len: int = 8):
     """Traces the model once (shapes only) and prepares the projections.
@@ -94,43 +133,51 @@ class TrackStarEncoder:
       model_apply: `model.apply`-like: (params, inputs [B, T], pad_mask [B, T])
         -> logits [B, T, V]. Ignored when `loss_fn` is given.
       params: the variables passed to `model_apply` (e.g. {"params": ...}).
-      config: `config.encoder` (see the module docstring).
+      options: `EncoderOptions` (default: the defaults).
+      config: alternatively a ConfigDict / mapping of `EncoderOptions` fields
+        (e.g. `config.encoder`; job-only fields `batch_size`, `step` ignored).
       opt_state: optax state or `optimizer_correction.restore_second_moments`
         tree, for corrections other than 'none'.
-      correction: a prebuilt `Correction` (overrides config/opt_state).
+      correction: a prebuilt `Correction` (overrides options/opt_state).
       mesh: device mesh with a "data" axis (default: all devices).
       loss_fn: (params, batch) -> per-example losses [B] (default: summed
         masked NLL of `model_apply`'s logits).
-      block_fn: path -> block key (default: config.block_regex / layer groups).
+      block_fn: path -> block key (default: options.block_regex / layer groups).
       param_sharding: Sharding (or pytree) for params; default replicated.
       seq_len: sequence length of the abstract trace (kernel shapes only).
     """
+    if options is not None and config is not None:
+      raise ValueError("Pass options= or config=, not both.")
+    if options is None:
+      options = opts_lib.from_config(EncoderOptions, config, ignore=JOB_FIELDS)
     if loss_fn is None:
       if model_apply is None:
         raise ValueError("TrackStarEncoder needs model_apply= or loss_fn=.")
       loss_fn = lambda p, b: losses.example_losses(model_apply(p, b["inputs"], b["pad_mask"]), b)
     self.loss_fn = loss_fn
-    self.config = config
+    self.options = options
     self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     if "data" not in self.mesh.axis_names:
       raise ValueError(f"The encoder mesh needs a 'data' axis, got axes {self.mesh.axis_names}.")
-    paths = projection.select_paths(params, regex=config.param_regex)
+    paths = projection.select_paths(params, regex=options.param_regex)
     layouts = gradients.trace_layouts(loss_fn, params, _dummy_batch(seq_len), paths=paths)
     if block_fn is None:
-      block_fn = projection.block_key_fn(
-          block_regex=config.get("block_regex", None) or projection.DEFAULT_BLOCK_REGEX,
-          layers_per_group=int(config.get("layers_per_group", 1)))
-    self.plan = projection.ProjectionPlan.create(layouts, d_in=int(config.d_in), d_out=int(config.d_out),
-                                                 seed=int(config.get("seed", 0)), block_fn=block_fn)
+      block_fn = projection.block_key_fn(block_regex=options.block_regex or projection.DEFAULT_BLOCK_REGEX,
+                                         layers_per_group=int(options.layers_per_group))
+    self.plan = projection.ProjectionPlan.create(layouts, d_in=int(options.d_in), d_out=int(options.d_out),
+                                                 seed=int(options.seed), block_fn=block_fn)
     if correction is None:
-      correction = oc.make_correction(
-          kind=str(config.get("correction", "none")), layouts=layouts, opt_state=opt_state,
-          eps=float(config.get("eps", 1e-8)), bias_correction=bool(config.get("bias_correction", False)),
-          b2=config.get("b2", None))
+      kind = str(options.correction)
+      if kind == "auto" and opt_state is None:
+        logging.warning("TrackStarEncoder: no optimizer state given: encoding WITHOUT optimizer correction "
+                        "(pass opt_state=, or correction='none' to silence this).")
+        kind = "none"
+      correction = oc.make_correction(kind=kind, layouts=layouts, opt_state=opt_state, eps=float(options.eps),
+                                      bias_correction=bool(options.bias_correction), b2=options.b2)
     self.correction = correction
     self.projector = gradients.GradientProjector(plan=self.plan, correction=correction,
-                                                 layer_mode=str(config.get("layer_mode", "auto")),
-                                                 projection_dtype=str(config.get("projection_dtype", "auto")))
+                                                 layer_mode=str(options.layer_mode),
+                                                 projection_dtype=str(options.projection_dtype))
     replicated = NamedSharding(self.mesh, P())
     self._param_sharding = param_sharding if param_sharding is not None else replicated
     self.params = _place(params, self._param_sharding)
@@ -165,12 +212,8 @@ class TrackStarEncoder:
     b = rows["inputs"].shape[0]
     ids = np.asarray(batch["ids"]) if "ids" in batch else np.zeros((b,), np.int64)
     rows["ids"] = np.where(ids >= 0, 0, -1).astype(np.int32)
-    pad = -b % self._local_data
-    if pad:
-      # Padding rows: one real-looking token (so attention is well defined), ids -1
-      # (their loss is masked out), no loss tokens.
-      fill = dict(inputs=0, targets=0, loss_mask=0, pad_mask=True, ids=-1)
-      rows = {k: np.concatenate([v, np.full((pad,) + v.shape[1:], fill[k], v.dtype)]) for k, v in rows.items()}
+    # Padding rows: one real-looking token (so attention is well defined), ids -1, no loss tokens.
+    rows = batch_lib.pad_rows(rows, b + (-b % self._local_data), fill={"pad_mask": True})
     return mesh_lib.shard_batch(rows, self.mesh), b
 
   def encode(self, batch: Mapping[str, Any]) -> jax.Array:

@@ -22,14 +22,17 @@ Public API:
       .update(phi [B, d], *, valid=None), .count, .result() -> R
   mixing_lambda(sigma_train, sigma_eval, *, k) -> float
   inverse_sqrt(R, *, damping, dtype) -> (R^{-1/2}, eigenvalues)
-  fit_hessian(*, train_phi, eval_phi=None, config, n_blocks=1) -> Hessian
+  HessianOptions(mixed, top_k_eig, damping, block_diagonal, dtype)
+  fit_hessian(*, train_phi, eval_phi=None, options=None | config=None, n_blocks=1) -> Hessian
   Hessian.apply(phi) -> psi, .save(path), Hessian.load(path)
-  normalize(psi), unit_encode(phi, hessian=None) -> e, cosine_scores(q, z)
+  apply_inv_sqrt(x, inv_sqrt, dtype), inv_norm(x), normalize(psi)
+  transform(phi, inv_sqrt, normalize_rows) -> e, unit_encode(phi, hessian) -> e, cosine_scores(q, z)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from typing import Any
 
@@ -38,6 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
+
+from trackstar_jax import fileio
+from trackstar_jax import options as opts_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -170,49 +176,98 @@ class Hessian:
     phi = jnp.asarray(phi, jnp.float32)
     if phi.shape[-1] != self.dim:
       raise ValueError(f"phi has dim {phi.shape[-1]} but the Hessian was fit for dim {self.dim}.")
-    return _apply(jnp.asarray(self.inv_sqrt), phi)
+    return _apply_f32(phi, jnp.asarray(self.inv_sqrt))
 
   def save(self, path: str) -> None:
-    """One .npz with inv_sqrt, lam and JSON metadata."""
-    with open(path, "wb") as f:
-      np.savez(f, inv_sqrt=np.asarray(self.inv_sqrt, np.float32), lam=np.float64(self.lam),
-               meta=np.asarray(json.dumps(self.meta, sort_keys=True)))
+    """One .npz with inv_sqrt, lam and JSON metadata, written atomically (local or kvstore path)."""
+    buf = io.BytesIO()
+    np.savez(buf, inv_sqrt=np.asarray(self.inv_sqrt, np.float32), lam=np.float64(self.lam),
+             meta=np.asarray(json.dumps(self.meta, sort_keys=True)))
+    fileio.write_bytes(path, buf.getvalue())
 
   @classmethod
   def load(cls, path: str) -> "Hessian":
-    with np.load(path) as data:
+    with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
       return cls(inv_sqrt=data["inv_sqrt"], lam=float(data["lam"]), meta=json.loads(str(data["meta"])))
 
 
-@jax.jit
-def _apply(inv_sqrt, phi):
-  if inv_sqrt.ndim == 3:
-    nb = inv_sqrt.shape[0]
-    psi = jnp.einsum("nbi,bij->nbj", phi.reshape(phi.shape[0], nb, -1), inv_sqrt, precision=_HIGHEST)
-    return psi.reshape(phi.shape)
-  return jnp.matmul(phi, inv_sqrt, precision=_HIGHEST)
+def apply_inv_sqrt(x: jax.Array, inv_sqrt: jax.Array, *, dtype=jnp.float32) -> jax.Array:
+  """x @ inv_sqrt for inv_sqrt [d, d] or block-diagonal [B, d/B, d/B]: the one implementation of R^{-1/2} phi.
+
+  R^{-1/2} is symmetric, so x @ inv_sqrt == (inv_sqrt @ x^T)^T. `dtype` is the
+  operand dtype (bfloat16 on the retrieval fast path); accumulation is float32,
+  at full precision (no TF32) for float32 operands.
+  """
+  hi = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  x, m = x.astype(dtype), inv_sqrt.astype(dtype)
+  if m.ndim == 2:
+    return jnp.dot(x, m, precision=hi, preferred_element_type=jnp.float32)
+  b, db, _ = m.shape
+  if dtype != jnp.float32 and jax.default_backend() == "cpu":
+    # XLA:CPU has no batched bf16 x bf16 -> f32 dot; the bf16-rounded operands multiplied in float32
+    # give the same products (only the summation order can differ).
+    x, m = x.astype(jnp.float32), m.astype(jnp.float32)
+  y = jnp.einsum("cbi,bij->cbj", x.reshape(x.shape[0], b, db), m, precision=hi, preferred_element_type=jnp.float32)
+  return y.reshape(x.shape[0], b * db)
 
 
-def fit_hessian(*, train_phi: Any, eval_phi: Any = None, config: Any, n_blocks: int = 1) -> Hessian:
-  """R^{-1/2} from training (and query) phis, per `config` (= config.hessian).
+_apply_f32 = jax.jit(apply_inv_sqrt)
+
+
+def inv_norm(x: jax.Array) -> jax.Array:
+  """1 / ||x|| per row, in float32; zero rows get a finite (huge) factor, so they stay zero when scaled."""
+  x = x.astype(jnp.float32)
+  return jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), jnp.finfo(jnp.float32).tiny))
+
+
+@dataclasses.dataclass(frozen=True)
+class HessianOptions:
+  """How R is fit. The defaults here are the project's defaults (config section `hessian`).
+
+  Attributes:
+    mixed: task-specific R = lam R_eval + (1 - lam) R_train (needs query phis);
+      False: R = R_train.
+    top_k_eig: k of the lambda rule (paper: ~1000 of 2^16 dims).
+    damping: eta of R + eta * mean(eig R) * I.
+    block_diagonal: one [d_b, d_b] R per projection block instead of a full [d, d].
+    dtype: eigendecomposition dtype, float32 (on device) or float64 (host); never bf16.
+  """
+
+  mixed: bool = True
+  top_k_eig: int = 100
+  damping: float = 1e-3
+  block_diagonal: bool = False
+  dtype: str = "float32"
+
+
+# Fields of the config section `hessian` that belong to the fit_hessian job.
+JOB_FIELDS = ("train_sample", "seed", "path")
+
+
+def fit_hessian(*, train_phi: Any, eval_phi: Any = None, options: HessianOptions | None = None, config: Any = None,
+                n_blocks: int = 1) -> Hessian:
+  """R^{-1/2} from training (and query) phis.
 
   Args:
     train_phi: [N, d] array or iterable of [B, d] arrays / (phi, valid) pairs.
-    eval_phi: same for the queries; required when config.mixed.
-    config: fields mixed, top_k_eig, damping, block_diagonal, dtype.
+    eval_phi: same for the queries; required when options.mixed.
+    options: `HessianOptions` (default: the defaults).
+    config: alternatively a ConfigDict / mapping of its fields (e.g. `config.hessian`).
     n_blocks: number of projection blocks of phi (for block_diagonal).
   """
-  block = bool(config.get("block_diagonal", False))
-  dtype = str(config.get("dtype", "float32"))
-  damping = float(config.get("damping", 1e-3))
+  if options is not None and config is not None:
+    raise ValueError("Pass options= or config=, not both.")
+  if options is None:
+    options = opts_lib.from_config(HessianOptions, config, ignore=JOB_FIELDS)
+  block, dtype, damping = bool(options.block_diagonal), str(options.dtype), float(options.damping)
   r_train, n_train = second_moment(train_phi, n_blocks=n_blocks, block_diagonal=block)
   meta = dict(n_train=n_train, n_eval=0, damping=damping, dtype=dtype, block_diagonal=block, n_blocks=n_blocks,
-              top_k_eig=int(config.get("top_k_eig", 100)), mixed=bool(config.get("mixed", True)))
+              top_k_eig=int(options.top_k_eig), mixed=bool(options.mixed))
   lam = 0.0
   r = r_train
   if meta["mixed"]:
     if eval_phi is None:
-      raise ValueError("config.hessian.mixed=True needs query phis (eval_phi); or set hessian.mixed=False.")
+      raise ValueError("A mixed R (hessian.mixed=True) needs query phis (eval_phi); or set mixed=False.")
     r_eval, n_eval = second_moment(eval_phi, n_blocks=n_blocks, block_diagonal=block)
     s_train, s_eval = eigenvalues(r_train, dtype=dtype), eigenvalues(r_eval, dtype=dtype)
     lam = mixing_lambda(s_train, s_eval, k=meta["top_k_eig"])
@@ -225,16 +280,27 @@ def fit_hessian(*, train_phi: Any, eval_phi: Any = None, config: Any, n_blocks: 
   return Hessian(inv_sqrt=inv, lam=lam, meta=meta)
 
 
-def normalize(psi: Any, *, eps: float = 1e-12) -> jax.Array:
-  """Rows divided by their L2 norm (zero rows stay zero)."""
+def normalize(psi: Any) -> jax.Array:
+  """Rows divided by their L2 norm, in float32 (zero rows stay zero)."""
   psi = jnp.asarray(psi, jnp.float32)
-  return psi / jnp.maximum(jnp.linalg.norm(psi, axis=-1, keepdims=True), eps)
+  return psi * inv_norm(psi)[..., None]
+
+
+def transform(phi: Any, inv_sqrt: Any = None, *, normalize_rows: bool = True) -> jax.Array:
+  """e = R^{-1/2} phi / ||R^{-1/2} phi|| in float32; `inv_sqrt` None skips R, `normalize_rows` False the norm.
+
+  The reference encoding of both sides of a score; the retrieval step computes
+  the same scores without materializing e (see `retrieval.StreamingTopK`).
+  """
+  x = jnp.asarray(phi, jnp.float32)
+  if inv_sqrt is not None:
+    x = _apply_f32(x, jnp.asarray(inv_sqrt, jnp.float32))
+  return normalize(x) if normalize_rows else x
 
 
 def unit_encode(phi: Any, hessian: Hessian | None = None) -> jax.Array:
   """e = R^{-1/2} phi / ||R^{-1/2} phi|| (no Hessian: phi / ||phi||)."""
-  psi = jnp.asarray(phi, jnp.float32) if hessian is None else hessian.apply(phi)
-  return normalize(psi)
+  return transform(phi, None if hessian is None else hessian.inv_sqrt)
 
 
 def cosine_scores(queries: Any, corpus: Any, *, hessian: Hessian | None = None) -> jax.Array:

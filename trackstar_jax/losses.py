@@ -1,12 +1,8 @@
 """Masked next-token losses shared by training, encoding and evaluation.
 
-Batch convention used across the package (see `trackstar_jax.data.batching`):
-  inputs    [B, T] int32   tokens fed to the model (BOS first)
-  targets   [B, T] int32   inputs shifted left by one
-  loss_mask [B, T] float32 1 where targets[t] counts: every real token for
-                           corpus examples, only the answer tokens for queries
-  pad_mask  [B, T] bool    True on real input tokens
-  ids       [B]    int64   example id; -1 marks a padding row of a short batch
+Batches follow `trackstar_jax.batch` (inputs, targets, loss_mask, pad_mask,
+ids). loss_mask covers every real token of a corpus example and only the
+answer tokens of a query.
 """
 
 import jax

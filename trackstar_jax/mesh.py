@@ -1,4 +1,4 @@
-"""Device mesh from config, multi-host start-up, and batch sharding helpers.
+"""Device mesh from config, multi-host start-up and helpers, and batch sharding.
 
 The mesh is declared in the config as axis (name, size) pairs, -1 meaning
 "all remaining devices": `(("data", -1),)` or `(("data", -1), ("model", 2))`.
@@ -89,3 +89,30 @@ def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     else:
       out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out
+
+
+# ----------------------------------------------------------------------------
+# Multi-host helpers (no-ops in one process).
+
+
+def is_chief() -> bool:
+  """True on process 0, the one that writes shared files."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """A barrier across processes."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices(name)
+
+
+def allgather(x: np.ndarray) -> np.ndarray:
+  """[n, ...] from every process -> [process_count * n, ...] (process order)."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  out = np.asarray(multihost_utils.process_allgather(x, tiled=False))
+  return out.reshape((-1,) + out.shape[2:])

@@ -32,36 +32,80 @@ final learning rate).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import optax
 
-DEFAULT_ADAFACTOR_MIN_DIM = 32
+from trackstar_jax import options as opts_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions:
+  """The training optimizer and its schedule. Defaults here are the project's (config section `train`).
+
+  Attributes:
+    optimizer: "adamw" | "adafactor".
+    schedule: linear warmup from 0, then "cosine" | "linear" | "constant".
+    learning_rate: peak learning rate.
+    end_learning_rate_frac: the rate decays to learning_rate * this at num_steps.
+    warmup_steps, num_steps: schedule length.
+    weight_decay: decoupled weight decay on weight matrices (`decay_mask`).
+    b1, b2, eps: Adam's.
+    grad_clip: global-norm clipping (<= 0: off).
+    adafactor_decay_rate, adafactor_eps, adafactor_clipping_threshold: Adafactor's
+      (the last clips the update's block RMS).
+    adafactor_min_dim_size_to_factor: axes at least this long are factored
+      (32, so every weight matrix of our presets is; optax's default is 128).
+  """
+
+  optimizer: str = "adamw"
+  schedule: str = "cosine"
+  learning_rate: float = 3e-3
+  end_learning_rate_frac: float = 0.1
+  warmup_steps: int = 100
+  num_steps: int = 2000
+  weight_decay: float = 0.01
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  grad_clip: float = 1.0
+  adafactor_decay_rate: float = 0.8
+  adafactor_eps: float = 1e-30
+  adafactor_clipping_threshold: float = 1.0
+  adafactor_min_dim_size_to_factor: int = 32
+
+
+# Fields of the config section `train` that belong to the training loop, not the optimizer.
+JOB_FIELDS = ("batch_size", "seed", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
+              "eval_batch_size", "num_sample_answers")
+
+
+def _options(train_cfg) -> OptimizerOptions:
+  if isinstance(train_cfg, OptimizerOptions):
+    return train_cfg
+  return opts_lib.from_config(OptimizerOptions, train_cfg, ignore=JOB_FIELDS)
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup from 0, then cosine (default) or linear decay.
+  """Linear warmup from 0, then cosine / linear decay (or constant) to the end rate at num_steps.
 
-  The rate decays from `learning_rate` to
-  `learning_rate * end_learning_rate_frac` at step `num_steps` and stays
-  there. `train_cfg.schedule` in {"cosine", "linear", "constant"}
-  (default "cosine"; "constant" still warms up).
+  `train_cfg`: `OptimizerOptions` or a ConfigDict of its fields (`config.train`).
   """
-  peak = float(train_cfg.learning_rate)
-  end = peak * float(train_cfg.get("end_learning_rate_frac", 1.0))
-  warmup = int(train_cfg.get("warmup_steps", 0))
-  num_steps = int(train_cfg.num_steps)
-  kind = train_cfg.get("schedule", "cosine")
-  decay_steps = max(num_steps - warmup, 1)
-  if kind == "cosine":
+  o = _options(train_cfg)
+  peak = float(o.learning_rate)
+  end = peak * float(o.end_learning_rate_frac)
+  warmup = int(o.warmup_steps)
+  decay_steps = max(int(o.num_steps) - warmup, 1)
+  if o.schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
-  elif kind == "linear":
+  elif o.schedule == "linear":
     decay = optax.linear_schedule(peak, end, decay_steps)
-  elif kind == "constant":
+  elif o.schedule == "constant":
     decay = optax.constant_schedule(peak)
   else:
-    raise ValueError(f"Unknown train.schedule {kind!r}; use 'cosine', 'linear' or 'constant'.")
+    raise ValueError(f"Unknown train.schedule {o.schedule!r}; use 'cosine', 'linear' or 'constant'.")
   if warmup <= 0:
     return decay
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
@@ -69,7 +113,7 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
 
 def final_learning_rate(train_cfg) -> float:
   """The learning rate at the end of training (step `num_steps`)."""
-  return float(learning_rate_schedule(train_cfg)(int(train_cfg.num_steps)))
+  return float(learning_rate_schedule(train_cfg)(int(_options(train_cfg).num_steps)))
 
 
 def decay_mask(params: Any) -> Any:
@@ -83,52 +127,32 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(train_cfg, *, learning_rate: float | None = None) -> optax.GradientTransformation:
-  """The training optimizer of `train_cfg` (= `config.train`).
+  """The training optimizer of `train_cfg` (`OptimizerOptions`, or `config.train`).
 
   Args:
-    train_cfg: `optimizer` ("adamw" | "adafactor"), `learning_rate`,
-      `warmup_steps`, `num_steps`, `end_learning_rate_frac`, `schedule`,
-      `b1`, `b2`, `eps`, `weight_decay`, `grad_clip` (global norm; <= 0 off);
-      Adafactor also reads `adafactor_decay_rate` (0.8),
-      `adafactor_min_dim_size_to_factor` (32), `adafactor_clipping_threshold`
-      (1.0, update RMS clipping), `adafactor_eps` (1e-30).
+    train_cfg: the options (see `OptimizerOptions`).
     learning_rate: a constant learning rate instead of the schedule (same
       state structure as the scheduled optimizer).
 
   Returns:
     An `optax.chain`; see the module docstring for its state layout.
   """
-  if learning_rate is None:
-    lr = learning_rate_schedule(train_cfg)
-  else:
-    lr = optax.constant_schedule(float(learning_rate))
-  name = str(train_cfg.get("optimizer", "adamw")).lower()
-  clip = float(train_cfg.get("grad_clip", 0.0) or 0.0)
-  weight_decay = float(train_cfg.get("weight_decay", 0.0))
+  o = _options(train_cfg)
+  lr = learning_rate_schedule(o) if learning_rate is None else optax.constant_schedule(float(learning_rate))
+  name = str(o.optimizer).lower()
+  clip = float(o.grad_clip or 0.0)
   parts = [optax.clip_by_global_norm(clip) if clip > 0 else optax.identity()]
   if name in ("adamw", "adam"):
-    parts.append(
-        optax.scale_by_adam(
-            b1=float(train_cfg.get("b1", 0.9)),
-            b2=float(train_cfg.get("b2", 0.999)),
-            eps=float(train_cfg.get("eps", 1e-8)),
-        )
-    )
+    parts.append(optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps)))
   elif name == "adafactor":
     parts.append(
-        optax.scale_by_factored_rms(
-            factored=True,
-            decay_rate=float(train_cfg.get("adafactor_decay_rate", 0.8)),
-            min_dim_size_to_factor=int(
-                train_cfg.get("adafactor_min_dim_size_to_factor", DEFAULT_ADAFACTOR_MIN_DIM)
-            ),
-            epsilon=float(train_cfg.get("adafactor_eps", 1e-30)),
-        )
-    )
-    parts.append(optax.clip_by_block_rms(float(train_cfg.get("adafactor_clipping_threshold", 1.0))))
+        optax.scale_by_factored_rms(factored=True, decay_rate=float(o.adafactor_decay_rate),
+                                    min_dim_size_to_factor=int(o.adafactor_min_dim_size_to_factor),
+                                    epsilon=float(o.adafactor_eps)))
+    parts.append(optax.clip_by_block_rms(float(o.adafactor_clipping_threshold)))
   else:
     raise ValueError(f"Unknown train.optimizer {name!r}; use 'adamw' or 'adafactor'.")
   # add_decayed_weights(0) is kept so both settings share one state structure.
-  parts.append(optax.add_decayed_weights(weight_decay, mask=decay_mask))
+  parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=decay_mask))
   parts.append(optax.scale_by_learning_rate(lr))
   return optax.chain(*parts)

@@ -265,6 +265,9 @@ def make_correction(*, kind: str, layouts: Mapping[str, projection.KernelLayout]
           f" moments for: {have[:20]}{' ...' if len(have) > 20 else ''}. Check encoder.param_regex and that the"
           " checkpoint belongs to this model."
       )
+  if kind == "auto":  # name what was found, so stores and logs record the concrete correction
+    used = {"adam" if p in found.adam else "adafactor" for p in factors}
+    kind = used.pop() if len(used) == 1 else "auto"
   logging.info("Optimizer correction %r for %d traced kernels.", kind, len(factors))
   return Correction(kind, factors, shapes)
 

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
-import uuid
 
 import numpy as np
-import tensorstore as ts
 
-from trackstar_jax import store as store_lib
+from trackstar_jax import fileio
 
 REQUIRED_FIELDS = (
     "example_id", "inputs_plaintext", "targets_plaintext",
@@ -168,45 +165,6 @@ def _check(ok: bool, field: str, what: str) -> None:
     raise ValueError(f"Results field {field!r} must be {what}.")
 
 
-def _split_url(path: str) -> tuple[str | None, str]:
-  """(kvstore directory URL or None for local, key/path)."""
-  if path.startswith("file://"):
-    path = path[len("file://") :]
-  if "://" not in path:
-    return None, path
-  head, _, key = path.rpartition("/")
-  return head + "/", key
-
-
-def _write_bytes(path: str, data: bytes) -> None:
-  kv_url, key = _split_url(path)
-  if kv_url is not None:
-    ts.KvStore.open(kv_url, context=store_lib.CONTEXT).result().write(key, data).result()  # one object: atomic
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(key)), exist_ok=True)
-  tmp = f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  try:
-    with open(tmp, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, key)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def _read_bytes(path: str) -> bytes:
-  kv_url, key = _split_url(path)
-  if kv_url is None:
-    with open(key, "rb") as f:
-      return f.read()
-  r = ts.KvStore.open(kv_url, context=store_lib.CONTEXT).result().read(key).result()
-  if r.state != "value":
-    raise FileNotFoundError(f"No file at {path}.")
-  return r.value
-
-
 def meta_path(path: str) -> str:
   """The side file with the results' metadata: `<path>.meta.json`."""
   return path + ".meta.json"
@@ -225,16 +183,50 @@ def write_results(path: str, lines: Sequence[Mapping[str, Any]], *, metadata: Ma
     except ValueError as e:
       raise ValueError(f"Results line {i} (example_id={line.get('example_id')!r}): {e}") from e
   if metadata is not None:
-    _write_bytes(meta_path(path), json.dumps(dict(metadata), indent=1, sort_keys=True).encode())
-  _write_bytes(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
+    fileio.write_bytes(meta_path(path), json.dumps(dict(metadata), indent=1, sort_keys=True).encode())
+  fileio.write_bytes(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode())
 
 
 def read_metadata(path: str) -> dict[str, Any] | None:
-  """The metadata written with `path`, or None."""
+  """The metadata written with `path` (`<path>.meta.json`), or None."""
   try:
-    return json.loads(_read_bytes(meta_path(path)))
+    return json.loads(fileio.read_bytes(meta_path(path)))
   except FileNotFoundError:
     return None
+
+
+def load_results(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """(records, metadata) of a results file: local path, file://, gs:// or memory://.
+
+  Metadata comes from a header line `{"metadata": {...}}` (a line without
+  `example_id`) and from `<path>.meta.json`; {} when neither exists. Records
+  are parsed, not validated (see `validate_results_file`).
+
+  Raises:
+    FileNotFoundError: no file at `path`.
+    ValueError: a line that is not JSON, or an object that is neither a record
+      nor a metadata header (file and line number in the message).
+  """
+  try:
+    text = fileio.read_text(path)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"Results file {path!r} does not exist.") from None
+  records, meta = [], {}
+  for lineno, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from e
+    if _is_header(obj):
+      meta.update(obj["metadata"])
+    elif isinstance(obj, dict) and "example_id" in obj:
+      records.append(obj)
+    else:
+      raise ValueError(f"{path}:{lineno}: record has no 'example_id' (TrackStar results schema) and is not a "
+                       "{'metadata': ...} header.")
+  return records, {**(read_metadata(path) or {}), **meta}
 
 
 def _is_header(obj: Any) -> bool:
@@ -242,9 +234,8 @@ def _is_header(obj: Any) -> bool:
 
 
 def read_results(path: str) -> list[dict[str, Any]]:
-  """Parses a results file (no validation; see `validate_results_file`); skips a metadata header line."""
-  lines = [json.loads(line) for line in _read_bytes(path).decode().splitlines() if line.strip()]
-  return [line for line in lines if not _is_header(line)]
+  """The records of a results file (see `load_results`)."""
+  return load_results(path)[0]
 
 
 def validate_results_file(path: str) -> int:

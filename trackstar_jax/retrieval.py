@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -48,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 
 if hasattr(jax, "shard_map"):
@@ -58,52 +61,105 @@ else:  # jax < 0.7
   _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class RetrieveOptions:
+  """Retrieval defaults (config section `retrieve`).
+
+  Attributes:
+    k: proponents and opponents per query.
+    chunk_rows: corpus rows read per host per step, split over its devices.
+    normalize: unit-normalize the encodings (cosine); False: raw dot product.
+    matmul_dtype: "bfloat16" (float32 accumulation; the fast path) or "float32" (exact).
+  """
+
+  k: int = 10
+  chunk_rows: int = 65536
+  normalize: bool = True
+  matmul_dtype: str = "bfloat16"
+
+
 @dataclasses.dataclass
 class RetrievalResult:
-  """Per query, best first. Missing entries (only if the store has fewer valid
-  rows than k, i.e. -1 padding rows) have id -1, row -1 and score nan."""
+  """Per query, best first. Missing entries (only if the corpus has fewer valid
+  rows than k, i.e. -1 padding rows) have id -1, row -1 and score nan.
+
+  `to_records` / `write_jsonl` give the published TrackStar results schema;
+  `to_arrays` plain numpy arrays.
+  """
 
   top_ids: np.ndarray  # [Q, k] int64
   top_scores: np.ndarray  # [Q, k] float32, descending
-  top_rows: np.ndarray  # [Q, k] int64 store rows
+  top_rows: np.ndarray  # [Q, k] int64 corpus rows
   bottom_ids: np.ndarray  # [Q, k] int64
   bottom_scores: np.ndarray  # [Q, k] float32, ascending
   bottom_rows: np.ndarray  # [Q, k] int64
 
+  @property
+  def num_queries(self) -> int:
+    return int(self.top_ids.shape[0])
 
-def _apply_inv(x: jax.Array, inv_sqrt: jax.Array, dtype) -> jax.Array:
-  """x @ inv_sqrt ([d, d] or block-diagonal [B, d/B, d/B]); `dtype` inputs, float32 accumulation."""
-  hi = lax.Precision.HIGHEST if dtype == jnp.float32 else None
-  x, m = x.astype(dtype), inv_sqrt.astype(dtype)
-  if m.ndim == 2:
-    return jnp.dot(x, m, precision=hi, preferred_element_type=jnp.float32)
-  b, db, _ = m.shape
-  if dtype != jnp.float32 and jax.default_backend() == "cpu":
-    # XLA:CPU has no batched bf16 x bf16 -> f32 dot; the bf16-rounded operands multiplied in float32
-    # give the same products (only the summation order can differ).
-    x, m = x.astype(jnp.float32), m.astype(jnp.float32)
-  y = jnp.einsum("cbi,bij->cbj", x.reshape(x.shape[0], b, db), m, precision=hi, preferred_element_type=jnp.float32)
-  return y.reshape(x.shape[0], b * db)
+  @property
+  def k(self) -> int:
+    return int(self.top_ids.shape[1])
+
+  def to_arrays(self) -> dict[str, np.ndarray]:
+    """{field: [Q, k] array} of every field (proponents = top_*, opponents = bottom_*)."""
+    return {f.name: np.asarray(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+  def to_records(self, *, queries: Sequence[Mapping[str, Any]], text_of) -> list[dict[str, Any]]:
+    """Results records (`results.build_results`): one per query.
+
+    Args:
+      queries: per query, in encoding order, a dict with `query_id`, `prompt`,
+        `target` and optionally `fact_id`, `relation`, `gold_sentence_ids`
+        (gives `proponent_correct`), `frequency`.
+      text_of: training example id -> its text (a dict or a function).
+    """
+    return results_lib.build_results(queries=queries, result=self, text_of=text_of)
+
+  def write_jsonl(self, path: str, *, queries: Sequence[Mapping[str, Any]], text_of,
+                  metadata: Mapping[str, Any] | None = None) -> str:
+    """Writes `to_records(...)` to `path` (local, file:// or gs://) atomically, `metadata` beside it."""
+    meta = dict(num_queries=self.num_queries, k=self.k, **(metadata or {}))
+    results_lib.write_results(path, self.to_records(queries=queries, text_of=text_of), metadata=meta)
+    return path
 
 
-def apply_transform(phi: jax.Array, inv_sqrt: jax.Array | None, *, normalize: bool = True) -> jax.Array:
-  """Reference train-side encoding e = phi @ inv_sqrt / ||.||, in float32.
+class InMemoryEncodings:
+  """Raw corpus encodings phi [N, d] held in memory, read like an `EncodingStore`.
 
-  inv_sqrt: [d, d], block-diagonal [B, d/B, d/B], or None; symmetric (R^{-1/2}),
-  so phi @ inv_sqrt == (inv_sqrt @ phi^T)^T. Zero vectors stay zero (score 0).
-  The retrieval step computes the same scores without materializing e (see
-  `StreamingTopK`).
+  Lets `retrieve` score in-memory phis (e.g. from `trackstar_jax.encode` with
+  no store) through the same streaming, sharded step as a store on disk.
   """
-  x = phi.astype(jnp.float32) if inv_sqrt is None else _apply_inv(phi, inv_sqrt, jnp.float32)
-  if normalize:
-    x = x * _inv_norm(x)[:, None]
-  return x
 
+  def __init__(self, phi, ids=None, *, name: str = "memory"):
+    self.phi = np.asarray(phi)
+    if self.phi.ndim != 2:
+      raise ValueError(f"Corpus encodings must be [N, d], got shape {self.phi.shape}.")
+    self.ids = np.arange(len(self.phi), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
+    if self.ids.shape != (len(self.phi),):
+      raise ValueError(f"ids has shape {self.ids.shape}; expected one per row ({len(self.phi)},).")
+    self.url = f"<in-memory {name}: {self.phi.shape[0]} x {self.phi.shape[1]}>"
 
-def _inv_norm(x: jax.Array) -> jax.Array:
-  """1 / ||x|| per row, in float32; 0-rows get a finite (huge) factor so their scores stay 0."""
-  x = x.astype(jnp.float32)
-  return lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1), jnp.finfo(jnp.float32).tiny))
+  @property
+  def num_rows(self) -> int:
+    return int(self.phi.shape[0])
+
+  @property
+  def dim(self) -> int:
+    return int(self.phi.shape[1])
+
+  def require_complete(self) -> None:
+    return None
+
+  def read_ids(self, rows: np.ndarray) -> np.ndarray:
+    rows = np.asarray(rows, np.int64)
+    return np.where(rows >= 0, self.ids[np.clip(rows, 0, None)], -1)
+
+  def iter_chunks(self, *, rows_per_chunk: int, process_index: int = 0, process_count: int = 1):
+    for a in range(process_index * rows_per_chunk, self.num_rows, process_count * rows_per_chunk):
+      b = min(a + rows_per_chunk, self.num_rows)
+      yield store_lib.Chunk(a, self.ids[a:b], self.phi[a:b])
 
 
 def group_sizes(rows: int, k: int) -> tuple[int, ...]:
@@ -176,8 +232,9 @@ class StreamingTopK:
     hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
   """
 
-  def __init__(self, queries, *, k: int, mesh: Mesh | None = None, inv_sqrt=None, normalize: bool = True,
-               matmul_dtype: str = "bfloat16", hierarchical: bool = True):
+  def __init__(self, queries, *, k: int, mesh: Mesh | None = None, inv_sqrt=None,
+               normalize: bool = RetrieveOptions.normalize, matmul_dtype: str = RetrieveOptions.matmul_dtype,
+               hierarchical: bool = True):
     queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
     if queries.ndim != 2 or queries.shape[0] == 0:
       raise ValueError(f"Query encodings must be [Q, d] with Q > 0, got shape {queries.shape}: no queries to score.")
@@ -204,7 +261,7 @@ class StreamingTopK:
     # norm ||R^{-1/2} phi|| needs the train-side transform, so the scaled encodings are never stored.
     q_fold = jnp.asarray(queries, jnp.float32)
     if inv_sqrt is not None:
-      q_fold = _apply_inv(q_fold, inv_sqrt, jnp.float32)
+      q_fold = hessian_lib.apply_inv_sqrt(q_fold, inv_sqrt)
     self._q = jax.device_put(q_fold.astype(mm), rep)
     self._inv = None if inv_sqrt is None or not normalize else inv_sqrt.astype(mm)
     q, n_dev = queries.shape[0], self.n_dev
@@ -224,7 +281,7 @@ class StreamingTopK:
       hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
       s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
       if normalize:  # scale score columns by 1 / ||R^{-1/2} phi||
-        s = s * _inv_norm(phi if inv is None else _apply_inv(phi, inv, mm))[None, :]
+        s = s * hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))[None, :]
       top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
       bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
       return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
@@ -278,6 +335,10 @@ class StreamingTopK:
     valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=self._rows_sharding)
     return self._step.lower(self._q, self._inv, self._state, phi, valid, jnp.int32(0)).compile().memory_analysis()
 
+  def wait(self) -> None:
+    """Blocks until every dispatched `update` has run (for timing; results need no wait)."""
+    jax.block_until_ready(self._state)
+
   def local_result(self) -> tuple[np.ndarray, ...]:
     """This host's merged (top_v, top_rows, bottom_negv, bottom_rows), each [Q, k]."""
     return tuple(np.asarray(x) for x in self._final(self._state))
@@ -292,17 +353,21 @@ def _merge_hosts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
 
 
 def retrieve(
-    store: store_lib.EncodingStore,
+    store: store_lib.EncodingStore | InMemoryEncodings,
     queries,
     *,
-    k: int,
-    rows_per_chunk: int = 65536,
+    k: int = RetrieveOptions.k,
+    rows_per_chunk: int = RetrieveOptions.chunk_rows,
     mesh: Mesh | None = None,
     inv_sqrt=None,
-    normalize: bool = True,
-    matmul_dtype: str = "bfloat16",
+    normalize: bool = RetrieveOptions.normalize,
+    matmul_dtype: str = RetrieveOptions.matmul_dtype,
 ) -> RetrievalResult:
   """Exact top-k and bottom-k of every query over the whole (complete) store.
+
+  `store`: an `EncodingStore`, or `InMemoryEncodings` for phis in memory.
+  `queries`: [Q, d] query encodings, already R^{-1/2}-transformed and unit
+  (see `hessian.transform`).
 
   Multi-host: every process calls this with the same queries; each reads its own
   chunks and all processes get the same result. k > num_rows is clamped (with a

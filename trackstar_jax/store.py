@@ -38,11 +38,13 @@ from absl import logging
 import numpy as np
 import tensorstore as ts
 
+from trackstar_jax import fileio
+
 FORMAT = "trackstar_jax.encodings/1"
 _DTYPES = ("bfloat16", "float32")
 _MARKER = re.compile(r"^(\d+)-(\d+)$")
 # One context for every open in this process: `memory://` data lives in it.
-CONTEXT = ts.Context()
+CONTEXT = fileio.CONTEXT
 
 
 class IncompleteStoreError(RuntimeError):

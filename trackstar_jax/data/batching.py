@@ -18,10 +18,13 @@ ids [B] int64 (-1 on padding rows).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
+
+from trackstar_jax.batch import BATCH_KEYS
+from trackstar_jax.batch import pad_rows
 
 
 @dataclasses.dataclass
@@ -59,7 +62,6 @@ class Examples:
     return {k: getattr(self, k)[index] for k in BATCH_KEYS}
 
 
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "pad_mask", "ids")
 
 
 def _pack(seqs: Sequence[Sequence[int]], loss_ranges, ids, *, seq_len: int) -> Examples:
@@ -161,17 +163,6 @@ def tokenize_queries(
   return ex
 
 
-def _pad_rows(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-  n = batch["ids"].shape[0]
-  if n == size:
-    return batch
-  out = {}
-  for k, v in batch.items():
-    pad = np.full((size - n,) + v.shape[1:], -1 if k == "ids" else 0, v.dtype)
-    out[k] = np.concatenate([v, pad])
-  return out
-
-
 def num_batches(n: int, *, batch_size: int, pad_last: bool = True) -> int:
   """Global batches per epoch of `n` examples."""
   return -(-n // batch_size) if pad_last else n // batch_size
@@ -218,7 +209,7 @@ def iterate_batches(
       order = np.arange(n)
     for b in range(num_batches(n, batch_size=batch_size, pad_last=pad_last)):
       rows = order[b * batch_size:(b + 1) * batch_size][lo:hi]
-      yield _pad_rows(examples.batch(rows), per_host)
+      yield pad_rows(examples.batch(rows), per_host)
     if n == 0 or (not pad_last and n < batch_size):
       if epochs is None:
         raise ValueError(f"{n} examples make no batch of {batch_size}: nothing to iterate.")

@@ -15,6 +15,7 @@ import json
 import math
 from typing import Any, Mapping, Sequence
 
+from trackstar_jax import fileio
 from trackstar_jax.evaluation import metrics as metrics_lib
 
 COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10",
@@ -94,11 +95,47 @@ def to_json(table: Mapping) -> str:
   return json.dumps(clean(table), indent=2, sort_keys=False)
 
 
+def _breakdown(table: Mapping, key: str, title: str) -> list[str]:
+  """A methods x groups MRR table (groups of `metrics[...][key]`)."""
+  groups = []
+  for m in table["metrics"].values():
+    groups += [g for g in m[key] if g not in groups]
+  if not groups:
+    return []
+  lines = [f"MRR by {title} (all queries; n per group in the header)", ""]
+  first = next(iter(table["metrics"].values()))[key]
+  head = [f"{g} (n={first[g]['n']})" if g in first else g for g in groups]
+  lines += ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(groups)]
+  for name, m in table["metrics"].items():
+    lines.append(f"| {name} | " + " | ".join(_fmt(m[key].get(g, {}).get("mrr")) for g in groups) + " |")
+  return lines + [""]
+
+
+def report_markdown(table: Mapping) -> str:
+  """The headline table, then MRR by model correctness, fact frequency and relation."""
+  acc = table.get("model_accuracy", {})
+  out = [f"# Fact tracing: {table.get('dataset', '')}, checkpoint step {table.get('step', '?')}", ""]
+  if acc:
+    out += [f"Model answers {acc['n_correct']} of {acc['n']} queries correctly ({acc['accuracy']:.3f}).", ""]
+  out += [to_markdown(table)]
+  for name, reason in table.get("skipped", {}).items():
+    out.append(f"- {name}: skipped ({reason})")
+  if table.get("skipped"):
+    out.append("")
+  if all("model_correct" in m for m in table["metrics"].values()):
+    rows = ["MRR: model-correct vs model-incorrect queries", "", "| method | correct | incorrect |", "|---|---|---|"]
+    for name, m in table["metrics"].items():
+      rows.append(f"| {name} | {_fmt(m['model_correct']['mrr'])} (n={m['model_correct']['n']}) | "
+                  f"{_fmt(m['model_incorrect']['mrr'])} (n={m['model_incorrect']['n']}) |")
+    out += rows + [""]
+  out += _breakdown(table, "by_frequency", "fact frequency")
+  out += _breakdown(table, "by_relation", "relation")
+  return "\n".join(out)
+
+
 def write_table(table: Mapping, path_prefix: str) -> tuple[str, str]:
-  """Writes <prefix>.md and <prefix>.json; returns both paths."""
+  """Writes <prefix>.md (`report_markdown`) and <prefix>.json atomically (local or kvstore); returns both paths."""
   md, js = path_prefix + ".md", path_prefix + ".json"
-  with open(md, "w") as f:
-    f.write(to_markdown(table))
-  with open(js, "w") as f:
-    f.write(to_json(table))
+  fileio.write_text(md, report_markdown(table))
+  fileio.write_text(js, to_json(table))
   return md, js

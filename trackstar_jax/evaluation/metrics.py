@@ -23,47 +23,15 @@ size) either as a header line `{"metadata": {...}}` or in a side file
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 from typing import Any, Iterable, Mapping, Sequence
 
+from trackstar_jax.results import load_results
+
 # Upper-exclusive edges of the fact-frequency buckets: [1,2) [2,4) ... [32,inf).
 DEFAULT_FREQUENCY_EDGES = (2, 4, 8, 16, 32)
 METRIC_NAMES = ("mrr", "recall@10", "precision@10")
-
-
-def load_results(path: str) -> tuple[list[dict], dict]:
-  """Reads a JSONL results file. Returns (records, metadata).
-
-  Metadata comes from a header line `{"metadata": {...}}` (a line without
-  `example_id`) or from `<path>.meta.json`; {} when neither exists.
-  """
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Results file {path!r} does not exist.")
-  records, meta = [], {}
-  with open(path) as f:
-    for lineno, line in enumerate(f, 1):
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from e
-      if "example_id" not in rec:
-        if "metadata" in rec:
-          meta.update(rec["metadata"])
-          continue
-        raise ValueError(
-            f"{path}:{lineno}: record has no 'example_id' (TrackStar results "
-            "schema) and is not a {'metadata': ...} header.")
-      records.append(rec)
-  side = path + ".meta.json"
-  if os.path.exists(side):
-    with open(side) as f:
-      meta = {**json.load(f), **meta}
-  return records, meta
 
 
 def as_records(results: str | Sequence[Mapping]) -> tuple[list[dict], dict]:
@@ -130,7 +98,7 @@ def check_results(records: Sequence[Mapping], *, metadata: Mapping | None = None
               f"{limit}: the results do not belong to this corpus.")
 
 
-def _match_queries(records, queries, source):
+def match_queries(records, queries, source):
   by_id = {_key(q["query_id"]): q for q in queries}
   out = []
   for rec in records:
@@ -213,7 +181,7 @@ def compute_metrics(results: str | Sequence[Mapping], queries: Sequence[Mapping]
                 dataset_name=dataset_name, source=source)
   correct_map = {_key(k): bool(v) for k, v in (model_correct or {}).items()}
   rows = []
-  for rec, q in _match_queries(records, queries, source):
+  for rec, q in match_queries(records, queries, source):
     m = per_query_metrics(rec["proponent_ids"], q["gold_sentence_ids"], k=10)
     qid = _key(q["query_id"])
     m["relation"] = q["relation"]

@@ -1,8 +1,8 @@
 """Weak scaling from 1 to N local devices: encoding and retrieval, in one process.
 
-  python launch/bench_scaling.py                        # GPU: n = 1, 2, 4, ... of the local devices
+  python benchmarks/bench_scaling.py                        # GPU: n = 1, 2, 4, ... of the local devices
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \\
-    python launch/bench_scaling.py --small              # CPU smoke test: tiny shapes, not a benchmark
+    python benchmarks/bench_scaling.py --small              # CPU smoke test: tiny shapes, not a benchmark
 
 For each job and each n (powers of two up to the local device count), a mesh
 `mesh.make_mesh(devices=jax.devices()[:n])` with one "data" axis, and a fixed
@@ -74,6 +74,8 @@ p.add_argument("--rows", type=int, help="retrieve: chunk rows per device per ste
 p.add_argument("--dim", type=int, help="retrieve: encoding dim (default 4096)")
 p.add_argument("--queries", type=int, help="retrieve: number of queries Q (default 1024)")
 p.add_argument("--k", type=int, help="retrieve: top-k / bottom-k per query (default 10)")
+p.add_argument("--check", action="store_true", help="also check every job's output against a brute-force "
+               "reference at each n (vmap(grad) phi; a float32 top-k vs NumPy): check_* fields")
 args = p.parse_args()
 for key, value in (SMALL if args.small else DEFAULTS).items():
   if getattr(args, key) is None:
@@ -88,9 +90,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import trackstar_jax as tsj
 from trackstar_jax import configs
 from trackstar_jax import mesh as mesh_lib
-from trackstar_jax.encoder import TrackStarEncoder
 from trackstar_jax.models.transformer import DecoderLM, TransformerConfig
 from trackstar_jax.retrieval import StreamingTopK
 
@@ -106,8 +108,8 @@ def device_counts() -> list[int]:
   return counts
 
 
-def time_steps(step, sync) -> dict[str, float]:
-  """Times step() (each followed by block_until_ready(sync())), after warm-up.
+def time_steps(step, wait) -> dict[str, float]:
+  """Times step() (each followed by wait(), which blocks until it ran), after warm-up.
 
   Returns first_s (the first warm-up step, with compilation), step_s (median of
   --steps blocked steps), min_s, max_s, pipelined_s (mean of --steps steps
@@ -117,13 +119,13 @@ def time_steps(step, sync) -> dict[str, float]:
   for _ in range(args.warmup + args.steps):
     t = time.perf_counter()
     step()
-    jax.block_until_ready(sync())
+    wait()
     times.append(time.perf_counter() - t)
   first, timed = times[0], times[args.warmup:]
   t = time.perf_counter()
   for _ in range(args.steps):
     step()
-  jax.block_until_ready(sync())
+  wait()
   pipelined = (time.perf_counter() - t) / args.steps
   return dict(first_s=first, step_s=statistics.median(timed), min_s=min(timed), max_s=max(timed),
               pipelined_s=pipelined)
@@ -138,9 +140,6 @@ def bench_encode(counts: list[int]):
   mc.dtype = args.dtype
   model = DecoderLM(TransformerConfig.from_config(mc, vocab_size=args.vocab))
   params = jax.jit(model.init)(jax.random.key(0), np.ones((1, args.seq), np.int32))
-  cfg = configs.base_config(dataset="synthetic_facts", model=args.model, seq_len=args.seq).encoder
-  cfg.d_in = cfg.d_out = args.d
-  cfg.correction = args.correction
   # Synthetic optimizer state (positive, non-constant): speed does not depend on the values.
   if args.correction in ("adam", "adam_rank1"):
     opt_state = optax.scale_by_adam().init(params)
@@ -154,8 +153,8 @@ def bench_encode(counts: list[int]):
   rng = np.random.default_rng(0)
   for n in counts:
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:n])
-    enc = TrackStarEncoder(model_apply=model.apply, params=params, config=cfg, opt_state=opt_state,
-                           seq_len=args.seq, mesh=mesh)
+    enc = tsj.build_encoder(model=model, params=params, opt_state=opt_state, seq_len=args.seq, mesh=mesh,
+                            d_in=args.d, d_out=args.d, correction=args.correction)
     b = args.batch * n
 
     def new_batch():
@@ -178,9 +177,12 @@ def bench_encode(counts: list[int]):
     info = dict(n=n, per_device=f"{args.batch}x{args.seq}", global_rows=b, unit="tok/s", model=args.model,
                 dtype=args.dtype, dim=enc.dim, correction=enc.correction.kind,
                 modes=sorted(set(enc.modes().values())))
+    if args.check:  # the sharded fused encoding against the brute-force per-example gradients
+      got, want = np.asarray(enc.encode(batches[0]), np.float64), np.asarray(enc.reference(batches[0]), np.float64)
+      info["check_rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     for job, fn in (("encode", step), ("encode_d2h", step_d2h)):
       if job in JOBS:
-        r = time_steps(fn, lambda: out[0])
+        r = time_steps(fn, lambda: jax.block_until_ready(out[0]))
         assert out[0].shape == (b, enc.dim) and np.all(np.isfinite(out[0])), out[0].shape
         yield dict(job=job, throughput=b * args.seq / r["step_s"], **info, **r)
     del enc, out, batches
@@ -212,12 +214,17 @@ def bench_retrieve(counts: list[int], *, host: bool):
       topk.update(start=start[0], ids=ids, phi=phi)
       start[0] = (start[0] + c) % (2**30)  # Row offsets only; stay clear of the int32 row limit.
 
-    # The running state is what a step produces; blocking on it waits for the step (a private field,
-    # as in bench_retrieval.py: the public local_result() would add the final merge and a device->host copy).
-    r = time_steps(step, lambda: topk._state)  # pylint: disable=protected-access
+    r = time_steps(step, topk.wait)
     top_v = topk.local_result()[0]
     assert top_v.shape == (args.queries, args.k) and np.all(np.isfinite(top_v)), top_v
     flops = 2 * args.queries * c * args.dim
+    if args.check:  # one exact (float32) step on this mesh against a NumPy top-k of the same chunk
+      exact = StreamingTopK(q, k=args.k, mesh=mesh, matmul_dtype="float32")
+      exact.update(start=0, ids=ids, phi=phi)
+      rows = exact.local_result()[1]
+      x = np.asarray(phi, np.float64)
+      scores = (q.astype(np.float64) @ x.T) / np.linalg.norm(x, axis=1)
+      r["check_topk_exact"] = bool(np.array_equal(np.sort(rows, 1), np.sort(np.argsort(-scores, 1)[:, :args.k], 1)))
     yield dict(job="retrieve_host" if host else "retrieve", n=n, per_device=f"{args.rows}x{args.dim}",
                global_rows=c, unit="rows/s", throughput=c / r["step_s"], tflops=flops / r["step_s"] / 1e12,
                queries=args.queries, k=args.k, chunk_gib_per_device=args.rows * args.dim * 2 / 2**30, **r)

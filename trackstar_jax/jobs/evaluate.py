@@ -1,6 +1,6 @@
 """The evaluate job: fact-tracing metrics and tail-patch of named results files.
 
-  table = evaluate_job(config, workdir, results={"trackstar": "w/results.jsonl",
+  table = run(config, workdir, results={"trackstar": "w/results.jsonl",
                                                  "bm25": "w/bm25.jsonl"})
 
 For the checkpoint of `workdir` (step `config.encoder.step`, -1 = latest) and
@@ -11,7 +11,7 @@ the dataset of `config`, it
      truth) and against the checkpoint (the results' step and, when the
      results name their encoding store, the store's checkpoint/step/corpus),
   2. computes which queries the model answers correctly
-     (`train.query_accuracy`),
+     (`lm_eval.query_accuracy`),
   3. computes MRR / recall@10 / precision@10 overall, by relation, by fact
      frequency and for model-correct / -incorrect queries
      (`metrics.compute_metrics`),
@@ -23,7 +23,7 @@ the dataset of `config`, it
      MRR by frequency / relation / correctness), prefix default
      `<workdir>/evaluation`.
 
-Tail-patch scores are cached per method in `<prefix>_cache/` keyed by the
+The markdown report is `evaluation.ablation.report_markdown`. Tail-patch scores are cached per method in `<prefix>_cache/` keyed by the
 results file's content and the checkpoint step, so a rerun (e.g. the ladder
 pipeline adding one method) only patches what changed.
 """
@@ -41,11 +41,14 @@ import jax
 import numpy as np
 
 from trackstar_jax import checkpointing
+from trackstar_jax import fileio
+from trackstar_jax import lm_eval
 from trackstar_jax import optim
+from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
-from trackstar_jax import train as train_lib
 from trackstar_jax.evaluation import ablation
 from trackstar_jax.evaluation import metrics as metrics_lib
+from trackstar_jax.jobs import workdir as workdir_lib
 
 TAIL_PATCH_KS = (1, 10)
 
@@ -69,17 +72,6 @@ def parse_results_flag(values: Sequence[str]) -> dict[str, str]:
   if not out:
     raise ValueError("--results is empty: give at least one results file (name=path).")
   return out
-
-
-def checkpoint_step(config, workdir: str) -> int:
-  """config.encoder.step, or the latest step when it is -1/None."""
-  step = config.encoder.get("step", -1)
-  if step in (None, -1):
-    step = checkpointing.latest_step(workdir)
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)!r}: run "
-                              "launch/train.py with this --workdir first, or pass the training --workdir.")
-  return int(step)
 
 
 def check_checkpoint(*, ckpt_meta: Mapping, dataset, workdir: str) -> None:
@@ -127,13 +119,13 @@ def load_checked(results: Mapping[str, str], *, dataset, workdir: str, step: int
   out = {}
   queries = list(dataset.queries)
   for name, path in results.items():
-    records, meta = metrics_lib.load_results(path)
+    records, meta = results_lib.load_results(path)
     if not records:
       raise EvaluationInputError(f"Results {name!r} ({path}) have no records.")
     try:
       metrics_lib.check_results(records, metadata=meta, num_examples=len(dataset.corpus),
                                 fingerprint=dataset.fingerprint, dataset_name=dataset.name, source=path)
-      metrics_lib._match_queries(records, queries, path)  # pylint: disable=protected-access
+      metrics_lib.match_queries(records, queries, path)
     except ValueError as e:
       raise EvaluationInputError(f"Results {name!r}: {e}") from e
     check_provenance(name=name, path=path, meta=meta, workdir=workdir, step=step, dataset=dataset)
@@ -142,11 +134,7 @@ def load_checked(results: Mapping[str, str], *, dataset, workdir: str, step: int
 
 
 def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+  return hashlib.sha256(fileio.read_bytes(path)).hexdigest()
 
 
 def _cache_key(path: str, *, step: int, k: int, subset_ids: Sequence[int], config) -> str:
@@ -163,29 +151,8 @@ def file_slug(name: str) -> str:
   return out.strip("_") or "method"
 
 
-class _Model:
-  """The checkpoint's model, params and optimizer state, restored on first use (on one device)."""
-
-  def __init__(self, config, workdir: str, tokenizer, step: int):
-    self.config, self.workdir, self.step = config, workdir, step
-    self.model = train_lib.build_model(config, tokenizer)
-    self.optimizer = optim.make_optimizer(
-        config.train, learning_rate=optim.final_learning_rate(config.train))
-    self._ckpt = None
-
-  def restore(self):
-    if self._ckpt is None:
-      device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # no redundant SPMD copies
-      abstract = jax.eval_shape(
-          lambda: train_lib.init_params(self.model, seq_len=self.config.seq_len, seed=0))
-      self._ckpt = checkpointing.restore(
-          self.workdir, step=self.step, abstract_params=abstract,
-          abstract_opt_state=jax.eval_shape(self.optimizer.init, abstract), sharding=device)
-    return self._ckpt
-
-
-def evaluate_job(config, workdir: str, *, results: Mapping[str, str], output_prefix: str | None = None,
-                 dataset=None, skipped: Mapping[str, str] | None = None, tail_patch: bool = True) -> dict:
+def run(config, workdir: str, *, results: Mapping[str, str], output_prefix: str | None = None, dataset=None,
+        skipped: Mapping[str, str] | None = None, tail_patch: bool = True) -> dict:
   """Metrics + tail-patch of every results file; writes `<prefix>.json/.md`.
 
   Args:
@@ -207,26 +174,28 @@ def evaluate_job(config, workdir: str, *, results: Mapping[str, str], output_pre
   ec = config.evaluate
   workdir = os.path.abspath(workdir)
   prefix = output_prefix or os.path.join(workdir, "evaluation")
-  dataset, tokenizer, _, corpus_ex, query_ex = train_lib.load_data(config, workdir, dataset=dataset)
-  step = checkpoint_step(config, workdir)
+  rd = workdir_lib.load_data(config, workdir, dataset=dataset)
+  dataset, corpus_ex, query_ex = rd.dataset, rd.corpus, rd.queries
+  step = workdir_lib.checkpoint_step(config, workdir)
   check_checkpoint(ckpt_meta=checkpointing.load_meta(workdir, step=step), dataset=dataset, workdir=workdir)
   records = load_checked(results, dataset=dataset, workdir=workdir, step=step)
   queries = list(dataset.queries)
 
-  lm = _Model(config, workdir, tokenizer, step)
-  ckpt = lm.restore()
-  acc = train_lib.query_accuracy(lm.model, ckpt.params, query_ex, batch_size=int(config.train.get("eval_batch_size", 256)),
-                                 frequencies=np.asarray([int(q["frequency"]) for q in queries]))
+  # Params and optimizer state on one device (no redundant SPMD copies); the optimizer at the final rate.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device)
+  optimizer = optim.make_optimizer(config.train, learning_rate=optim.final_learning_rate(config.train))
+  acc = lm_eval.query_accuracy(lm.model.apply, lm.params, query_ex, batch_size=int(config.train.eval_batch_size),
+                               frequencies=np.asarray([int(q["frequency"]) for q in queries]))
   correct = {int(i): bool(c) for i, c in zip(acc["ids"], acc["correct"])}
   logging.info("evaluate: step %d, model answers %d of %d queries correctly (%.3f)", step,
                sum(correct.values()), len(correct), acc["accuracy"])
 
-  subset = str(ec.get("subset", "model_correct"))
-  k = int(ec.get("tail_patch_k", 10))
+  subset = str(ec.subset)
+  k = int(ec.tail_patch_k)
   want = {"overall": lambda c: True, "model_correct": lambda c: c, "model_incorrect": lambda c: not c}[subset]
   tp = {}
   if tail_patch:
-    os.makedirs(prefix + "_cache", exist_ok=True)
     for name, path in results.items():
       recs = [r for r in records[name] if want(correct[int(r["example_id"])])]
       if not recs:
@@ -234,21 +203,18 @@ def evaluate_job(config, workdir: str, *, results: Mapping[str, str], output_pre
         continue
       key = _cache_key(path, step=step, k=k, subset_ids=[r["example_id"] for r in recs], config=config)
       cache = os.path.join(prefix + "_cache", f"{file_slug(name)}.tail_patch.json")
-      if os.path.exists(cache):
-        with open(cache) as f:
-          cached = json.load(f)
+      if fileio.exists(cache):
+        cached = fileio.read_json(cache)
         if cached.get("key") == key:
           tp[name] = cached["summary"]
           logging.info("evaluate: tail-patch %r from cache.", name)
           continue
       logging.info("evaluate: tail-patching %r: %d queries x top-%d proponents.", name, len(recs), k)
       scores = tail_patch_lib.tail_patch(
-          apply_fn=lm.model.apply, params=ckpt.params, opt_state=ckpt.opt_state, optimizer=lm.optimizer,
-          query_examples=query_ex, corpus_examples=corpus_ex, results=recs, k=k,
-          query_chunk=int(ec.get("query_chunk", 8)))
+          apply_fn=lm.model.apply, params=lm.params, opt_state=lm.opt_state, optimizer=optimizer,
+          query_examples=query_ex, corpus_examples=corpus_ex, results=recs, k=k, query_chunk=int(ec.query_chunk))
       tp[name] = tail_patch_lib.summarize(scores, ks=tuple(x for x in TAIL_PATCH_KS if x <= k))
-      with open(cache, "w") as f:
-        json.dump(dict(key=key, summary=tp[name]), f)
+      fileio.write_json(cache, dict(key=key, summary=tp[name]))
 
   table = ablation.ablation_table(methods=records, queries=queries, tail_patch=tp, subset=subset,
                                   model_correct=correct, num_examples=len(dataset.corpus),
@@ -260,56 +226,6 @@ def evaluate_job(config, workdir: str, *, results: Mapping[str, str], output_pre
                results={n: os.path.abspath(p) for n, p in results.items()},
                model_accuracy={"accuracy": acc["accuracy"], "n": acc["n"], "n_correct": int(sum(correct.values())),
                                "by_frequency": acc.get("by_frequency", {})})
-  write(table, prefix)
+  ablation.write_table(table, prefix)
+  logging.info("evaluate: wrote %s.{md,json}", prefix)
   return table
-
-
-def _breakdown(table: Mapping, key: str, title: str) -> list[str]:
-  """A methods x groups MRR table (groups of `metrics[...][key]`)."""
-  groups = []
-  for m in table["metrics"].values():
-    groups += [g for g in m[key] if g not in groups]
-  if not groups:
-    return []
-  lines = [f"MRR by {title} (all queries; n per group in the header)", ""]
-  first = next(iter(table["metrics"].values()))[key]
-  head = [f"{g} (n={first[g]['n']})" if g in first else g for g in groups]
-  lines += ["| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(groups)]
-  for name, m in table["metrics"].items():
-    lines.append(f"| {name} | " + " | ".join(ablation._fmt(m[key].get(g, {}).get("mrr")) for g in groups) + " |")  # pylint: disable=protected-access
-  return lines + [""]
-
-
-def to_markdown(table: Mapping) -> str:
-  """The headline table, then MRR by correctness, frequency and relation."""
-  acc = table.get("model_accuracy", {})
-  out = [f"# Fact tracing: {table.get('dataset', '')}, checkpoint step {table.get('step', '?')}", ""]
-  if acc:
-    out += [f"Model answers {acc['n_correct']} of {acc['n']} queries correctly ({acc['accuracy']:.3f}).", ""]
-  out += [ablation.to_markdown(table)]
-  for name, reason in table.get("skipped", {}).items():
-    out.append(f"- {name}: skipped ({reason})")
-  if table.get("skipped"):
-    out.append("")
-  rows = ["MRR: model-correct vs model-incorrect queries", "", "| method | correct | incorrect |", "|---|---|---|"]
-  for name, m in table["metrics"].items():
-    rows.append(f"| {name} | {ablation._fmt(m['model_correct']['mrr'])} (n={m['model_correct']['n']}) | "  # pylint: disable=protected-access
-                f"{ablation._fmt(m['model_incorrect']['mrr'])} (n={m['model_incorrect']['n']}) |")  # pylint: disable=protected-access
-  out += rows + [""]
-  out += _breakdown(table, "by_frequency", "fact frequency")
-  out += _breakdown(table, "by_relation", "relation")
-  return "\n".join(out)
-
-
-def write(table: Mapping, prefix: str) -> tuple[str, str]:
-  """<prefix>.md and <prefix>.json (atomic renames)."""
-  os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-  paths = []
-  for ext, text in ((".md", to_markdown(table)), (".json", ablation.to_json(table))):
-    tmp = f"{prefix}{ext}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(text)
-    os.replace(tmp, prefix + ext)
-    paths.append(prefix + ext)
-  logging.info("evaluate: wrote %s", ", ".join(paths))
-  return paths[0], paths[1]

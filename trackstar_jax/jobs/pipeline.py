@@ -1,15 +1,15 @@
 """The ablation ladder as config variants of one pipeline, run by one call.
 
-  run_ladder(config, workdir)      # = python -m launch.pipeline --config=... --workdir=...
+  run(config, workdir)      # = python -m launch.pipeline --config=... --workdir=...
 
 Stages (each logged, each skipped when its output exists and was made from
 the same inputs, each resumable):
 
   train      train the LM, or reuse a finished checkpoint in `workdir`
-  hessian    per encoding variant and Hessian kind: `pipeline.fit_hessian_job`
-  encode     per encoding variant: `pipeline.encode_corpus` into its own store
-  retrieve   per gradient method: `pipeline.retrieve_job`; BM25 / dense / random baselines
-  evaluate   `evaluation.run.evaluate_job` over every method -> <workdir>/ablation.{md,json}
+  hessian    per encoding variant and Hessian kind: `jobs.fit_hessian`
+  encode     per encoding variant: `jobs.encode` into its own store
+  retrieve   per gradient method: `jobs.retrieve`; BM25 / dense / random baselines
+  evaluate   `jobs.evaluate` over every method -> <workdir>/ablation.{md,json}
 
 Encoding variants (raw phi is task-independent, so methods share stores):
 
@@ -45,11 +45,17 @@ from typing import Any, Sequence
 from absl import logging
 
 from trackstar_jax import checkpointing
-from trackstar_jax import pipeline
+from trackstar_jax import fileio
+from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import results as results_lib
-from trackstar_jax import train as train_lib
+from trackstar_jax.evaluation import ablation
 from trackstar_jax.evaluation import baselines
-from trackstar_jax.evaluation import run as run_lib
+from trackstar_jax.jobs import encode as encode_job
+from trackstar_jax.jobs import evaluate as evaluate_job
+from trackstar_jax.jobs import fit_hessian as fit_hessian_job
+from trackstar_jax.jobs import retrieve as retrieve_job
+from trackstar_jax.jobs import train as train_job
+from trackstar_jax.jobs import workdir as workdir_lib
 
 STAGES = ("train", "hessian", "encode", "retrieve", "evaluate")
 
@@ -79,7 +85,8 @@ def ladder(config) -> tuple[list[Variant], list[Method]]:
   """The encoding variants and methods of the ablation ladder for `config`."""
   enc = config.encoder
   corr = str(enc.correction)
-  corr = corr if corr != "none" else "adam"
+  if corr in ("none", "auto"):  # the correction of the training optimizer
+    corr = "adafactor" if str(config.train.optimizer).lower() == "adafactor" else "adam"
   d_in, d_out = int(enc.d_in), int(enc.d_out)
   half = Variant(f"{corr}_half", corr, max(1, d_in // 2), max(1, d_out // 2))
   variants = [Variant("none", "none", d_in, d_out), Variant(corr, corr, d_in, d_out)]
@@ -138,7 +145,7 @@ def variant_config(config, workdir: str, v: Variant, *, hessian: str | None = No
 
 
 def results_file(workdir: str, method: Method) -> str:
-  slug = run_lib.file_slug(method.name.lower())
+  slug = evaluate_job.file_slug(method.name.lower())
   return os.path.join(os.path.abspath(workdir), "ladder", "results", slug + ".jsonl")
 
 
@@ -154,30 +161,22 @@ def _stamp_path(output: str) -> str:
   return output.rstrip("/") + ".stage.json"
 
 
-def _is_current(output: str, key: str) -> bool:
+def _read_stamp(output: str) -> dict:
   stamp = _stamp_path(output)
-  if not (os.path.exists(output) and os.path.exists(stamp)):
-    return False
-  with open(stamp) as f:
-    return json.load(f).get("key") == key
+  return fileio.read_json(stamp) if fileio.exists(stamp) else {}
+
+
+def _is_current(output: str, key: str) -> bool:
+  return os.path.exists(output) and _read_stamp(output).get("key") == key
 
 
 def _stamp(output: str, key: str, **info) -> None:
-  if not _is_chief():
-    return
-  os.makedirs(os.path.dirname(output.rstrip("/")), exist_ok=True)
-  with open(_stamp_path(output), "w") as f:
-    json.dump(dict(key=key, time=time.time(), **info), f, indent=1)
-
-
-def _is_chief() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-
-  return jax.process_index() == 0
+  if mesh_lib.is_chief():
+    fileio.write_json(_stamp_path(output), dict(key=key, time=time.time(), **info))
 
 
 def _remove(path: str) -> None:
-  if not _is_chief():
+  if not mesh_lib.is_chief():
     return
   if os.path.isdir(path):
     shutil.rmtree(path)
@@ -220,8 +219,8 @@ def select_methods(methods: Sequence[Method], only: Sequence[str] | None) -> lis
   return chosen
 
 
-def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
-               only: Sequence[str] | None = None) -> dict[str, Any]:
+def run(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
+        only: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the ablation ladder; returns the evaluation table (None without the evaluate stage).
 
   `only` restricts every stage to some methods (see `select_methods`), e.g.
@@ -246,7 +245,7 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
   if dataset is None:
     from trackstar_jax import data  # pylint: disable=g-import-not-at-top
 
-    dataset = data.load_dataset(config, data_dir=train_lib.resolve_data_dir(config, workdir))
+    dataset = data.load_dataset(config, data_dir=workdir_lib.data_dir(config, workdir))
 
   if "train" in stages:
     step = checkpointing.latest_step(workdir)
@@ -254,10 +253,10 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
     if done:
       checkpointing.check_compatible(checkpointing.load_meta(workdir, step=step), config, workdir=workdir,
                                      dataset_fingerprint=dataset.fingerprint)
-    log.run("train", lambda: train_lib.train_and_evaluate(config, workdir, dataset=dataset), skip=done,
+    log.run("train", lambda: train_job.run(config, workdir, dataset=dataset), skip=done,
             why=f"checkpoint at step {step} >= train.num_steps")
   needs_model = bool(used) and bool({"hessian", "encode", "retrieve"} & set(stages)) or "evaluate" in stages
-  step = run_lib.checkpoint_step(config, workdir) if needs_model else None
+  step = workdir_lib.checkpoint_step(config, workdir) if needs_model else None
   base = dict(step=step, workdir=workdir, corpus=dataset.fingerprint)
 
   def enc_key(v):
@@ -272,7 +271,7 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
       os.makedirs(os.path.dirname(path), exist_ok=True)
 
       def fit(c=c, path=path, key=key):
-        pipeline.fit_hessian_job(c, workdir, dataset=dataset)
+        fit_hessian_job.run(c, workdir, dataset=dataset)
         _stamp(path, key)
 
       log.run(f"fit_hessian {vname} R_{kind}", fit, skip=_is_current(path, key))
@@ -284,29 +283,27 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
       url = c.store.url
 
       def encode(c=c, url=url, key=key):
-        stamp = _stamp_path(url)
-        if os.path.exists(stamp):
-          with open(stamp) as f:
-            started = json.load(f)
+        started = _read_stamp(url)
+        if started:
           if started.get("key") != key:  # an old variant's store: start over
             logging.info("pipeline: %s is stale (made from other inputs): re-encoding.", url)
             _remove(url)
         elif os.path.exists(url):
           _remove(url)  # no stamp: not ours / unknown provenance
         _stamp(url, key, complete=False)  # a restart resumes this store
-        pipeline.encode_corpus(c, workdir, dataset=dataset)
+        encode_job.run(c, workdir, dataset=dataset)
         _stamp(url, key, complete=True)
 
-      current = _is_current(url, key) and json.load(open(_stamp_path(url))).get("complete", False)  # pylint: disable=consider-using-with
+      current = _is_current(url, key) and _read_stamp(url).get("complete", False)
       log.run(f"encode {v.name} ({v.correction}, {v.d_in}x{v.d_out}/block)", encode, skip=current)
 
   results = {}
   skipped = {}
   if "retrieve" in stages or "evaluate" in stages:
-    wanted = tuple(config.evaluate.get("baselines", ("bm25", "dense", "random")))
+    wanted = tuple(config.evaluate.baselines)
     # Text baselines depend on the corpus and queries alone (not the checkpoint or the workdir).
     text_key = lambda m: _key(corpus=dataset.fingerprint, kind=m.kind, k=int(config.retrieve.k),
-                              seed=int(config.evaluate.get("seed", 0)))
+                              seed=int(config.evaluate.seed))
     for m in methods:
       out = results_file(workdir, m)
       if m.kind != "gradient" and m.kind not in wanted:
@@ -325,14 +322,14 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
         c = variant_config(config, workdir, v, hessian=m.hessian, method=m)
         hkey = _key(enc=enc_key(v), hessian=checkpointing.config_to_dict(c.hessian)) if m.hessian else None
         key = _key(enc=enc_key(v), hessian=hkey, retrieve=checkpointing.config_to_dict(c.retrieve))
-        fn = lambda c=c: pipeline.retrieve_job(c, workdir, dataset=dataset)
+        fn = lambda c=c: retrieve_job.run(c, workdir, dataset=dataset)
       else:
         key = text_key(m)
         fn = lambda m=m, out=out: _baseline(m, out, config=config, dataset=dataset)
 
       def retrieve(fn=fn, out=out, key=key):
         fn()
-        if _is_chief():
+        if mesh_lib.is_chief():
           results_lib.validate_results_file(out)
         _stamp(out, key)
 
@@ -341,11 +338,11 @@ def run_ladder(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=
   table = None
   if "evaluate" in stages:
     prefix = os.path.join(workdir, "ablation")
-    table = log.run("evaluate", lambda: run_lib.evaluate_job(config, workdir, results=results, output_prefix=prefix,
-                                                             dataset=dataset, skipped=skipped))
+    table = log.run("evaluate", lambda: evaluate_job.run(config, workdir, results=results, output_prefix=prefix,
+                                                         dataset=dataset, skipped=skipped))
     table["stage_seconds"] = log.times
-    run_lib.write(table, prefix)  # again, with the stage wall times (the evaluate stage's included)
-    print(run_lib.to_markdown(table), flush=True)
+    ablation.write_table(table, prefix)  # again, with the stage wall times (the evaluate stage's included)
+    print(ablation.report_markdown(table), flush=True)
   logging.info("pipeline: stage times %s", {k: round(v, 1) for k, v in log.times.items()})
   return table
 
@@ -359,10 +356,10 @@ def _baseline(m: Method, out: str, *, config, dataset) -> None:
   elif m.kind == "dense":
     lines = baselines.dense_retrieve(corpus=corpus, queries=queries, k=k)
   elif m.kind == "random":
-    lines = baselines.random_retrieve(corpus=corpus, queries=queries, k=k, seed=int(config.evaluate.get("seed", 0)))
+    lines = baselines.random_retrieve(corpus=corpus, queries=queries, k=k, seed=int(config.evaluate.seed))
   else:
     raise ValueError(f"Unknown baseline kind {m.kind!r}.")
-  if not _is_chief():
+  if not mesh_lib.is_chief():
     return
   results_lib.write_results(out, lines, metadata=dict(dataset=dataset.name, fingerprint=dataset.fingerprint,
                                                       num_examples=len(corpus), method=m.name, k=k))

@@ -1,0 +1,45 @@
+"""What every absl launcher in `launch/` shares: the config / workdir / distributed flags and start-up.
+
+  CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="...")
+
+  def main(argv):
+    config = cli.start(argv, CONFIG, DISTRIBUTED)     # multi-host init, logging, strict config
+    ... = jobs.<job>.run(config, WORKDIR.value)
+    cli.finish(config, WORKDIR.value, "<job>")         # <workdir>/<job>_config.json, on success only
+"""
+
+from __future__ import annotations
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from trackstar_jax import checkpointing
+from trackstar_jax import mesh as mesh_lib
+from trackstar_jax.jobs import workdir as workdir_lib
+
+
+def define_flags(*, workdir_help: str, default_config: str = "configs/synthetic.py"):
+  """--config (an ml_collections config file; `file.py:arg` and `--config.x.y=v` overrides),
+  --workdir (required) and --distributed."""
+  config = config_flags.DEFINE_config_file(
+      "config", default_config, "Experiment config file (configs/*.py); `path.py:key=value,...` selects variants, "
+      "`--config.section.field=value` overrides a field (tuples, not lists).", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, workdir_help, required=True)
+  distributed = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; also "
+                                  "started when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set).")
+  return config, workdir, distributed
+
+
+def start(argv, config_flag, distributed_flag):
+  """Rejects stray arguments, quiets Orbax, starts multi-host JAX when asked; returns the config."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  checkpointing.quiet_orbax_logging()
+  mesh_lib.maybe_initialize_distributed(force=distributed_flag.value)
+  return config_flag.value
+
+
+def finish(config, workdir: str, job: str) -> None:
+  """Records the resolved config next to the outputs it produced (only once the job succeeded)."""
+  workdir_lib.write_job_config(config, workdir, job)

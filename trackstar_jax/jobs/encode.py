@@ -1,0 +1,37 @@
+"""The encode job: raw TrackStar phi of every corpus example into the encoding store.
+
+  store = run(config, workdir)     # <workdir>/encodings.zarr (config.store.url)
+
+Reads the training workdir (checkpoint with optimizer state, tokenizer) and
+the dataset of `config`. Killed at any point and rerun, it encodes only the
+chunks not yet committed and yields the same store (`trackstar_jax.encode`).
+Raw phi is task-independent: one corpus store serves every query set.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from absl import logging
+
+from trackstar_jax import api
+from trackstar_jax import store as store_lib
+from trackstar_jax.jobs import workdir as workdir_lib
+
+
+def provenance(config, workdir: str, *, step: int, dataset) -> dict[str, Any]:
+  """What an encoding of this run is made from, recorded in (and checked against) the store."""
+  return dict(checkpoint=os.path.abspath(workdir), step=int(step), corpus_fingerprint=str(dataset.fingerprint),
+              extra=dict(dataset=dataset.name, seq_len=int(config.seq_len)))
+
+
+def run(config, workdir: str, *, dataset=None) -> store_lib.EncodingStore:
+  rd = workdir_lib.load_data(config, workdir, dataset=dataset)
+  encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
+  url = workdir_lib.store_url(config, workdir)
+  store = api.encode(encoder, rd.corpus, store=url, batch_size=int(config.encoder.batch_size),
+                     dtype=config.store.dtype, chunk_rows=int(config.store.chunk_rows),
+                     provenance=provenance(config, workdir, step=step, dataset=rd.dataset))
+  logging.info("encode: %d x %d encodings in %s", store.num_rows, store.dim, store.url)
+  return store
