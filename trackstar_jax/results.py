@@ -31,6 +31,7 @@ import uuid
 import numpy as np
 import tensorstore as ts
 
+from trackstar_jax import remote
 from trackstar_jax import store as store_lib
 
 REQUIRED_FIELDS = (
@@ -181,7 +182,8 @@ def _split_url(path: str) -> tuple[str | None, str]:
 def _write_bytes(path: str, data: bytes) -> None:
   kv_url, key = _split_url(path)
   if kv_url is not None:
-    ts.KvStore.open(kv_url, context=store_lib.CONTEXT).result().write(key, data).result()  # one object: atomic
+    kv = remote.wait(ts.KvStore.open(kv_url, context=store_lib.CONTEXT), url=path, what="Opening")
+    remote.wait(kv.write(key, data), url=path, what="Writing", nbytes=len(data))  # one object: atomic
     return
   os.makedirs(os.path.dirname(os.path.abspath(key)), exist_ok=True)
   tmp = f"{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -201,7 +203,8 @@ def _read_bytes(path: str) -> bytes:
   if kv_url is None:
     with open(key, "rb") as f:
       return f.read()
-  r = ts.KvStore.open(kv_url, context=store_lib.CONTEXT).result().read(key).result()
+  kv = remote.wait(ts.KvStore.open(kv_url, context=store_lib.CONTEXT), url=path, what="Opening")
+  r = remote.wait(kv.read(key), url=path, what="Reading")
   if r.state != "value":
     raise FileNotFoundError(f"No file at {path}.")
   return r.value
