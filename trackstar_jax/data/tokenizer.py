@@ -165,6 +165,7 @@ def get_tokenizer(dataset, config, *, path: str) -> Tokenizer:
   tok = train_tokenizer(texts, vocab_size=vocab_size, byte_fallback=byte_fallback)
   # The record first: a tokenizer file always has one (a crash in between leaves a record and no tokenizer,
   # which the next run retrains).
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tokenizer-")
   with os.fdopen(fd, "w") as f:
     json.dump(want, f, indent=1)
