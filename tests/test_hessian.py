@@ -113,7 +113,7 @@ def test_damaged_hessian_file_says_what_to_rerun(tmp_path, damage):
   with pytest.raises(hessian.HessianFileError) as e:
     hessian.Hessian.load(str(path))
   msg = str(e.value)
-  assert str(path) in msg and f"python -m launch.fit_hessian" in msg and f"--workdir={tmp_path / 'wd'}" in msg, msg
+  assert str(path) in msg and "python -m launch.fit_hessian" in msg and f"--workdir={tmp_path / 'wd'}" in msg, msg
   want = {"truncate": "truncated or corrupt", "flip": "truncated or corrupt", "garbage": "truncated or corrupt",
           "other_npz": "lacks ['inv_sqrt', 'lam', 'meta']", "nan": "non-finite"}[damage]
   assert want in msg, msg

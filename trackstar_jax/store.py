@@ -480,7 +480,8 @@ class PendingWrite:
     if self._done:
       return
     for f in self._futures:  # WriteFutures.result() waits for the commit.
-      self._store._wait(f, f"Writing chunks [{self.chunks[0]}, {self.chunks[1]})", nbytes=self._nbytes)  # pylint: disable=protected-access
+      remote.wait(f, url=self._store.url, what=f"Writing chunks [{self.chunks[0]}, {self.chunks[1]}) of encoding store",
+                  nbytes=self._nbytes)
     self._store._mark_done(*self.chunks)  # pylint: disable=protected-access
     self._done = True
 
