@@ -92,3 +92,30 @@ def test_unit_encode_and_cosine_scores():
   want = (psi_q / np.linalg.norm(psi_q, axis=1, keepdims=True)) @ (
       psi_z / np.maximum(np.linalg.norm(psi_z, axis=1, keepdims=True), 1e-12)).T
   np.testing.assert_allclose(hessian.cosine_scores(q, z, hessian=h), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "other_npz", "nan"])
+def test_damaged_hessian_file_says_what_to_rerun(tmp_path, damage):
+  path = tmp_path / "wd" / "hessian.npz"
+  path.parent.mkdir()
+  inv = np.eye(8, dtype=np.float32) * (np.nan if damage == "nan" else 1.0)
+  hessian.Hessian(inv_sqrt=inv, lam=0.5, meta={"n_train": 3}).save(str(path))
+  raw = path.read_bytes()
+  if damage == "truncate":
+    path.write_bytes(raw[: len(raw) // 2])
+  elif damage == "flip":  # inside inv_sqrt's data: the zip CRC check fails
+    i = raw.index(b"\x00\x00\x80\x3f")  # a float32 1.0
+    path.write_bytes(raw[:i] + b"\x00\x00\x80\x40" + raw[i + 4:])
+  elif damage == "garbage":
+    path.write_bytes(b"not a zip file at all")
+  elif damage == "other_npz":
+    np.savez(str(path), x=np.zeros(3))
+  with pytest.raises(hessian.HessianFileError) as e:
+    hessian.Hessian.load(str(path))
+  msg = str(e.value)
+  assert str(path) in msg and "python -m launch.fit_hessian" in msg and f"--workdir={tmp_path / 'wd'}" in msg, msg
+  want = {"truncate": "truncated or corrupt", "flip": "truncated or corrupt", "garbage": "truncated or corrupt",
+          "other_npz": "lacks ['inv_sqrt', 'lam', 'meta']", "nan": "non-finite"}[damage]
+  assert want in msg, msg
+  with pytest.raises(FileNotFoundError, match="launch.fit_hessian"):
+    hessian.Hessian.load(str(tmp_path / "nothing.npz"))

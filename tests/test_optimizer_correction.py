@@ -143,3 +143,33 @@ def test_partial_restore_from_checkpoint(tmp_path):
     np.testing.assert_array_equal(got.elementwise(p), want.elementwise(p))
   with pytest.raises(FileNotFoundError, match="step 7"):
     oc.restore_second_moments(str(tmp_path), step=7)
+
+
+def _save(tmp_path, tx):
+  from trackstar_jax import checkpointing
+  manager = checkpointing.make_manager(str(tmp_path))
+  checkpointing.save(manager, step=5, params=PARAMS, opt_state=randomize(tx.init(PARAMS)), meta={}, wait=True)
+
+
+def test_param_regex_matching_nothing_is_refused_with_the_available_paths(tmp_path):
+  _save(tmp_path, optax.adamw(1e-3))
+  with pytest.raises(ValueError, match=r"encoder.param_regex 'layer_\\\\d\+/kernel\$' matches none of the 4 "
+                                       r"parameters") as e:
+    oc.restore_second_moments(str(tmp_path), paths=r"layer_\d+/kernel$")
+  assert "params/block_0/mlp/wi/kernel" in str(e.value) and "Fix encoder.param_regex" in str(e.value)
+  with pytest.raises(ValueError, match=r"block_7/mlp/wi/kernel.*Parameters that have them.*block_0/mlp/wi/kernel"):
+    oc.restore_second_moments(str(tmp_path), paths=["block_7/mlp/wi/kernel"])
+  _, raw = oc.restore_second_moments(str(tmp_path), paths=r"block_\d+/(attn|mlp)/.*/kernel$")  # a regex that matches
+  assert set(oc.find_second_moments(raw).adam) == set(LAYOUTS)
+
+
+def test_wrong_correction_names_the_ones_the_checkpoint_supports():
+  adam = randomize(optax.adamw(1e-3).init(PARAMS))
+  with pytest.raises(ValueError, match=r"correction='adafactor' needs Adafactor's factored.*Adam's nu for 4 param"
+                                       r".*supports encoder.correction in \{'none', 'adam', 'adam_rank1', 'auto'\}"):
+    oc.make_correction(kind="adafactor", layouts=LAYOUTS, opt_state=adam)
+  fact = randomize(optax.adafactor(1e-3, min_dim_size_to_factor=8).init(PARAMS))
+  with pytest.raises(ValueError, match=r"correction='adam' needs Adam's.*supports encoder.correction in "
+                                       r"\{'none', 'adafactor', 'auto'\}"):
+    oc.make_correction(kind="adam", layouts=LAYOUTS, opt_state=fact)
+  assert oc.supported_kinds(oc.find_second_moments(optax.sgd(0.1).init(PARAMS))) == ("none",)

@@ -18,6 +18,12 @@ Fields that users override from the command line are tuples, not lists.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import os
+from typing import Sequence
+
+from absl import flags
 import ml_collections
 
 from trackstar_jax import encoder as encoder_lib
@@ -44,7 +50,8 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
   `--config=configs/lama.py:model=small,runlocal=True` gives
   `parse_arg("model=small,runlocal=True", model="tiny", runlocal=False)`.
-  Values are converted to the type of the default.
+  Values are converted to the type of the default; booleans accept exactly
+  true/false/1/0/yes/no (any case), anything else is an error.
   """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
@@ -52,14 +59,132 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ValueError(f"Config argument {item!r} is not of the form key=value.")
     key, value = item.split("=", 1)
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+      raise ValueError(f"Unknown config argument {key!r}{_did_you_mean(key, defaults)}; known: {sorted(defaults)}.")
     default = defaults[key]
     if isinstance(default, bool):
-      value = value.lower() in ("1", "true", "yes")
+      value = parse_bool(value, what=f"config argument {key}")
     elif default is not None:
-      value = type(default)(value)
+      try:
+        value = type(default)(value)
+      except ValueError:
+        raise ValueError(f"Config argument {key}={value!r} is not a {type(default).__name__}.") from None
     out[key] = value
   return out
+
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_bool(value: str, *, what: str = "value") -> bool:
+  """true/false/1/0/yes/no (any case) -> bool; anything else raises ValueError (with a "did you mean")."""
+  low = value.strip().lower()
+  if low in _TRUE or low in _FALSE:
+    return low in _TRUE
+  hint = difflib.get_close_matches(low, ("true", "false", "yes", "no"), n=1, cutoff=0.5)
+  hint = f" Did you mean {hint[0]!r}?" if hint else ""
+  raise ValueError(f"{what}={value!r} is not a boolean: use one of true/false/1/0/yes/no (any case).{hint}")
+
+
+def _did_you_mean(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every dotted path of `config`: sections and leaves."""
+  out = []
+  for key, value in config.items():
+    out.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _paths(value, prefix + key + ".")
+  return out
+
+
+def _override_paths(argv: Sequence[str], flag: str) -> list[tuple[str, str]]:
+  """(the argument, its dotted path) of every `--flag.a.b[=v]` / `--noflag.a.b` in argv."""
+  out = []
+  for arg in argv:
+    name = arg.split("=", 1)[0].lstrip("-")
+    for head in (flag + ".", "no" + flag + "."):
+      if arg.startswith("-") and name.startswith(head):
+        out.append((arg, name[len(head):]))
+        break
+  return out
+
+
+def _config_file_arg(argv: Sequence[str], flag: str) -> str | None:
+  """The value of `--flag=...` / `--flag ...` in argv (the last one), or None."""
+  value = None
+  for i, arg in enumerate(argv):
+    name, eq, rest = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name == flag:
+      value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  return value
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of config file `path[:arg]`, as `config_flags.DEFINE_config_file` loads it."""
+  file, *arg = path.split(":", 1)
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(file))[0] + "_config", file)
+  if spec is None or not os.path.isfile(file):
+    raise FileNotFoundError(f"Config file {file!r} not found (--config={path}).")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*arg)
+
+
+def check_overrides(*, argv: Sequence[str], config: ml_collections.ConfigDict | None = None, flag: str = "config",
+                    default_file: str = "") -> None:
+  """Refuses `--config.a.b=...` overrides that name no field of the config, with "did you mean".
+
+  ml_collections' `config_flags` fails on an unknown leaf (`--config.retrieve.kk=5`)
+  with a long traceback ending in AttributeError 'kk'. Launchers call this
+  first thing, before absl parses the flags:
+
+    if __name__ == "__main__":
+      configs.check_overrides(argv=sys.argv, default_file="configs/synthetic.py")
+      app.run(main)
+
+  Args:
+    argv: the command line (flagfiles are expanded as absl does).
+    config: the config the overrides apply to; default: loaded from argv's
+      `--config=path[:arg]` (or `default_file`) the way `config_flags` loads it
+      (`load_config_file`), which also runs the config file's own argument checks.
+    flag: the name of the config flag.
+    default_file: the config flag's default, used when argv has no `--config`.
+
+  Raises:
+    ValueError: an override names no section or field; the message names the
+      closest existing path.
+  """
+  argv = flags.FLAGS.read_flags_from_files(list(argv), force_gnu=False)
+  overrides = _override_paths(argv, flag)
+  if not overrides:
+    return
+  if config is None:
+    path = _config_file_arg(argv, flag) or default_file
+    if not path:
+      return  # no config to check against: config_flags reports that itself
+    config = load_config_file(path)
+  known = _paths(config)
+  for arg, dotted in overrides:
+    if dotted in known:
+      continue
+    parts, node, depth = dotted.split("."), config, 0
+    while depth < len(parts) and isinstance(node, ml_collections.ConfigDict) and parts[depth] in node:
+      node, depth = node[parts[depth]], depth + 1
+    where = ".".join(parts[:depth])
+    if not isinstance(node, ml_collections.ConfigDict):
+      siblings, what = [where], f"{where!r} is a field ({type(node).__name__}), not a section"
+    elif where:
+      siblings, what = [f"{where}.{k}" for k in node.keys()], f"section {where!r} has no field {parts[depth]!r}"
+    else:
+      siblings, what = list(node.keys()), f"the config has no section or field {parts[depth]!r}"
+    close = difflib.get_close_matches(dotted, known, n=3, cutoff=0.6)
+    close = close or difflib.get_close_matches(dotted, siblings, n=3, cutoff=0.0)
+    hint = f" Did you mean --{flag}.{close[0]}?" if close else ""
+    others = f" (closest: {', '.join(close)})" if len(close) > 1 else ""
+    raise ValueError(f"Unknown config override {arg!r}: {what}.{hint}{others}")
 
 
 def model_config(preset: str, *, max_len: int) -> ml_collections.ConfigDict:

@@ -5,7 +5,7 @@
   read_bytes("memory://test/x.json")
 
 A path is a local path, `file://...`, or any kvstore URL TensorStore opens
-(`gs://`, `s3://`, `memory://`). A file that exists was written whole: readers
+(`gs://`, `s3://`, `memory://`); waits on remote ones are bounded (`remote`). A file that exists was written whole: readers
 never see a partial file, so a job killed mid-write leaves the previous file
 (or none) behind. Every module that writes a result, config, stamp or table
 goes through `write_bytes` / `write_text` / `write_json`.
@@ -19,6 +19,8 @@ from typing import Any
 import uuid
 
 import tensorstore as ts
+
+from trackstar_jax import remote
 
 # One TensorStore context for the process: `memory://` data lives in it (shared with `store.py`).
 CONTEXT = ts.Context()
@@ -39,14 +41,14 @@ def is_local(path: str) -> bool:
 
 
 def _kvstore(url: str) -> ts.KvStore:
-  return ts.KvStore.open(url, context=CONTEXT).result()
+  return remote.wait(ts.KvStore.open(url, context=CONTEXT), url=url, what="Opening")
 
 
 def write_bytes(path: str, data: bytes) -> str:
   """Writes `data` to `path` atomically; creates parent directories; returns `path`."""
   kv_url, key = split_url(path)
   if kv_url is not None:
-    _kvstore(kv_url).write(key, data).result()  # one object: atomic
+    remote.wait(_kvstore(kv_url).write(key, data), url=path, what="Writing", nbytes=len(data))  # one object: atomic
     return path
   directory = os.path.dirname(os.path.abspath(key))
   os.makedirs(directory, exist_ok=True)
@@ -79,7 +81,7 @@ def read_bytes(path: str) -> bytes:
       raise FileNotFoundError(f"No file at {path!r}.")
     with open(key, "rb") as f:
       return f.read()
-  r = _kvstore(kv_url).read(key).result()
+  r = remote.wait(_kvstore(kv_url).read(key), url=path, what="Reading")
   if r.state != "value":
     raise FileNotFoundError(f"No file at {path!r}.")
   return bytes(r.value)
@@ -101,4 +103,4 @@ def exists(path: str) -> bool:
   kv_url, key = split_url(path)
   if kv_url is None:
     return os.path.exists(key)
-  return _kvstore(kv_url).read(key).result().state == "value"
+  return remote.wait(_kvstore(kv_url).read(key), url=path, what="Reading").state == "value"

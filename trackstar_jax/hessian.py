@@ -34,7 +34,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 from typing import Any
+import zipfile
+import zlib
 
 from absl import logging
 import jax
@@ -154,6 +157,10 @@ def inverse_sqrt(r: Any, *, damping: float, dtype: str = "float32") -> tuple[np.
   return np.asarray(inv, np.float32), np.asarray(sigma)
 
 
+class HessianFileError(ValueError):
+  """A Hessian file that cannot be used: truncated, corrupt or not a Hessian."""
+
+
 @dataclasses.dataclass
 class Hessian:
   """R^{-1/2}: [d, d] or, block-diagonal, [n_blocks, d_b, d_b] (float32)."""
@@ -187,8 +194,36 @@ class Hessian:
 
   @classmethod
   def load(cls, path: str) -> "Hessian":
-    with np.load(io.BytesIO(fileio.read_bytes(path))) as data:
-      return cls(inv_sqrt=data["inv_sqrt"], lam=float(data["lam"]), meta=json.loads(str(data["meta"])))
+    """Reads a `save`d Hessian; a missing, truncated or corrupt file raises an error that says what to rerun.
+
+    Raises:
+      FileNotFoundError: no file at `path`.
+      HessianFileError: the file is not a complete Hessian (truncated, corrupt, other contents).
+    """
+    rerun = (f"Re-run `python -m launch.fit_hessian --config=<this experiment's config> "
+             f"--workdir={os.path.dirname(os.path.abspath(path))}` (the workdir whose config.hessian.path is "
+             f"this file) to write it again.")
+    if not fileio.exists(path):
+      raise FileNotFoundError(f"No Hessian at {path}. {rerun}")
+    raw = fileio.read_bytes(path)
+    try:
+      with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+        missing = {"inv_sqrt", "lam", "meta"} - set(getattr(data, "files", ()))
+        if missing:
+          raise HessianFileError(f"Hessian file {path} lacks {sorted(missing)}: not a Hessian.save file. {rerun}")
+        h = cls(inv_sqrt=data["inv_sqrt"], lam=float(data["lam"]), meta=json.loads(str(data["meta"])))
+    except HessianFileError:
+      raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
+      raise HessianFileError(f"Hessian file {path} ({len(raw)} bytes) is truncated or corrupt: {type(e).__name__}: "
+                             f"{e}. {rerun}") from e
+    shape = np.shape(h.inv_sqrt)
+    square = (len(shape) == 2 and shape[0] == shape[1]) or (len(shape) == 3 and shape[1] == shape[2])
+    if not square or not np.all(np.isfinite(h.inv_sqrt)):
+      raise HessianFileError(f"Hessian file {path} holds an invalid R^-1/2 (shape {shape}"
+                             f"{', non-finite values' if square else ''}). {rerun}")
+    return h
+
 
 
 def apply_inv_sqrt(x: jax.Array, inv_sqrt: jax.Array, *, dtype=jnp.float32) -> jax.Array:

@@ -128,12 +128,33 @@ def find_second_moments(opt_state: Any) -> SecondMoments:
   return out
 
 
+def supported_kinds(found: SecondMoments) -> tuple[str, ...]:
+  """The `encoder.correction` values that a state with these second moments supports."""
+  kinds = ["none"]
+  if found.adam:
+    kinds += ["adam", "adam_rank1"]
+  if found.factored:
+    kinds += ["adafactor"]
+  if found.adam or found.factored:
+    kinds += ["auto"]
+  return tuple(kinds)
+
+
 def _not_found(kind: str, found: SecondMoments) -> ValueError:
   seen = sorted(set(found.seen_types)) or ["no optax state types"]
+  need = "Adafactor's factored second moments (v_row/v_col)" if kind == "adafactor" else (
+      "Adam's second moments (nu)" if kind in ("adam", "adam_rank1") else "second moments")
+  has = []
+  if found.adam:
+    has.append(f"Adam's nu for {len(found.adam)} parameters")
+  if found.factored:
+    has.append(f"Adafactor's factored moments for {len(found.factored)} parameters")
+  holds = ("it holds " + " and ".join(has)) if has else "it holds none of the supported kinds"
+  usable = ", ".join(repr(k) for k in supported_kinds(found))
   return ValueError(
-      f"encoder.correction={kind!r} needs second moments, but the optimizer state holds none of the supported"
-      f" kinds. Found: {', '.join(seen)}; adam entries: {len(found.adam)}, factored entries:"
-      f" {len(found.factored)}. Supported: {SUPPORTED_STATES}. Use encoder.correction='none' for no correction."
+      f"encoder.correction={kind!r} needs {need}, but the checkpoint's optimizer state does not have them: {holds}"
+      f" (state types: {', '.join(seen)}). This checkpoint supports encoder.correction in {{{usable}}}"
+      f" ('none' = no correction). Supported optimizer states: {SUPPORTED_STATES}."
   )
 
 
@@ -313,6 +334,48 @@ def _filter_paths(tree: Any, keep_path) -> Any:
   return rec(tree, "") or {}
 
 
+def _moment_paths(meta: Any, prefix: str = "") -> list[str]:
+  """'/'-joined parameter paths (as `paths` sees them) of every second moment in a raw state tree."""
+  fields = meta if isinstance(meta, Mapping) else None
+  if fields is not None and (_ADAM_KEYS <= set(fields) or _FACTORED_KEYS <= set(fields)):
+    tree = fields["v_row"] if _FACTORED_KEYS <= set(fields) else fields["nu"]
+    out = []
+
+    def rec(node, pre):
+      if isinstance(node, Mapping):
+        for k, v in node.items():
+          rec(v, f"{pre}{k}/")
+      elif node is not None:
+        out.append(pre[:-1])
+
+    rec(tree, "")
+    return out
+  children = fields.values() if fields is not None else meta if isinstance(meta, (list, tuple)) else ()
+  return [p for child in children for p in _moment_paths(child)]
+
+
+def _check_paths(meta: Any, keep_path, paths: Any, item_dir: str) -> None:
+  """Refuses `paths` that select none of the checkpoint's second moments (or name absent ones)."""
+  if keep_path is None:
+    return
+  have = sorted(set(_moment_paths(meta)))
+  if not have:
+    return  # reported below: no second moments at all
+  shown = ", ".join(have[:10]) + (f", ... ({len(have)} in all)" if len(have) > 10 else "")
+  if isinstance(paths, str):
+    if not any(map(keep_path, have)):
+      raise ValueError(
+          f"encoder.param_regex {paths!r} matches none of the {len(have)} parameters that have second moments in"
+          f" {item_dir!r}. Their paths: {shown}. Fix encoder.param_regex (it is searched in these '/'-joined"
+          " paths), or check that the checkpoint belongs to this model.")
+    return
+  canon = {projection.canonical_path(p) for p in have}
+  absent = sorted(p for p in paths if projection.canonical_path(p) not in canon)
+  if absent:
+    raise ValueError(f"No second moments in {item_dir!r} for parameters {absent[:10]}. Parameters that have them: "
+                     f"{shown}. Check encoder.param_regex and that the checkpoint belongs to this model.")
+
+
 def restore_second_moments(workdir: str, *, step: int | None = None, paths: Iterable[str] | str | None = None,
                            sharding: jax.sharding.Sharding | None = None) -> tuple[int, Any]:
   """Restores only the optimizer's second moments from a training workdir.
@@ -347,6 +410,7 @@ def restore_second_moments(workdir: str, *, step: int | None = None, paths: Iter
     keep_path = lambda p: projection.canonical_path(p) in wanted
   else:
     keep_path = None
+  _check_paths(meta, keep_path, paths, item_dir)
   item = _prune(meta, keep_path)
   if item is None:
     raise ValueError(f"No second moments in {item_dir!r}. Supported: {SUPPORTED_STATES}.")

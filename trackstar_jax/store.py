@@ -12,6 +12,22 @@ URLs: a local path or `file://...` (default), `gs://bucket/path`, and
 `memory://name` (tests; shared within one process). All opens share one
 TensorStore context, so `memory://` stores persist across opens.
 
+Integrity. Every zarr chunk carries a crc32c checksum (codecs `bytes` then
+`crc32c`), verified by TensorStore on every read, and reads never fill a
+missing chunk with the fill value: a deleted, truncated or corrupted chunk
+raises `StoreDataError` naming the store, the chunk, its rows and the repair
+(`python -m launch.verify_store --store=URL --repair`, which drops the bad
+chunks' markers, then the encode command again, which re-encodes exactly
+those chunks). A chunk counts as committed when its marker exists *and* its
+data objects exist (one listing); `verify()` reads and checks every committed
+chunk. Stores of the previous format (1, no checksums) stay readable; their
+missing chunks are still detected, bit flips are not.
+
+Remote storage (gs:// and any non-local kvstore): every open, read, write and
+listing is bounded in time (`remote.wait`: `remote.TIMEOUT_S`, default 60 s) and
+then raises `remote.RemoteTimeoutError` naming the URL and the likely causes,
+instead of waiting forever for credentials or a network that never answer.
+
 Durability and resume. Writes are chunk-aligned (a host owns whole chunks, so
 hosts never touch the same zarr chunk) and asynchronous: `AsyncWriter.submit`
 returns at once and the next batch is computed while TensorStore writes. A
@@ -29,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -39,12 +56,17 @@ import numpy as np
 import tensorstore as ts
 
 from trackstar_jax import fileio
+from trackstar_jax import progress as progress_lib
+from trackstar_jax import remote
 
-FORMAT = "trackstar_jax.encodings/1"
+FORMAT = "trackstar_jax.encodings/2"  # 2: crc32c per chunk, reads refuse missing chunks
+# Readable older formats (no chunk checksums). Their layout is otherwise the same.
+_LEGACY_FORMATS = ("trackstar_jax.encodings/1",)
 _DTYPES = ("bfloat16", "float32")
 _MARKER = re.compile(r"^(\d+)-(\d+)$")
 # One context for every open in this process: `memory://` data lives in it.
 CONTEXT = fileio.CONTEXT
+_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 
 
 class IncompleteStoreError(RuntimeError):
@@ -53,6 +75,23 @@ class IncompleteStoreError(RuntimeError):
 
 class StoreMismatchError(ValueError):
   """An existing store was produced by a different configuration."""
+
+
+class StoreDataError(RuntimeError):
+  """Committed chunks whose data is missing or fails its checksum; `bad` lists them."""
+
+  def __init__(self, message: str, bad: Sequence["BadChunk"]):
+    super().__init__(message)
+    self.bad = list(bad)
+
+
+class BadChunk(NamedTuple):
+  """Store chunk `chunk` = rows [start, stop), damaged: `reason` says how."""
+
+  chunk: int
+  start: int
+  stop: int
+  reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +131,9 @@ class StoreMeta:
   @classmethod
   def from_json(cls, obj: Mapping[str, Any]) -> "StoreMeta":
     obj = dict(obj)
-    if obj.pop("format", None) != FORMAT:
-      raise ValueError(f"Not a {FORMAT} store meta: {obj}")
+    fmt = obj.pop("format", None)
+    if fmt != FORMAT and fmt not in _LEGACY_FORMATS:
+      raise ValueError(f"Not a {FORMAT} store meta (format {fmt!r}): {obj}")
     obj["blocks"] = tuple(obj.get("blocks", ()))
     return cls(**obj)
 
@@ -132,11 +172,29 @@ class Chunk(NamedTuple):
   phi: np.ndarray  # [n, d] store dtype (bfloat16 as ml_dtypes.bfloat16)
 
 
+def repair_command(url: str, workdir: str = "") -> str:
+  """The commands that repair damaged chunks of the store at `url` (written from training workdir `workdir`)."""
+  encode = "python -m launch.encode --config=<the config that wrote it>"
+  encode += f" --workdir={workdir}" if workdir else " --workdir=<its training workdir>"
+  return (f"Repair: `python -m launch.verify_store --store={url} --repair` (unmarks every damaged chunk), "
+          f"then re-run `{encode}`: it re-encodes exactly those chunks.")
+
+
+def _reason(error: Exception) -> str:
+  msg = str(error).splitlines()[0] if str(error) else type(error).__name__
+  if msg.startswith("NOT_FOUND"):
+    return f"data missing ({msg})"
+  if msg.startswith("DATA_LOSS"):
+    return f"checksum mismatch ({msg})"
+  return f"unreadable, truncated? ({msg})"
+
+
 class EncodingStore:
   """An open encoding store. Create or open with `open_store`."""
 
-  def __init__(self, url: str, kv: ts.KvStore, meta: StoreMeta, phi: ts.TensorStore, ids: ts.TensorStore):
-    self.url, self.meta, self._kv, self.phi, self.ids = url, meta, kv, phi, ids
+  def __init__(self, url: str, kv: ts.KvStore, meta: StoreMeta, phi: ts.TensorStore, ids: ts.TensorStore, *,
+               format: str = FORMAT):  # pylint: disable=redefined-builtin
+    self.url, self.meta, self._kv, self.phi, self.ids, self.format = url, meta, kv, phi, ids, format
 
   @property
   def num_rows(self) -> int:
@@ -154,26 +212,48 @@ class EncodingStore:
   def num_chunks(self) -> int:
     return -(-self.num_rows // self.chunk_rows)
 
+  @property
+  def checksummed(self) -> bool:
+    """False for stores of a legacy format, whose chunks carry no checksum."""
+    return self.format == FORMAT
+
   def chunk_range(self, chunk: int) -> tuple[int, int]:
     """Row range [start, stop) of store chunk `chunk`."""
     if not 0 <= chunk < self.num_chunks:
       raise IndexError(f"Chunk {chunk} out of range [0, {self.num_chunks}) for {self.url}.")
     return chunk * self.chunk_rows, min((chunk + 1) * self.chunk_rows, self.num_rows)
 
+  def _wait(self, future: Any, what: str, nbytes: int = 0) -> Any:
+    return remote.wait(future, url=self.url, what=f"{what} of encoding store", nbytes=nbytes)
+
   # --- progress -------------------------------------------------------------
 
-  def completed_chunks(self) -> set[int]:
-    """Chunks whose data is committed (a marker names them)."""
-    keys = self._kv.list(ts.KvStore.KeyRange("done/", "done0"), strip_prefix_length=5).result()
+  def _list(self, prefix: str) -> list[str]:
+    keys = self._kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
+                         strip_prefix_length=len(prefix))
+    return [k.decode() for k in self._wait(keys, f"Listing {prefix}")]
+
+  def marked_chunks(self) -> set[int]:
+    """Chunks that a commit marker names (their data may since have been lost: see `completed_chunks`)."""
     done = set()
-    for key in keys:
-      m = _MARKER.match(key.decode())
+    for key in self._list("done/"):
+      m = _MARKER.match(key)
       if m:
         done.update(range(int(m.group(1)), min(int(m.group(2)), self.num_chunks)))
     return done
 
+  def stored_chunks(self) -> set[int]:
+    """Chunks whose phi and ids data objects both exist (zarr v3 default keys `c/<i>/0` and `c/<i>`)."""
+    phi = {int(k.split("/")[0]) for k in self._list("phi/c/") if k.split("/")[0].isdigit()}
+    ids = {int(k) for k in self._list("ids/c/") if k.isdigit()}
+    return phi & ids
+
+  def completed_chunks(self) -> set[int]:
+    """Chunks that are committed: marked, and their data exists (checksums are checked on read / `verify`)."""
+    return self.marked_chunks() & self.stored_chunks()
+
   def pending_chunks(self, *, process_index: int = 0, process_count: int = 1) -> list[int]:
-    """This host's chunks (chunk c belongs to host c % process_count) not yet committed."""
+    """This host's chunks (chunk c belongs to host c % process_count) not yet committed (or whose data is lost)."""
     done = self.completed_chunks()
     return [c for c in range(process_index, self.num_chunks, process_count) if c not in done]
 
@@ -191,10 +271,15 @@ class EncodingStore:
     return out
 
   def is_complete(self) -> bool:
+    """Every chunk is marked and its data exists."""
     return len(self.completed_chunks()) == self.num_chunks
 
   def require_complete(self) -> None:
-    """Raises `IncompleteStoreError` naming the missing row ranges."""
+    """Raises `StoreDataError` for marked chunks whose data is gone, else `IncompleteStoreError` for missing rows."""
+    marked, stored = self.marked_chunks(), self.stored_chunks()
+    lost = sorted(marked - stored)
+    if lost:
+      self._raise([BadChunk(c, *self.chunk_range(c), "data missing") for c in lost])
     missing = self.missing_ranges()
     if missing:
       n = sum(b - a for a, b in missing)
@@ -203,6 +288,105 @@ class EncodingStore:
           f"Encoding store {self.url} is incomplete: {n} of {self.num_rows} rows missing, rows {shown}. "
           "Re-run launch/encode.py with the same config and --workdir to finish it."
       )
+
+  # --- integrity ------------------------------------------------------------
+
+  def _raise(self, bad: Sequence[BadChunk]) -> None:
+    shown = "; ".join(f"chunk {b.chunk} (rows [{b.start}, {b.stop})): {b.reason}" for b in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    raise StoreDataError(
+        f"Encoding store {self.url} is damaged: {len(bad)} committed chunk(s) cannot be read: {shown}{more}. "
+        + repair_command(self.url, self.meta.checkpoint), bad)
+
+  def _check_chunk(self, chunk: int) -> BadChunk | None:
+    """Reads chunk `chunk` (phi and ids); a `BadChunk` if either is missing, truncated or fails its checksum."""
+    a, b = self.chunk_range(chunk)
+    for name, arr in (("phi", self.phi), ("ids", self.ids)):
+      try:
+        self._wait(arr[a:b].read(), f"Reading {name} rows [{a}, {b})", nbytes=(b - a) * self.dim * 4)
+      except ValueError as e:  # TensorStore's errors (NOT_FOUND, DATA_LOSS, ...) are ValueErrors
+        return BadChunk(chunk, a, b, f"{name} {_reason(e)}")
+    return None
+
+  def _result(self, future: Any, start: int, stop: int, what: str) -> np.ndarray:
+    """A read's result; on a storage error, finds the damaged chunks of rows [start, stop) and raises."""
+    try:
+      return self._wait(future, what, nbytes=(stop - start) * self.dim * 4)
+    except ValueError as e:
+      c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)
+      bad = [b for b in map(self._check_chunk, range(c0, min(c1, self.num_chunks))) if b is not None]
+      if not bad:
+        raise
+      self._raise(bad)
+      raise AssertionError("unreachable") from e
+
+  def verify(self, *, chunks: Sequence[int] | None = None, in_flight: int = 2, log_every_s: float = 30.0
+             ) -> list[BadChunk]:
+    """Reads every committed chunk and checks it; returns the damaged ones (missing, truncated, corrupt).
+
+    Args:
+      chunks: the chunks to check; default every marked chunk (unmarked ones are
+        pending anyway: encode writes them).
+      in_flight: chunks read concurrently (each costs chunk_rows x dim x itemsize of host memory).
+      log_every_s: seconds between progress lines (done/total, rate, ETA).
+    """
+    todo = sorted(self.marked_chunks()) if chunks is None else sorted(set(chunks))
+    prog = progress_lib.Progress(total=len(todo), unit="chunk", item_unit="rows", name=f"verify {self.url}")
+    bad, queue, upcoming = [], collections.deque(), iter(todo)
+
+    def start(c):
+      a, b = self.chunk_range(c)
+      queue.append((c, a, b, self.phi[a:b].read(), self.ids[a:b].read()))
+
+    for c in itertools.islice(upcoming, max(1, in_flight)):
+      start(c)
+    while queue:
+      c, a, b, *futures = queue.popleft()
+      nxt = next(upcoming, None)
+      if nxt is not None:
+        start(nxt)
+      for name, f in zip(("phi", "ids"), futures):
+        try:
+          self._wait(f, f"Reading {name} rows [{a}, {b})", nbytes=(b - a) * self.dim * 4)
+        except ValueError as e:
+          bad.append(BadChunk(c, a, b, f"{name} {_reason(e)}"))
+          break
+      prog.update(prog.done + 1, items=b - a)
+      if prog.due(every_s=log_every_s) or prog.done == len(todo):
+        logging.info("%s; %d damaged so far", prog.line(), len(bad))
+    if not self.checksummed:
+      logging.warning("Encoding store %s is of format %s: its chunks have no checksums, so only missing or "
+                      "truncated chunks are found, not corrupted bytes. Re-encode into a new URL to add them.",
+                      self.url, self.format)
+    return bad
+
+  def unmark(self, chunks: Sequence[int]) -> int:
+    """Drops the commit markers of `chunks` (keeping the others'), so that encode's resume redoes exactly them.
+
+    A marker names a range of chunks; one that covers a dropped chunk is
+    replaced by markers of its remaining sub-ranges (written before the old
+    marker is deleted, so a crash never unmarks a good chunk). Returns the
+    number of chunks that were marked and no longer are.
+    """
+    drop = set(chunks)
+    before = self.marked_chunks()
+    for key in self._list("done/"):
+      m = _MARKER.match(key)
+      if not m:
+        continue
+      c0, c1 = int(m.group(1)), int(m.group(2))
+      if not drop & set(range(c0, c1)):
+        continue
+      run = None
+      for c in range(c0, c1 + 1):
+        keep = c < c1 and c not in drop
+        if keep and run is None:
+          run = c
+        elif not keep and run is not None:
+          self._mark_done(run, c)
+          run = None
+      self._wait(self._kv.delete_range(ts.KvStore.KeyRange("done/" + key, "done/" + key + "\0")), "Unmarking")
+    return len(before - self.marked_chunks())
 
   # --- writing --------------------------------------------------------------
 
@@ -230,17 +414,19 @@ class EncodingStore:
     stop = self._check_write(start, ids.shape[0])
     phi = np.asarray(phi, self.phi.dtype.numpy_dtype)  # no copy when already the store's dtype
     futures = [self.phi[start:stop].write(phi), self.ids[start:stop].write(ids)]
-    return PendingWrite(self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures)
+    return PendingWrite(self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures,
+                        nbytes=phi.nbytes + ids.nbytes)
 
   def _mark_done(self, c0: int, c1: int) -> None:
-    self._kv.write(f"done/{c0:010d}-{c1:010d}", b"").result()
+    self._wait(self._kv.write(f"done/{c0:010d}-{c1:010d}", b""), "Writing a commit marker")
 
   # --- reading --------------------------------------------------------------
 
   def read(self, start: int, stop: int) -> Chunk:
-    """Rows [start, stop) as numpy arrays (blocking)."""
+    """Rows [start, stop) as numpy arrays (blocking). Raises `StoreDataError` for damaged chunks."""
     phi_f, ids_f = self.phi[start:stop].read(), self.ids[start:stop].read()
-    return Chunk(start, ids_f.result(), phi_f.result())
+    what = f"Reading rows [{start}, {stop})"
+    return Chunk(start, self._result(ids_f, start, stop, what), self._result(phi_f, start, stop, what))
 
   def read_ids(self, rows: np.ndarray) -> np.ndarray:
     """ids at arbitrary rows (any shape); -1 where rows < 0."""
@@ -250,7 +436,14 @@ class EncodingStore:
     ok = flat >= 0
     if ok.any():
       uniq, inv = np.unique(flat[ok], return_inverse=True)
-      out[ok] = self.ids[uniq].read().result()[inv]
+      try:
+        got = self._wait(self.ids[uniq].read(), "Reading ids")
+      except ValueError:
+        bad = [b for b in map(self._check_chunk, sorted(set(uniq // self.chunk_rows))) if b is not None]
+        if not bad:
+          raise
+        self._raise(bad)
+      out[ok] = got[inv]
     return out.reshape(rows.shape)
 
   def iter_chunks(
@@ -260,6 +453,7 @@ class EncodingStore:
 
     Reads of the next `prefetch` chunks are in flight while the caller works on
     the current one. Does not check completeness: call `require_complete()`.
+    Raises `StoreDataError` when a chunk's data is missing or fails its checksum.
     """
     if rows_per_chunk <= 0:
       raise ValueError(f"rows_per_chunk must be > 0, got {rows_per_chunk}.")
@@ -269,23 +463,26 @@ class EncodingStore:
       if i < len(starts):
         a = starts[i]
         b = min(a + rows_per_chunk, self.num_rows)
-        queue.append((a, self.ids[a:b].read(), self.phi[a:b].read()))
+        queue.append((a, b, self.ids[a:b].read(), self.phi[a:b].read()))
       if i >= prefetch:
-        a, ids_f, phi_f = queue.popleft()
-        yield Chunk(a, ids_f.result(), phi_f.result())
+        a, b, ids_f, phi_f = queue.popleft()
+        what = f"Reading rows [{a}, {b})"
+        yield Chunk(a, self._result(ids_f, a, b, what), self._result(phi_f, a, b, what))
 
 
 class PendingWrite:
   """An in-flight write of chunks [c0, c1); `wait()` commits and marks them."""
 
-  def __init__(self, store: EncodingStore, c0: int, c1: int, futures: Sequence[Any]):
+  def __init__(self, store: EncodingStore, c0: int, c1: int, futures: Sequence[Any], *, nbytes: int = 0):
     self._store, self.chunks, self._futures, self._done = store, (c0, c1), futures, False
+    self._nbytes = nbytes
 
   def wait(self) -> None:
     if self._done:
       return
-    for f in self._futures:
-      f.result()  # WriteFutures.result() waits for the commit.
+    for f in self._futures:  # WriteFutures.result() waits for the commit.
+      remote.wait(f, url=self._store.url, what=f"Writing chunks [{self.chunks[0]}, {self.chunks[1]}) of encoding store",
+                  nbytes=self._nbytes)
     self._store._mark_done(*self.chunks)  # pylint: disable=protected-access
     self._done = True
 
@@ -320,6 +517,11 @@ class AsyncWriter:
     # On error, unfinished writes stay unmarked and are redone on resume.
 
 
+# Reads of a chunk that does not exist fail (NOT_FOUND) instead of returning the fill value; chunks equal
+# to the fill value are still written, so that every committed chunk has a data object.
+_OPEN_OPTIONS = {"fill_missing_data_reads": False, "store_data_equal_to_fill_value": True}
+
+
 def _array_spec(kv: Mapping[str, Any], shape: Sequence[int], chunk: Sequence[int], dtype: str) -> dict[str, Any]:
   return {
       "driver": "zarr3",
@@ -328,8 +530,11 @@ def _array_spec(kv: Mapping[str, Any], shape: Sequence[int], chunk: Sequence[int
           "shape": list(shape),
           "data_type": dtype,
           "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+          "chunk_key_encoding": {"name": "default"},
           "fill_value": -1 if dtype == "int64" else 0,
+          "codecs": _CODECS,
       },
+      **_OPEN_OPTIONS,
   }
 
 
@@ -342,12 +547,20 @@ def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool
       `StoreMismatchError` lists the differing fields. Required with create.
     create: create the store when none exists at `url`. In multi-host jobs only
       process 0 creates; the others open after a barrier.
+
+  Raises:
+    remote.RemoteTimeoutError: a remote URL (gs://) did not answer in time.
   """
   kv_spec = kvstore_spec(url)
-  kv = ts.KvStore.open(kv_spec, context=CONTEXT).result()
-  raw = kv.read("meta.json").result()
+
+  def wait(future, what):
+    return remote.wait(future, url=url, what=what)
+
+  kv = wait(ts.KvStore.open(kv_spec, context=CONTEXT), "Opening the encoding store")
+  raw = wait(kv.read("meta.json"), "Reading meta.json of the encoding store")
   if raw.state == "value":
-    meta = StoreMeta.from_json(json.loads(raw.value))
+    obj = json.loads(raw.value)
+    meta = StoreMeta.from_json(obj)
     if expected_meta is not None:
       diff = meta_differences(meta, expected_meta)
       if diff:
@@ -356,25 +569,22 @@ def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool
             + "\n  ".join(diff)
             + "\nUse another store URL (config.store.url) or delete the old store."
         )
-    phi = ts.open({"driver": "zarr3", "kvstore": _sub(kv_spec, "phi/")}, context=CONTEXT, open=True).result()
-    ids = ts.open({"driver": "zarr3", "kvstore": _sub(kv_spec, "ids/")}, context=CONTEXT, open=True).result()
-    return EncodingStore(url, kv, meta, phi, ids)
+    phi, ids = (wait(ts.open({"driver": "zarr3", "kvstore": _sub(kv_spec, f"{name}/"), **_OPEN_OPTIONS},
+                             context=CONTEXT, open=True), f"Opening {name}/ of the encoding store")
+                for name in ("phi", "ids"))
+    return EncodingStore(url, kv, meta, phi, ids, format=obj.get("format", FORMAT))
   if not create:
     raise FileNotFoundError(f"No encoding store at {url} (no meta.json). Run launch/encode.py first.")
   if expected_meta is None:
     raise ValueError("open_store(create=True) needs expected_meta.")
   m = expected_meta
-  kv.delete_range(ts.KvStore.KeyRange("done/", "done0")).result()  # stale markers of a deleted store
-  phi = ts.open(
-      _array_spec(_sub(kv_spec, "phi/"), (m.num_rows, m.dim), (m.chunk_rows, m.dim), m.dtype),
-      context=CONTEXT, create=True, delete_existing=True,
-  ).result()
-  ids = ts.open(
-      _array_spec(_sub(kv_spec, "ids/"), (m.num_rows,), (m.chunk_rows,), "int64"),
-      context=CONTEXT, create=True, delete_existing=True,
-  ).result()
+  wait(kv.delete_range(ts.KvStore.KeyRange("done/", "done0")), "Clearing markers")  # a deleted store's
+  phi = wait(ts.open(_array_spec(_sub(kv_spec, "phi/"), (m.num_rows, m.dim), (m.chunk_rows, m.dim), m.dtype),
+                     context=CONTEXT, create=True, delete_existing=True), "Creating phi/ of the encoding store")
+  ids = wait(ts.open(_array_spec(_sub(kv_spec, "ids/"), (m.num_rows,), (m.chunk_rows,), "int64"),
+                     context=CONTEXT, create=True, delete_existing=True), "Creating ids/ of the encoding store")
   # meta.json last: its presence means the arrays exist.
-  kv.write("meta.json", json.dumps(m.to_json(), indent=1, sort_keys=True).encode()).result()
+  wait(kv.write("meta.json", json.dumps(m.to_json(), indent=1, sort_keys=True).encode()), "Writing meta.json")
   logging.info("Created encoding store %s: %d rows x %d (%s), chunks of %d", url, m.num_rows, m.dim, m.dtype,
                m.chunk_rows)
   return EncodingStore(url, kv, m, phi, ids)

@@ -149,6 +149,24 @@ def _builder(cls, cfg, data_dir: str):
   return cls(config=arg, data_dir=data_dir, file_format="array_record")
 
 
+def _sole_lama_build(data_dir: str, rels, manual_dir: str) -> str:
+  """The source key of the only prepared lama_trex build of `rels` under data_dir ("" if none); else an error."""
+  from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
+  prefix = lama.config_name(rels) + builders.SOURCE_SEP
+  root = os.path.join(data_dir, "lama_trex")
+  found = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ()) if n.startswith(prefix) and any(
+      os.path.exists(os.path.join(root, n, v, "dataset_info.json")) for v in os.listdir(os.path.join(root, n))))
+  what = f"{lama.MANUAL_DIR_FLAG}={manual_dir} does not exist" if manual_dir else f"no {lama.MANUAL_DIR_FLAG}"
+  if len(found) > 1:
+    raise ValueError(f"{what}, and {root} holds {len(found)} builds of these relations from different files: "
+                     f"{found}. Set {lama.MANUAL_DIR_FLAG} to the folder to use: builds are keyed by its content.")
+  if found:
+    logging.warning("%s: using the only LAMA build of these relations, %s (built from other files cannot be "
+                    "told apart without them).", what, os.path.join(root, found[0]))
+    return found[0][len(prefix):]
+  return ""
+
+
 def make_builder(config, *, data_dir: str | None = None):
   """The TFDS builder (not yet prepared) that `config.dataset` names."""
   from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
@@ -159,7 +177,18 @@ def make_builder(config, *, data_dir: str | None = None):
     return _builder(builders.SyntheticFacts, cfg, data_dir)
   if name == "lama_trex":
     rels = config.get("lama_relations", None) or None
-    cfg = builders.LamaTrexConfig.from_relations(rels)
+    manual_dir = config.get("manual_dir", "") or ""
+    manual_dir = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else ""
+    if manual_dir and os.path.isdir(manual_dir):  # the build of exactly these files
+      source = lama.source_fingerprint(manual_dir, relations=rels)
+    else:  # no files to key by: the one earlier build of this relation set, if there is exactly one
+      source = _sole_lama_build(data_dir, rels, manual_dir)
+    if not source:  # never open an unkeyed build (made before builds were keyed by content)
+      if manual_dir:
+        lama.available_relations(manual_dir)  # raises: names the flag and the expected files
+      raise ValueError(f"config.dataset='lama_trex' is not prepared yet and needs {lama.MANUAL_DIR_FLAG}: "
+                       f"{builders.LamaTrex.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+    cfg = builders.LamaTrexConfig.from_relations(rels, source=source)
     return _builder(builders.LamaTrex, cfg, data_dir)
   raise ValueError(f"Unknown config.dataset={name!r}; known: {DATASETS}.")
 

@@ -3,7 +3,10 @@
   synthetic_facts  the generated world (`world.generate_world`); one builder
                    config per set of world parameters, named by their hash, so
                    different parameters never share a directory.
-  lama_trex        LAMA T-REx read from a manual directory (`lama.read_lama`).
+  lama_trex        LAMA T-REx read from a manual directory (`lama.read_lama`);
+                   one builder config per relation set *and content* of the
+                   files it reads (`lama.source_fingerprint`), so a build from
+                   other files is never reused: a changed manual dir is rebuilt.
 
 Both have the splits `corpus` and `queries`, written in generation order
 (`disable_shuffling=True`: sentence i is record i) and read back by random
@@ -119,18 +122,22 @@ class SyntheticFacts(tfds.core.GeneratorBasedBuilder):
     return _generate(recs, key)
 
 
+SOURCE_SEP = "_src"  # lama_trex config names: <relation-set name>_src<source fingerprint>
+
+
 @dataclasses.dataclass(eq=False)
 class LamaTrexConfig(tfds.core.BuilderConfig):
-  """Which relations to read; build with `LamaTrexConfig.from_relations`."""
+  """Which relations to read, from which files; build with `LamaTrexConfig.from_relations`."""
 
   relations: tuple[str, ...] = ()
+  source: str = ""  # lama.source_fingerprint of the manual dir ("" = unkeyed)
 
   @classmethod
-  def from_relations(cls, relations: Sequence[str] | None) -> "LamaTrexConfig":
+  def from_relations(cls, relations: Sequence[str] | None, *, source: str = "") -> "LamaTrexConfig":
     rels = tuple(relations or ())
-    name = lama.config_name(rels)
-    return cls(name=name, description=f"relations: {list(rels) or 'all present'}",
-               relations=rels)
+    name = lama.config_name(rels) + (f"{SOURCE_SEP}{source}" if source else "")
+    return cls(name=name, description=f"relations: {list(rels) or 'all present'}; source files: {source or '?'}",
+               relations=rels, source=source)
 
 
 class LamaTrex(tfds.core.GeneratorBasedBuilder):
@@ -148,11 +155,17 @@ class LamaTrex(tfds.core.GeneratorBasedBuilder):
         description="LAMA T-REx: deduplicated evidence sentences and relation queries.",
         features=_features(),
         disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(relations=list(self.builder_config.relations)),
+        metadata=tfds.core.MetadataDict(relations=list(self.builder_config.relations),
+                                        source=self.builder_config.source),
     )
 
   def _split_generators(self, dl_manager):
-    data = lama.read_lama(str(dl_manager.manual_dir), relations=self.builder_config.relations)
+    manual_dir = str(dl_manager.manual_dir)
+    source = self.builder_config.source
+    if source and lama.source_fingerprint(manual_dir, relations=self.builder_config.relations) != source:
+      raise ValueError(f"The files in {manual_dir} changed while building {self.builder_config.name}; rerun.")
+    data = lama.read_lama(manual_dir, relations=self.builder_config.relations)
+    self.info.metadata["manual_dir"] = manual_dir
     return _split_generators(self, data)
 
   def _generate_examples(self, recs, key):

@@ -49,6 +49,31 @@ def config_name(relations: Sequence[str] | None) -> str:
   return "rel_" + hashlib.sha256(json.dumps(list(relations)).encode()).hexdigest()[:12]
 
 
+def source_fingerprint(manual_dir: str, *, relations: Sequence[str] | None = None) -> str:
+  """16 hex digits naming what `read_lama(manual_dir, relations=...)` reads: a build's content key.
+
+  Hashes the relation list (the files present when `relations` is empty) and,
+  for the templates file and each relation's evidence file, its name, size and
+  sha256, so two manual dirs give the same key only when they hold the same
+  bytes. A missing file enters the hash as missing (reading it later raises
+  `read_lama`'s actionable error).
+  """
+  manual_dir = os.fspath(manual_dir)
+  rels = list(relations) if relations else available_relations(manual_dir)
+  h = hashlib.sha256(json.dumps({"relations": rels, "pararel": PARAREL_TEMPLATES}, sort_keys=True).encode())
+  for rel_path in [TEMPLATES_FILE] + [os.path.join(EVIDENCE_DIR, f"{r}.jsonl") for r in rels]:
+    path = os.path.join(manual_dir, rel_path)
+    if not os.path.isfile(path):
+      h.update(f"{rel_path}:missing\n".encode())
+      continue
+    content = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        content.update(block)
+    h.update(f"{rel_path}:{os.path.getsize(path)}:{content.hexdigest()}\n".encode())
+  return h.hexdigest()[:16]
+
+
 def _expected_files_message(manual_dir: str) -> str:
   return (
       f"Point {MANUAL_DIR_FLAG} at the LAMA T-REx folder that holds"

@@ -136,7 +136,8 @@ def get_tokenizer(dataset, config, *, path: str) -> Tokenizer:
   """Loads the tokenizer at `path`, training it on `dataset.corpus` first if absent.
 
   A sidecar `<path>.json` records the dataset fingerprint and vocabulary size;
-  a model trained on another corpus or size is an error, not a silent reuse.
+  a model trained on another corpus or size, or one without that record, is an
+  error, not a silent reuse.
   Training is deterministic, so processes that race to create `path` write
   identical bytes (each write is atomic).
   """
@@ -146,23 +147,29 @@ def get_tokenizer(dataset, config, *, path: str) -> Tokenizer:
               byte_fallback=byte_fallback)
   meta_path = path + ".json"
   if os.path.exists(path):
-    if os.path.exists(meta_path):
-      with open(meta_path) as f:
-        have = json.load(f)
-      diff = {k: (have.get(k), v) for k, v in want.items()
-              if k != "dataset" and have.get(k) != v}
-      if diff:
-        raise ValueError(
-            f"Tokenizer {path} was trained for another dataset/config ({diff}, as"
-            " (stored, wanted)). Delete it or use another workdir.")
+    if not os.path.exists(meta_path):
+      raise ValueError(
+          f"Tokenizer {path} has no record of the corpus it was trained on ({meta_path} is missing), so it "
+          "cannot be checked against this dataset. Delete it (it is retrained) or use another workdir.")
+    with open(meta_path) as f:
+      have = json.load(f)
+    diff = {k: (have.get(k), v) for k, v in want.items()
+            if k != "dataset" and have.get(k) != v}
+    if diff:
+      raise ValueError(
+          f"Tokenizer {path} was trained for another dataset/config ({diff}, as"
+          " (stored, wanted)). Delete it or use another workdir.")
     logging.info("Loading tokenizer from %s.", path)
     return Tokenizer.load(path)
   texts = [rec["text"] for rec in dataset.corpus]
   tok = train_tokenizer(texts, vocab_size=vocab_size, byte_fallback=byte_fallback)
-  tok.save(path)
+  # The record first: a tokenizer file always has one (a crash in between leaves a record and no tokenizer,
+  # which the next run retrains).
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tokenizer-")
   with os.fdopen(fd, "w") as f:
     json.dump(want, f, indent=1)
   os.replace(tmp, meta_path)
+  tok.save(path)
   logging.info("Saved tokenizer (%d pieces) to %s.", tok.vocab_size, path)
   return tok
