@@ -3,23 +3,32 @@
   CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="...")
 
   def main(argv):
-    config = cli.start(argv, CONFIG, DISTRIBUTED)     # multi-host init, logging, strict config
+    config = cli.start(argv, CONFIG, DISTRIBUTED)     # multi-host init, quiet Orbax
     ... = jobs.<job>.run(config, WORKDIR.value)
     cli.finish(config, WORKDIR.value, "<job>")         # <workdir>/<job>_config.json, on success only
+
+  if __name__ == "__main__":
+    cli.run(main)                                      # strict --config.x.y overrides, then app.run
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from trackstar_jax import checkpointing
+from trackstar_jax import configs
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax.jobs import workdir as workdir_lib
 
 
-def define_flags(*, workdir_help: str, default_config: str = "configs/synthetic.py"):
+DEFAULT_CONFIG = "configs/synthetic.py"
+
+
+def define_flags(*, workdir_help: str, default_config: str = DEFAULT_CONFIG):
   """--config (an ml_collections config file; `file.py:arg` and `--config.x.y=v` overrides),
   --workdir (required) and --distributed."""
   config = config_flags.DEFINE_config_file(
@@ -43,3 +52,17 @@ def start(argv, config_flag, distributed_flag):
 def finish(config, workdir: str, job: str) -> None:
   """Records the resolved config next to the outputs it produced (only once the job succeeded)."""
   workdir_lib.write_job_config(config, workdir, job)
+
+
+def run(main, *, default_config: str = DEFAULT_CONFIG) -> None:
+  """`app.run(main)`, after refusing unknown `--config.x.y=` overrides with a "did you mean" (exit 2).
+
+  absl's config flags fail on an unknown leaf deep inside flag parsing, with a
+  traceback that does not name the typo's likely fix.
+  """
+  try:
+    configs.check_overrides(argv=sys.argv, default_file=default_config)
+  except ValueError as e:
+    print(f"FATAL Flags parsing error: {e}", file=sys.stderr)
+    sys.exit(2)
+  app.run(main)
