@@ -207,6 +207,16 @@ def _read_bytes(path: str) -> bytes:
   return r.value
 
 
+def read_text(path: str) -> str:
+  """The UTF-8 text of a file at a local path, file:// or gs:// URL (FileNotFoundError if none)."""
+  return _read_bytes(path).decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes `text` (UTF-8) to a local path, file:// or gs:// URL atomically: never a partial file."""
+  _write_bytes(path, text.encode("utf-8"))
+
+
 def meta_path(path: str) -> str:
   """The side file with the results' metadata: `<path>.meta.json`."""
   return path + ".meta.json"

@@ -1,0 +1,1 @@
+"""The jobs layer: one module per launcher in launch/."""
