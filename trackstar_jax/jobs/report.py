@@ -34,9 +34,16 @@ def _dataset_name(methods: Sequence[data_lib.Method], tables: Sequence[dict | No
   return None
 
 
-def run(*, results: str | Sequence[str], output: str, evaluation: str | None = None, ablation: str | None = None,
-        compare: str | None = None, title: str | None = None,
-        page_size: int = page_lib.DEFAULT_PAGE_SIZE) -> dict[str, Any]:
+def run(
+  *,
+  results: str | Sequence[str],
+  output: str,
+  evaluation: str | None = None,
+  ablation: str | None = None,
+  compare: str | None = None,
+  title: str | None = None,
+  page_size: int = page_lib.DEFAULT_PAGE_SIZE,
+) -> dict[str, Any]:
   """Builds the page and writes it to `output`.
 
   Args:
@@ -56,19 +63,36 @@ def run(*, results: str | Sequence[str], output: str, evaluation: str | None = N
   """
   start = time.time()
   if os.path.isdir(output):
-    raise ReportInputError(f"--output {output!r} is a directory: give the page's file name, e.g. "
-                           f"{os.path.join(output, 'report.html')}.")
+    raise ReportInputError(
+      f"--output {output!r} is a directory: give the page's file name, e.g. {os.path.join(output, 'report.html')}."
+    )
   methods = data_lib.load_methods(results, compare=compare)
   eval_table = data_lib.load_table(evaluation, what="Evaluation file") if evaluation else None
   ablation_table = data_lib.load_table(ablation, what="Ablation file") if ablation else None
-  payload = payload_lib.build_payload(methods=methods, evaluation=eval_table, title=title or "TrackStar results",
-                                      dataset=_dataset_name(methods, [eval_table, ablation_table]))
+  payload = payload_lib.build_payload(
+    methods=methods,
+    evaluation=eval_table,
+    title=title or "TrackStar results",
+    dataset=_dataset_name(methods, [eval_table, ablation_table]),
+  )
   stats = [{"name": m.name, **payload_lib.method_stats(m.records)} for m in methods]
   metrics_html = summary.metrics_tab_html(evaluation=eval_table, ablation=ablation_table, stats=stats)
   text = page_lib.render_page(payload=payload, metrics_html=metrics_html, page_size=page_size)
   results_lib.write_text(output, text)
-  out = {"output": output, "queries": len(payload["queries"]), "methods": [m.name for m in methods],
-         "passages": len(payload["passages"]), "bytes": len(text.encode("utf-8"))}
-  logging.info("report: wrote %s (%.1f MB): %d queries, %d distinct passages, methods %s, in %.1f s", output,
-               out["bytes"] / 1e6, out["queries"], out["passages"], ", ".join(out["methods"]), time.time() - start)
+  out = {
+    "output": output,
+    "queries": len(payload["queries"]),
+    "methods": [m.name for m in methods],
+    "passages": len(payload["passages"]),
+    "bytes": len(text.encode("utf-8")),
+  }
+  logging.info(
+    "report: wrote %s (%.1f MB): %d queries, %d distinct passages, methods %s, in %.1f s",
+    output,
+    out["bytes"] / 1e6,
+    out["queries"],
+    out["passages"],
+    ", ".join(out["methods"]),
+    time.time() - start,
+  )
   return out

@@ -18,3 +18,5 @@ The job that writes the file is `trackstar_jax.jobs.report` (`launch/report.py`)
 from trackstar_jax.report.data import ReportInputError, load_method, load_methods, load_table
 from trackstar_jax.report.page import render_page
 from trackstar_jax.report.payload import build_payload
+
+__all__ = ["ReportInputError", "build_payload", "load_method", "load_methods", "load_table", "render_page"]

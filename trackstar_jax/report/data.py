@@ -120,8 +120,12 @@ def _side(rec: Mapping, side: str, path: str, lineno: int, *, required: bool) ->
       raise _fail(path, lineno, f"no {side}s: a results line needs '{side}s' (texts) or '{side}_ids'.")
     return []
   n = len(texts if texts is not None else ids)
-  for field, v in ((side + "s", texts), (side + "_ids", ids), (side + "_scores", scores),
-                   ("proponent_correct", correct)):
+  for field, v in (
+    (side + "s", texts),
+    (side + "_ids", ids),
+    (side + "_scores", scores),
+    ("proponent_correct", correct),
+  ):
     if v is not None and len(v) != n:
       raise _fail(path, lineno, f"{field!r} has {len(v)} entries but there are {n} {side}s.")
   out = []
@@ -132,15 +136,23 @@ def _side(rec: Mapping, side: str, path: str, lineno: int, *, required: bool) ->
     c = correct[i] if correct is not None else None
     if c is not None and not isinstance(c, bool):
       raise _fail(path, lineno, f"proponent_correct[{i}] must be true or false, got {c!r}.")
-    out.append(dict(id=_id(ids[i], side + "_ids", path, lineno) if ids is not None else None,
-                    text=text, score=_score(scores[i], side + "_scores", path, lineno) if scores is not None else None,
-                    correct=c))
+    out.append(
+      dict(
+        id=_id(ids[i], side + "_ids", path, lineno) if ids is not None else None,
+        text=text,
+        score=_score(scores[i], side + "_scores", path, lineno) if scores is not None else None,
+        correct=c,
+      )
+    )
   return out
 
 
 def normalize_record(rec: Any, *, path: str, lineno: int) -> dict[str, Any]:
-  """One results line -> {id, prompt, target, relation, fact_id, frequency, subject, answer, model_correct,
-  proponents, opponents}; fields the line lacks are None (or [] for opponents).
+  """One results line as the dict the payload is built from.
+
+  Keys: id, prompt, target, relation, fact_id, frequency, subject, answer,
+  model_correct, proponents, opponents ([{id, text, score, correct}]); a field
+  the line lacks is None ([] for opponents).
 
   Raises:
     ReportInputError: naming `path` and `lineno`, when a field the page needs is missing or malformed.
@@ -159,7 +171,9 @@ def normalize_record(rec: Any, *, path: str, lineno: int) -> dict[str, Any]:
     v = rec.get(field)
     out[key] = None if v is None else str(v)
   freq = rec.get("frequency")
-  if freq is not None and (isinstance(freq, bool) or not isinstance(freq, (int, float)) or freq != int(freq)):
+  if freq is not None and (
+    isinstance(freq, bool) or not isinstance(freq, (int, float)) or not math.isfinite(freq) or freq != int(freq)
+  ):
     raise _fail(path, lineno, f"'frequency' must be an integer, got {freq!r}.")
   out["frequency"] = None if freq is None else int(freq)
   out["subject"] = next((rec[f] for f in SUBJECT_FIELDS if isinstance(rec.get(f), str) and rec[f].strip()), None)
@@ -261,8 +275,9 @@ def load_table(path: str, *, what: str) -> dict[str, Any]:
     raise ReportInputError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
   if not isinstance(table, dict) or not (isinstance(table.get("rows"), list) or isinstance(table.get("metrics"), dict)):
     raise ReportInputError(
-        f"{what} {path!r} has neither 'rows' nor 'metrics': expected the JSON written by launch/evaluate.py "
-        "(evaluation.json) or launch/pipeline.py (ablation.json).")
+      f"{what} {path!r} has neither 'rows' nor 'metrics': expected the JSON written by launch/evaluate.py "
+      "(evaluation.json) or launch/pipeline.py (ablation.json)."
+    )
   rows = table.get("rows", [])
   for i, row in enumerate(rows if isinstance(rows, list) else []):
     if not isinstance(row, dict) or not isinstance(row.get("method"), str):

@@ -27,6 +27,13 @@ def utf16_index(text: str, index: int) -> int:
   return index + sum(1 for c in head if ord(c) > 0xFFFF)
 
 
+def _pattern(needle: str) -> re.Pattern | None:
+  needle = needle.strip()
+  if not needle:
+    return None
+  return re.compile(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", re.IGNORECASE)
+
+
 def find_spans(text: str, needle: str, *, kind: str) -> list[tuple[int, int, str]]:
   """Case-insensitive, whole-word occurrences of `needle` in `text` (code point offsets).
 
@@ -43,11 +50,45 @@ def find_spans(text: str, needle: str, *, kind: str) -> list[tuple[int, int, str
   """
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r}; expected one of {KINDS}.")
-  needle = needle.strip()
-  if not needle:
-    return []
-  pattern = re.compile(r"(?<!\w)" + re.escape(needle) + r"(?!\w)", re.IGNORECASE)
-  return [(m.start(), m.end(), kind) for m in pattern.finditer(text)]
+  pattern = _pattern(needle)
+  return [(m.start(), m.end(), kind) for m in pattern.finditer(text)] if pattern else []
+
+
+class Highlighter:
+  """`highlight_spans` for one query, its patterns compiled once for all of its passages."""
+
+  def __init__(self, *, target: str, subject: str | None = None):
+    # (kind, stripped needle, its lower case for a quick substring test); patterns compiled on first use
+    self._needles = [
+      (kind, n.strip(), n.strip().lower()) for kind, n in (("target", target), ("subject", subject)) if n and n.strip()
+    ]
+    self._patterns: dict[str, re.Pattern] = {}
+
+  def _find(self, kind: str, needle: str, text: str) -> list[tuple[int, int, str]]:
+    pattern = self._patterns.get(kind)
+    if pattern is None:
+      pattern = self._patterns[kind] = _pattern(needle)
+    return [(m.start(), m.end(), kind) for m in pattern.finditer(text)]
+
+  def __call__(self, text: str) -> list[tuple[int, int, str]]:
+    """Non-overlapping target and subject spans of `text`, sorted, in UTF-16 offsets."""
+    low = text.lower()
+    spans = [
+      s for kind, needle, low_needle in self._needles if low_needle in low for s in self._find(kind, needle, text)
+    ]
+    if not spans:
+      return []
+    spans.sort(key=lambda s: (s[0], -(s[1] - s[0]), KINDS.index(s[2])))
+    out: list[tuple[int, int, str]] = []
+    for s in spans:
+      if out and s[0] < out[-1][1]:
+        if s[1] - s[0] > out[-1][1] - out[-1][0]:
+          out[-1] = s
+        continue
+      out.append(s)
+    if len(text.encode("utf-16-le")) != 2 * len(text):  # characters outside the BMP: shift the offsets
+      out = [(utf16_index(text, a), utf16_index(text, b), k) for a, b, k in out]
+    return out
 
 
 def highlight_spans(text: str, *, target: str, subject: str | None = None) -> list[tuple[int, int, str]]:
@@ -56,20 +97,7 @@ def highlight_spans(text: str, *, target: str, subject: str | None = None) -> li
   Where a target and a subject occurrence overlap (a subject "Paris Hilton" and a
   target "Paris"), the longer one wins; on a tie, the target.
   """
-  spans = find_spans(text, target, kind="target")
-  if subject:
-    spans += find_spans(text, subject, kind="subject")
-  spans.sort(key=lambda s: (s[0], -(s[1] - s[0]), KINDS.index(s[2])))
-  out: list[tuple[int, int, str]] = []
-  for s in spans:
-    if out and s[0] < out[-1][1]:
-      if s[1] - s[0] > out[-1][1] - out[-1][0]:
-        out[-1] = s
-      continue
-    out.append(s)
-  if len(text.encode("utf-16-le")) != 2 * len(text):  # characters outside the BMP: shift the offsets
-    out = [(utf16_index(text, a), utf16_index(text, b), k) for a, b, k in out]
-  return out
+  return Highlighter(target=target, subject=subject)(text)
 
 
 def _common_prefix(seqs: Sequence[Sequence[str]]) -> int:

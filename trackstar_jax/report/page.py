@@ -28,8 +28,8 @@ def embed_json(payload: Mapping[str, Any]) -> str:
 def _subtitle(payload: Mapping[str, Any]) -> str:
   methods = payload["methods"]
   n = len(payload["queries"])
-  names = ", ".join(m["name"] for m in methods)
-  out = f"{n:,} queries · {len(methods)} method{'s' if len(methods) > 1 else ''}: {names}"
+  names = ": " + ", ".join(m["name"] for m in methods) if len(methods) <= 3 else ""
+  out = f"{n:,} queries · {len(methods)} method{'s' if len(methods) > 1 else ''}{names}"
   return f"{payload['dataset']} · {out}" if payload.get("dataset") else out
 
 
@@ -50,8 +50,10 @@ def render_page(*, payload: Mapping[str, Any], metrics_html: str = "", page_size
   metrics_tab, nav = "", ""
   if metrics_html:  # two tabs; with one there is nothing to switch to
     metrics_tab = f'<div id="tab-metrics">{metrics_html}</div>'
-    nav = ('<nav class="tabs"><button type="button" data-tab="queries">Queries</button>'
-           '<button type="button" data-tab="metrics">Metrics</button></nav>')
+    nav = (
+      '<nav class="tabs"><button type="button" data-tab="queries">Queries</button>'
+      '<button type="button" data-tab="metrics">Metrics</button></nav>'
+    )
   has = payload.get("has", {})
   legend = '<p class="legend">In each passage: <mark class="hl-target">target</mark>'
   if has.get("subj"):

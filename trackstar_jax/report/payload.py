@@ -93,8 +93,12 @@ def join_queries(methods: Sequence[data_lib.Method]) -> tuple[list[dict[str, Any
         queries[key] = {k: v for k, v in rec.items() if k not in ("proponents", "opponents")}
     per_method.append(by_id)
   for name, n in mismatches.items():
-    logging.warning("report: %d queries of %r have another prompt or target than the first method's with the "
-                    "same example_id: are these results for the same query set?", n, name)
+    logging.warning(
+      "report: %d queries of %r have another prompt or target than the first method's with the "
+      "same example_id: are these results for the same query set?",
+      n,
+      name,
+    )
   return list(queries.values()), per_method
 
 
@@ -114,15 +118,14 @@ def known_correct(records: Sequence[Mapping[str, Any] | None]) -> dict[str, bool
   return known
 
 
-def _refs(items, *, target: str, subject: str | None, passages: _Passages,
-          known: Mapping[str, bool]) -> list[list[Any]]:
+def _refs(items, *, spans_of: highlight.Highlighter, passages: _Passages, known: Mapping[str, bool]) -> list[list[Any]]:
   out = []
   for it in items:
     correct = it["correct"] if it["correct"] is not None else known.get(str(it["id"]))
     c = -1 if correct is None else int(correct)
     ref = [passages(it["id"] if it["id"] is not None else "", it["text"]), _round(it["score"]), c]
     if it["text"]:
-      spans = highlight.highlight_spans(it["text"], target=target, subject=subject)
+      spans = spans_of(it["text"])
       if spans:
         ref.append(_flat_spans(spans))
     out.append(ref)
@@ -155,12 +158,20 @@ def method_stats(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   if not known:
     return {"n": 0}
   ranks = [first_correct_rank(r["proponents"]) for r in known]
-  return {"n": len(known), "mrr": sum(1.0 / k for k in ranks if k) / len(known),
-          "recall@10": sum(1 for k in ranks if 0 < k <= 10) / len(known)}
+  return {
+    "n": len(known),
+    "mrr": sum(1.0 / k for k in ranks if k) / len(known),
+    "recall@10": sum(1 for k in ranks if 0 < k <= 10) / len(known),
+  }
 
 
-def build_payload(*, methods: Sequence[data_lib.Method], evaluation: Mapping[str, Any] | None = None,
-                  title: str = "TrackStar results", dataset: str | None = None) -> dict[str, Any]:
+def build_payload(
+  *,
+  methods: Sequence[data_lib.Method],
+  evaluation: Mapping[str, Any] | None = None,
+  title: str = "TrackStar results",
+  dataset: str | None = None,
+) -> dict[str, Any]:
   """The page's JSON payload (see the module docstring for its layout).
 
   Args:
@@ -192,12 +203,13 @@ def build_payload(*, methods: Sequence[data_lib.Method], evaluation: Mapping[str
     row.update({k: v for k, v in optional.items() if v is not None})
     results = []
     known = known_correct([by_id.get(key) for by_id in per_method])
+    spans_of = highlight.Highlighter(target=q["target"], subject=subject)
     for by_id in per_method:
       rec = by_id.get(key)
       if rec is None:
         results.append(None)
         continue
-      refs = dict(target=q["target"], subject=subject, passages=passages, known=known)
+      refs = dict(spans_of=spans_of, passages=passages, known=known)
       r = {"p": _refs(rec["proponents"], **refs), "o": _refs(rec["opponents"], **refs)}
       rr = _rank_from_codes([ref[2] for ref in r["p"]]) if r["p"] else None
       if rr is not None:
@@ -207,23 +219,30 @@ def build_payload(*, methods: Sequence[data_lib.Method], evaluation: Mapping[str
     out_queries.append(row)
   rel_counts = collections.Counter(q["relation"] for q in queries if q["relation"] is not None)
   has = {
-      "relation": bool(rel_counts),
-      "freq": any("b" in q for q in out_queries),
-      "mc": any("mc" in q for q in out_queries),
-      "ans": any("ans" in q for q in out_queries),
-      "subj": any("subj" in q for q in out_queries),
-      "correct": any(p["correct"] is not None for m in methods for r in m.records for p in r["proponents"]),
+    "relation": bool(rel_counts),
+    "freq": any("b" in q for q in out_queries),
+    "mc": any("mc" in q for q in out_queries),
+    "ans": any("ans" in q for q in out_queries),
+    "subj": any("subj" in q for q in out_queries),
+    "correct": any(p["correct"] is not None for m in methods for r in m.records for p in r["proponents"]),
   }
   return {
-      "v": VERSION,
-      "title": title,
-      "dataset": dataset,
-      "methods": [{"name": m.name, "path": m.path, "n": len(m.records),
-                   "correct": any(p["correct"] is not None for r in m.records for p in r["proponents"]),
-                   "k": max((len(r["proponents"]) for r in m.records), default=0)} for m in methods],
-      "passages": passages.rows,
-      "queries": out_queries,
-      "relations": [[r, n] for r, n in sorted(rel_counts.items())],
-      "buckets": list(BUCKETS),
-      "has": has,
+    "v": VERSION,
+    "title": title,
+    "dataset": dataset,
+    "methods": [
+      {
+        "name": m.name,
+        "path": m.path,
+        "n": len(m.records),
+        "correct": any(p["correct"] is not None for r in m.records for p in r["proponents"]),
+        "k": max((len(r["proponents"]) for r in m.records), default=0),
+      }
+      for m in methods
+    ],
+    "passages": passages.rows,
+    "queries": out_queries,
+    "relations": [[r, n] for r, n in sorted(rel_counts.items())],
+    "buckets": list(BUCKETS),
+    "has": has,
   }

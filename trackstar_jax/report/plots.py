@@ -10,8 +10,7 @@ import html
 import math
 from typing import Mapping, Sequence
 
-PALETTE = ("#3b6fd4", "#e8a33d", "#d9534f", "#4fb0a5", "#5aa454", "#c76bb8", "#8c6d4f", "#7f8c9a",
-           "#2f9fd8", "#b5a33a")
+PALETTE = ("#3b6fd4", "#e8a33d", "#d9534f", "#4fb0a5", "#5aa454", "#c76bb8", "#8c6d4f", "#7f8c9a", "#2f9fd8", "#b5a33a")
 _FONT = 'font-family="system-ui, sans-serif"'
 
 
@@ -65,8 +64,9 @@ def _legend(names: Sequence[str], x: float, y: float, *, first: int = 0) -> list
   return out
 
 
-def bar_chart(*, title: str, labels: Sequence[str], series: Mapping[str, Sequence[float | None]],
-              width: int = 640) -> str:
+def bar_chart(
+  *, title: str, labels: Sequence[str], series: Mapping[str, Sequence[float | None]], width: int = 640
+) -> str:
   """Horizontal bars: one row per label (method), one bar per series in it.
 
   Args:
@@ -87,39 +87,58 @@ def bar_chart(*, title: str, labels: Sequence[str], series: Mapping[str, Sequenc
   row_h = bar_h * len(names) + gap
   height = top + row_h * len(labels) + 24
   x0, x1 = left, width - right
-  scale = lambda v: x0 + (v - lo) / (hi - lo) * (x1 - x0)
-  out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-         f'xmlns="http://www.w3.org/2000/svg"><title>{_esc(title)}</title>',
-         f'<text x="0" y="16" font-size="13" font-weight="600" {_FONT}>{_esc(title)}</text>']
+
+  def scale(v):
+    return x0 + (v - lo) / (hi - lo) * (x1 - x0)
+
+  out = [
+    f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+    f'xmlns="http://www.w3.org/2000/svg"><title>{_esc(title)}</title>',
+    f'<text x="0" y="16" font-size="13" font-weight="600" {_FONT}>{_esc(title)}</text>',
+  ]
   if len(names) > 1:
     out += _legend(names, left, 36)
   for t in ticks:
     x = scale(t)
     out.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - 20}" stroke="#e3e6eb"/>')
-    out.append(f'<text x="{x:.1f}" y="{height - 6}" font-size="10" text-anchor="middle" fill="#667" {_FONT}>'
-               f"{t:g}</text>")
+    out.append(
+      f'<text x="{x:.1f}" y="{height - 6}" font-size="10" text-anchor="middle" fill="#667" {_FONT}>{t:g}</text>'
+    )
   for r, label in enumerate(labels):
     y = top + r * row_h
-    out.append(f'<text x="{left - 8}" y="{y + row_h / 2 + 1:.1f}" font-size="11.5" text-anchor="end" '
-               f'dominant-baseline="middle" {_FONT}><title>{_esc(label)}</title>{_esc(_short(label, 34))}</text>')
+    out.append(
+      f'<text x="{left - 8}" y="{y + row_h / 2 + 1:.1f}" font-size="11.5" text-anchor="end" '
+      f'dominant-baseline="middle" {_FONT}><title>{_esc(label)}</title>{_esc(_short(label, 34))}</text>'
+    )
     for s, name in enumerate(names):
       v = series[name][r] if r < len(series[name]) else None
       if not is_number(v):
         continue
       a, b = sorted((scale(0.0), scale(v)))
       by = y + gap / 2 + s * bar_h
-      out.append(f'<rect x="{a:.1f}" y="{by:.1f}" width="{max(b - a, 0.5):.1f}" height="{bar_h - 2}" rx="2" '
-                 f'fill="{PALETTE[s % len(PALETTE)]}"><title>{_esc(f"{label}, {name}: {fmt(v)}")}</title></rect>')
-      out.append(f'<text x="{b + 4:.1f}" y="{by + bar_h / 2:.1f}" font-size="10" dominant-baseline="middle" '
-                 f'fill="#334" {_FONT}>{_esc(fmt(v))}</text>')
+      out.append(
+        f'<rect x="{a:.1f}" y="{by:.1f}" width="{max(b - a, 0.5):.1f}" height="{bar_h - 2}" rx="2" '
+        f'fill="{PALETTE[s % len(PALETTE)]}"><title>{_esc(f"{label}, {name}: {fmt(v)}")}</title></rect>'
+      )
+      out.append(
+        f'<text x="{b + 4:.1f}" y="{by + bar_h / 2:.1f}" font-size="10" dominant-baseline="middle" '
+        f'fill="#334" {_FONT}>{_esc(fmt(v))}</text>'
+      )
   zero = scale(0.0)
   out.append(f'<line x1="{zero:.1f}" y1="{top - 4}" x2="{zero:.1f}" y2="{height - 20}" stroke="#99a"/>')
   out.append("</svg>")
   return "".join(out)
 
 
-def line_chart(*, title: str, x_labels: Sequence[str], series: Mapping[str, Sequence[float | None]],
-               x_title: str = "", width: int = 640, height: int = 300) -> str:
+def line_chart(
+  *,
+  title: str,
+  x_labels: Sequence[str],
+  series: Mapping[str, Sequence[float | None]],
+  x_title: str = "",
+  width: int = 640,
+  height: int = 300,
+) -> str:
   """Lines over categorical x positions (e.g. fact-frequency buckets), one per series (method).
 
   Args:
@@ -141,22 +160,31 @@ def line_chart(*, title: str, x_labels: Sequence[str], series: Mapping[str, Sequ
   x0, x1, y0, y1 = left, width - right, height - bottom, top
   n = max(len(x_labels), 1)
   xs = [x0 + (x1 - x0) * (i + 0.5) / n for i in range(n)]
-  sy = lambda v: y0 - (v - lo) / (hi - lo) * (y0 - y1)
-  out = [f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
-         f'xmlns="http://www.w3.org/2000/svg"><title>{_esc(title)}</title>',
-         f'<text x="0" y="16" font-size="13" font-weight="600" {_FONT}>{_esc(title)}</text>']
+
+  def sy(v):
+    return y0 - (v - lo) / (hi - lo) * (y0 - y1)
+
+  out = [
+    f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
+    f'xmlns="http://www.w3.org/2000/svg"><title>{_esc(title)}</title>',
+    f'<text x="0" y="16" font-size="13" font-weight="600" {_FONT}>{_esc(title)}</text>',
+  ]
   for row in range(legend_rows):
     out += _legend(names[row * 3 : row * 3 + 3], left, 36 + 16 * row, first=row * 3)
   for t in ticks:
     y = sy(t)
     out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#e3e6eb"/>')
-    out.append(f'<text x="{x0 - 6}" y="{y:.1f}" font-size="10" text-anchor="end" dominant-baseline="middle" '
-               f'fill="#667" {_FONT}>{t:g}</text>')
+    out.append(
+      f'<text x="{x0 - 6}" y="{y:.1f}" font-size="10" text-anchor="end" dominant-baseline="middle" '
+      f'fill="#667" {_FONT}>{t:g}</text>'
+    )
   for x, label in zip(xs, x_labels):
     out.append(f'<text x="{x:.1f}" y="{y0 + 16}" font-size="11" text-anchor="middle" {_FONT}>{_esc(label)}</text>')
   if x_title:
-    out.append(f'<text x="{(x0 + x1) / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#556" '
-               f"{_FONT}>{_esc(x_title)}</text>")
+    out.append(
+      f'<text x="{(x0 + x1) / 2:.1f}" y="{height - 6}" font-size="11" text-anchor="middle" fill="#556" '
+      f"{_FONT}>{_esc(x_title)}</text>"
+    )
   for s, name in enumerate(names):
     color = PALETTE[s % len(PALETTE)]
     vals = list(series[name])
@@ -171,8 +199,10 @@ def line_chart(*, title: str, x_labels: Sequence[str], series: Mapping[str, Sequ
     for i, x in enumerate(xs):
       v = vals[i] if i < len(vals) else None
       if is_number(v):
-        out.append(f'<circle cx="{x:.1f}" cy="{sy(v):.1f}" r="3" fill="{color}">'
-                   f"<title>{_esc(f'{name}, {x_labels[i]}: {fmt(v)}')}</title></circle>")
+        out.append(
+          f'<circle cx="{x:.1f}" cy="{sy(v):.1f}" r="3" fill="{color}">'
+          f"<title>{_esc(f'{name}, {x_labels[i]}: {fmt(v)}')}</title></circle>"
+        )
   out.append(f'<line x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}" stroke="#99a"/>')
   out.append("</svg>")
   return "".join(out)

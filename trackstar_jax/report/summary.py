@@ -15,8 +15,15 @@ from typing import Any, Mapping, Sequence
 from trackstar_jax.report import payload as payload_lib
 from trackstar_jax.report import plots
 
-DEFAULT_COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10", "tail_patch_rel@1",
-                   "tail_patch_rel@10")
+DEFAULT_COLUMNS = (
+  "mrr",
+  "recall@10",
+  "precision@10",
+  "tail_patch@1",
+  "tail_patch@10",
+  "tail_patch_rel@1",
+  "tail_patch_rel@10",
+)
 
 
 def _esc(x: Any) -> str:
@@ -55,8 +62,9 @@ def _rows_table(table: Mapping[str, Any]) -> str:
   for r in table.get("rows", []):
     rows.append([r["method"], r.get("n"), *(r.get(c) for c in columns)])
   html_rows = html_table(header=["method", "n", *columns], rows=rows)
-  notes = [f"<li>{_esc(r['method'])}: skipped ({_esc(r['skipped'])})</li>" for r in table.get("rows", [])
-           if r.get("skipped")]
+  notes = [
+    f"<li>{_esc(r['method'])}: skipped ({_esc(r['skipped'])})</li>" for r in table.get("rows", []) if r.get("skipped")
+  ]
   return html_rows + (f'<ul class="notes">{"".join(notes)}</ul>' if notes else "")
 
 
@@ -73,8 +81,9 @@ def _breakdown(metrics: Mapping[str, Any], key: str, order: Sequence[str] = ()) 
   if not groups:
     return ""
   first = next(iter(metrics.values())).get(key) or {}
-  header = ["method"] + [f"{g} (n={first[g]['n']:,})" if isinstance(first.get(g, {}).get("n"), int) else g
-                         for g in groups]
+  header = ["method"] + [
+    f"{g} (n={first[g]['n']:,})" if isinstance(first.get(g, {}).get("n"), int) else g for g in groups
+  ]
   rows = [[name] + [(m.get(key) or {}).get(g, {}).get("mrr") for g in groups] for name, m in metrics.items()]
   return html_table(header=header, rows=rows)
 
@@ -87,8 +96,10 @@ def _accuracy_line(table: Mapping[str, Any]) -> str:
     parts.append(f"checkpoint step <b>{_esc(table['step'])}</b>")
   acc = table.get("model_accuracy") or {}
   if isinstance(acc.get("n"), int) and isinstance(acc.get("n_correct"), int) and acc["n"]:
-    parts.append(f"the model answers <b>{acc['n_correct']:,}</b> of {acc['n']:,} queries "
-                 f"({100 * acc['n_correct'] / acc['n']:.1f}%)")
+    parts.append(
+      f"the model answers <b>{acc['n_correct']:,}</b> of {acc['n']:,} queries "
+      f"({100 * acc['n_correct'] / acc['n']:.1f}%)"
+    )
   if table.get("subset"):
     parts.append(f"table rows: <b>{_esc(table['subset'])}</b> queries")
   return f'<p class="facts">{"; ".join(parts)}.</p>' if parts else ""
@@ -101,9 +112,16 @@ def evaluation_html(table: Mapping[str, Any]) -> str:
   if table.get("rows"):
     out.append(_rows_table(table))
   if any("model_correct" in m for m in metrics.values()):
-    rows = [[name, (m.get("model_correct") or {}).get("mrr"), (m.get("model_correct") or {}).get("n"),
-             (m.get("model_incorrect") or {}).get("mrr"), (m.get("model_incorrect") or {}).get("n")]
-            for name, m in metrics.items()]
+    rows = [
+      [
+        name,
+        (m.get("model_correct") or {}).get("mrr"),
+        (m.get("model_correct") or {}).get("n"),
+        (m.get("model_incorrect") or {}).get("mrr"),
+        (m.get("model_incorrect") or {}).get("n"),
+      ]
+      for name, m in metrics.items()
+    ]
     out.append("<h3>MRR: queries the model answers correctly vs not</h3>")
     out.append(html_table(header=["method", "MRR correct", "n", "MRR incorrect", "n"], rows=rows))
   freq = _breakdown(metrics, "by_frequency", payload_lib.BUCKETS)
@@ -120,8 +138,10 @@ def stats_html(methods: Sequence[Mapping[str, Any]]) -> str:
   rows = [[m["name"], m["n"], m.get("mrr"), m.get("recall@10")] for m in methods if m.get("n")]
   if not rows:
     return ""
-  return ("<p class=\"facts\">From the results files' <code>proponent_correct</code> (correct proponents within "
-          "the retrieved top-k):</p>" + html_table(header=["method", "n", "MRR", "recall@10"], rows=rows))
+  return (
+    '<p class="facts">From the results files\' <code>proponent_correct</code> (correct proponents within '
+    "the retrieved top-k):</p>" + html_table(header=["method", "n", "MRR", "recall@10"], rows=rows)
+  )
 
 
 def charts_html(*, ladder: Mapping[str, Any] | None, frequency: Mapping[str, Any] | None) -> str:
@@ -131,8 +151,7 @@ def charts_html(*, ladder: Mapping[str, Any] | None, frequency: Mapping[str, Any
   if rows:
     labels = [r["method"] for r in rows]
     if any(plots.is_number(r.get("mrr")) for r in rows):
-      out.append(plots.bar_chart(title="MRR per method", labels=labels,
-                                 series={"MRR": [r.get("mrr") for r in rows]}))
+      out.append(plots.bar_chart(title="MRR per method", labels=labels, series={"MRR": [r.get("mrr") for r in rows]}))
     tp = {f"tail-patch@{k}": [r.get(f"tail_patch@{k}") for r in rows] for k in (1, 10)}
     tp = {k: v for k, v in tp.items() if any(plots.is_number(x) for x in v)}
     if tp:
@@ -140,15 +159,23 @@ def charts_html(*, ladder: Mapping[str, Any] | None, frequency: Mapping[str, Any
   metrics = {k: v for k, v in ((frequency or {}).get("metrics") or {}).items() if isinstance(v, dict)}
   buckets = _groups(metrics, "by_frequency", payload_lib.BUCKETS)
   if buckets:
-    series = {name: [(m.get("by_frequency") or {}).get(b, {}).get("mrr") for b in buckets]
-              for name, m in metrics.items()}
-    out.append(plots.line_chart(title="MRR by fact frequency", x_labels=buckets, series=series,
-                                x_title="sentences stating the fact (all queries)"))
+    series = {
+      name: [(m.get("by_frequency") or {}).get(b, {}).get("mrr") for b in buckets] for name, m in metrics.items()
+    }
+    out.append(
+      plots.line_chart(
+        title="MRR by fact frequency",
+        x_labels=buckets,
+        series=series,
+        x_title="sentences stating the fact (all queries)",
+      )
+    )
   return "".join(f'<div class="chart-box">{svg}</div>' for svg in out)
 
 
-def metrics_tab_html(*, evaluation: Mapping[str, Any] | None, ablation: Mapping[str, Any] | None,
-                     stats: Sequence[Mapping[str, Any]]) -> str:
+def metrics_tab_html(
+  *, evaluation: Mapping[str, Any] | None, ablation: Mapping[str, Any] | None, stats: Sequence[Mapping[str, Any]]
+) -> str:
   """The whole metrics tab ("" when there is nothing to show)."""
   parts = []
   charts = charts_html(ladder=ablation or evaluation, frequency=evaluation or ablation)
@@ -160,9 +187,13 @@ def metrics_tab_html(*, evaluation: Mapping[str, Any] | None, ablation: Mapping[
     body = _accuracy_line(ablation) + _rows_table(ablation)
     secs = ablation.get("stage_seconds")
     if isinstance(secs, dict) and secs:
-      body += ("<details><summary>Stage wall times</summary>" + html_table(
-          header=["stage", "seconds"], rows=[[k, float(v)] for k, v in secs.items() if isinstance(v, (int, float))])
-               + "</details>")
+      body += (
+        "<details><summary>Stage wall times</summary>"
+        + html_table(
+          header=["stage", "seconds"], rows=[[k, float(v)] for k, v in secs.items() if isinstance(v, (int, float))]
+        )
+        + "</details>"
+      )
     if not evaluation:
       body += evaluation_html({"metrics": ablation.get("metrics") or {}})
     parts.append(f"<section><h2>Ablation ladder</h2>{body}</section>")
