@@ -506,14 +506,29 @@ def _cards(dom):
 
 @pytest.fixture(scope="module")
 def fixture_page(tmp_path_factory):
-  """The published-schema fixture vs a second method (reversed proponents), with an evaluation table."""
+  """The published-schema fixture vs a second method, with an evaluation table.
+
+  The second method ("bm25") has the same proponents in reverse order and the
+  optional fields the fixture lacks: proponent_correct (does the passage contain
+  the target), frequency, and one model answer; the evaluation table says which
+  queries the model answers correctly.
+  """
   d = tmp_path_factory.mktemp("report")
   other = []
+  freqs = {"q-0001": 1, "q-0002": 3, "q-0003": 3, "q-0004": 40, "q-0005": 1}
   for line in results_lib.read_results(PUBLISHED):
     rev = {k: line[k][::-1] for k in ("proponents", "proponent_ids")}
-    other.append({**line, **rev, "proponent_scores": sorted(line["proponent_scores"], reverse=True)})
+    rev["proponent_correct"] = [line["targets_plaintext"].strip() in t for t in rev["proponents"]]
+    rec = {**line, **rev, "proponent_scores": sorted(line["proponent_scores"], reverse=True)}
+    if line["example_id"] in freqs:
+      rec["frequency"] = freqs[line["example_id"]]
+    if line["example_id"] == "q-0002":
+      rec["model_answer"] = " Warsaw"
+    other.append(rec)
   other_path = _write_jsonl(d / "bm25.jsonl", other)
-  (d / "evaluation.json").write_text(json.dumps(_evaluation_table()))
+  table = _evaluation_table()
+  table["model_correct_by_query"] = {"q-0001": True, "q-0002": False, "q-0003": True, "q-0004": False, "q-0005": True}
+  (d / "evaluation.json").write_text(json.dumps(table))
   out = d / "page.html"
   report_job.run(
     results=[f"trackstar={PUBLISHED}"],
@@ -551,6 +566,29 @@ def test_browser_hash_filters_relation_and_text(fixture_page, tmp_path):
   assert _count(dom).startswith("3 of 6 queries")
   dom = _chrome(tmp_path, fixture_page.as_uri() + "#relation=P36", "--dump-dom")
   assert set(_cards(dom)) == {"q-0004", "q-0005"}
+
+
+@browser
+@pytest.mark.parametrize(
+  "view, shown",
+  [
+    ("model=incorrect", {"q-0002", "q-0004"}),  # from the evaluation's model_correct_by_query
+    ("model=correct&relation=P20", {"q-0001", "q-0003"}),
+    ("top=incorrect", {"q-0003"}),  # trackstar's top passage, marked by bm25's proponent_correct
+    ("top=correct&freq=2-3", {"q-0002"}),
+    ("page=2", {"q-0005", "q-0006"}),  # 4 queries per page
+    ("q=no+such+text", set()),
+  ],
+)
+def test_browser_hash_filters_correctness_frequency_and_page(fixture_page, tmp_path, view, shown):
+  dom = _chrome(tmp_path, f"{fixture_page.as_uri()}#{view}", "--dump-dom")
+  cards = _cards(dom)
+  assert set(cards) == shown
+  if "q-0002" in cards:
+    assert "model answer: Warsaw" in cards["q-0002"]["text"]
+  assert all("model answer" not in c["text"] for i, c in cards.items() if i != "q-0002")
+  if not shown:
+    assert "No query matches these filters." in dom
 
 
 @browser

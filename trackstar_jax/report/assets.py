@@ -209,7 +209,7 @@ JS = r"""
     if (q.freq !== undefined) head.appendChild(el("span", "chip", "frequency " + q.freq));
     if (q.mc !== undefined)
       head.appendChild(el("span", "chip " + (q.mc ? "good" : "bad"), q.mc ? "model correct" : "model incorrect"));
-    if (q.ans !== undefined) head.appendChild(el("span", "chip", "model answer: " + q.ans));
+    if (q.ans !== undefined) head.appendChild(el("span", "chip", "model answer: " + q.ans.trim()));
     div.appendChild(head);
     var pr = el("div", "prompt");
     pr.appendChild(marked(q.prompt, promptSpans(q)));
