@@ -3,7 +3,7 @@
 Layout (short keys: the page embeds this for ~16k queries x 20 passages x several methods):
 
   v          payload format version (1); title, dataset (or null): the page's heading
-  methods    [{name, path, n, correct: has proponent_correct, k}], in the order given
+  methods    [{name, n, correct: has proponent_correct, k}], in the order given
   passages   [[training example id, text or null]], each distinct passage once
   queries    [{id, prompt, target, rel, fact, freq, b: frequency bucket, subj, ans, mc: model correct,
                r: [per method: null (not in that file) or {p: proponents, o: opponents, rr}]}]
@@ -233,7 +233,6 @@ def build_payload(
     "methods": [
       {
         "name": m.name,
-        "path": m.path,
         "n": len(m.records),
         "correct": any(p["correct"] is not None for r in m.records for p in r["proponents"]),
         "k": max((len(r["proponents"]) for r in m.records), default=0),
