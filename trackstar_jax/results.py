@@ -195,38 +195,43 @@ def read_metadata(path: str) -> dict[str, Any] | None:
     return None
 
 
-def load_results(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """(records, metadata) of a results file: local path, file://, gs:// or memory://.
+def read_lines(path: str) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, Any]]:
+  """([(line number, record)], header metadata) of a results file, parsed but not validated.
 
-  Metadata comes from a header line `{"metadata": {...}}` (a line without
-  `example_id`) and from `<path>.meta.json`; {} when neither exists. Records
-  are parsed, not validated (see `validate_results_file`).
+  The one reader of results files (local path, file://, gs://, memory://);
+  `load_results` and the HTML report are built on it.
 
   Raises:
     FileNotFoundError: no file at `path`.
     ValueError: a line that is not JSON, or an object that is neither a record
-      nor a metadata header (file and line number in the message).
+      nor a `{"metadata": ...}` header (file and line number in the message).
   """
   try:
     text = fileio.read_text(path)
   except FileNotFoundError:
     raise FileNotFoundError(f"Results file {path!r} does not exist.") from None
-  records, meta = [], {}
+  records, header = [], {}
   for lineno, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue
     try:
       obj = json.loads(line)
     except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{lineno}: not valid JSON ({e}).") from e
+      raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
     if _is_header(obj):
-      meta.update(obj["metadata"])
+      header.update(obj["metadata"] if isinstance(obj["metadata"], dict) else {})
     elif isinstance(obj, dict) and "example_id" in obj:
-      records.append(obj)
+      records.append((lineno, obj))
     else:
-      raise ValueError(f"{path}:{lineno}: record has no 'example_id' (TrackStar results schema) and is not a "
-                       "{'metadata': ...} header.")
-  return records, {**(read_metadata(path) or {}), **meta}
+      raise ValueError(f"{path}, line {lineno}: record has no 'example_id' (TrackStar results schema) and is not "
+                       "a {'metadata': ...} header.")
+  return records, header
+
+
+def load_results(path: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """(records, metadata) of a results file: metadata from a header line and from `<path>.meta.json`."""
+  records, header = read_lines(path)
+  return [r for _, r in records], {**(read_metadata(path) or {}), **header}
 
 
 def _is_header(obj: Any) -> bool:
