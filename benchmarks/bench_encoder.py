@@ -37,11 +37,8 @@ import numpy as np
 import optax
 
 import trackstar_jax as tsj
-from trackstar_jax import configs
-from trackstar_jax import losses
-from trackstar_jax.models import DecoderLM
-from trackstar_jax.models import TransformerConfig
-
+from trackstar_jax import configs, losses
+from trackstar_jax.models import DecoderLM, TransformerConfig
 
 
 def run_all(args) -> None:
@@ -59,8 +56,10 @@ def run_all(args) -> None:
   base = [r for r in results if r["mode"] == "train"]
   if base:
     for r in results:
-      print(f"{r['mode']:>11}: tok/s ratio {r['tok_s'] / base[0]['tok_s']:.3f}  peak ratio "
-            f"{r['peak_gib'] / max(base[0]['peak_gib'], 1e-9):.3f}  ({r['tok_s']:.0f} tok/s, {r['peak_gib']:.2f} GiB)")
+      print(
+        f"{r['mode']:>11}: tok/s ratio {r['tok_s'] / base[0]['tok_s']:.3f}  peak ratio "
+        f"{r['peak_gib'] / max(base[0]['peak_gib'], 1e-9):.3f}  ({r['tok_s']:.0f} tok/s, {r['peak_gib']:.2f} GiB)"
+      )
   if len(results) != 5:
     sys.exit(1)
 
@@ -71,11 +70,15 @@ def run_one(args) -> None:
   model = DecoderLM(TransformerConfig.from_config(mc, vocab_size=args.vocab))
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, args.vocab, (args.batch, args.seq)).astype(np.int32)
-  batch = dict(inputs=tokens, targets=np.roll(tokens, -1, 1), loss_mask=np.ones(tokens.shape, np.float32),
-               pad_mask=np.ones(tokens.shape, bool), ids=np.arange(args.batch))
+  batch = dict(
+    inputs=tokens,
+    targets=np.roll(tokens, -1, 1),
+    loss_mask=np.ones(tokens.shape, np.float32),
+    pad_mask=np.ones(tokens.shape, bool),
+    ids=np.arange(args.batch),
+  )
   params = jax.jit(model.init)(jax.random.key(0), tokens[:1])
   dev = jax.devices()[0]
-
 
   def timeit(fn):
     out = fn()
@@ -88,7 +91,6 @@ def run_one(args) -> None:
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / args.steps
 
-
   if args.mode == "train":
     tx = optax.adamw(1e-4)
     opt_state = tx.init(params)
@@ -97,6 +99,7 @@ def run_one(args) -> None:
     def step(params, opt_state, batch):
       def loss(p):
         return losses.mean_token_loss(model.apply(p, batch["inputs"], batch["pad_mask"]), batch)
+
       l, g = jax.value_and_grad(loss)(params)
       u, opt_state = tx.update(g, opt_state, params)
       return optax.apply_updates(params, u), opt_state, l
@@ -112,24 +115,44 @@ def run_one(args) -> None:
   else:
     if args.mode in ("adam", "adam_rank1"):
       st = optax.scale_by_adam().init(params)
-      st = st._replace(nu=jax.tree.map(lambda x: jnp.full(x.shape, 1e-4, jnp.float32) + 1e-6 * jnp.arange(
-          x.size, dtype=jnp.float32).reshape(x.shape) / x.size, st.nu))
+      st = st._replace(
+        nu=jax.tree.map(
+          lambda x: (
+            jnp.full(x.shape, 1e-4, jnp.float32)
+            + 1e-6 * jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) / x.size
+          ),
+          st.nu,
+        )
+      )
     elif args.mode == "adafactor":
       st = optax.scale_by_factored_rms(min_dim_size_to_factor=32).init(params)
       st = jax.tree.map(lambda x: x + 1e-4 if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
     else:
       st = None
-    enc = tsj.build_encoder(model=model, params=params, opt_state=st, seq_len=args.seq, d_in=args.d, d_out=args.d,
-                            correction=args.mode)
+    enc = tsj.build_encoder(
+      model=model, params=params, opt_state=st, seq_len=args.seq, d_in=args.d, d_out=args.d, correction=args.mode
+    )
     del st
     params = None
     dt = timeit(lambda: enc.encode(batch))
     modes = sorted(set(enc.modes().values()))
   stats = dev.memory_stats() or {}
-  print(json.dumps(dict(mode=args.mode, model=args.model, dtype=args.dtype, batch=args.batch, seq=args.seq,
-                        step_s=dt, tok_s=args.batch * args.seq / dt,
-                        peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
-                        layer_modes=None if args.mode == "train" else modes, device=str(dev))))
+  print(
+    json.dumps(
+      dict(
+        mode=args.mode,
+        model=args.model,
+        dtype=args.dtype,
+        batch=args.batch,
+        seq=args.seq,
+        step_s=dt,
+        tok_s=args.batch * args.seq / dt,
+        peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
+        layer_modes=None if args.mode == "train" else modes,
+        device=str(dev),
+      )
+    )
+  )
 
 
 def main() -> None:

@@ -53,8 +53,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ALL_JOBS = ("encode", "encode_d2h", "retrieve", "retrieve_host")
 # Full-size defaults (GPU) and --small ones (a CPU smoke test in seconds).
-DEFAULTS = dict(model="small", dtype="bfloat16", batch=64, seq=256, vocab=16384, d=64, rows=65536, dim=4096,
-                queries=1024, k=10)
+DEFAULTS = dict(
+  model="small", dtype="bfloat16", batch=64, seq=256, vocab=16384, d=64, rows=65536, dim=4096, queries=1024, k=10
+)
 SMALL = dict(model="tiny", dtype="float32", batch=2, seq=16, vocab=256, d=4, rows=512, dim=64, queries=8, k=4)
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -74,8 +75,12 @@ p.add_argument("--rows", type=int, help="retrieve: chunk rows per device per ste
 p.add_argument("--dim", type=int, help="retrieve: encoding dim (default 4096)")
 p.add_argument("--queries", type=int, help="retrieve: number of queries Q (default 1024)")
 p.add_argument("--k", type=int, help="retrieve: top-k / bottom-k per query (default 10)")
-p.add_argument("--check", action="store_true", help="also check every job's output against a brute-force "
-               "reference at each n (vmap(grad) phi; a float32 top-k vs NumPy): check_* fields")
+p.add_argument(
+  "--check",
+  action="store_true",
+  help="also check every job's output against a brute-force "
+  "reference at each n (vmap(grad) phi; a float32 top-k vs NumPy): check_* fields",
+)
 args = p.parse_args()
 for key, value in (SMALL if args.small else DEFAULTS).items():
   if getattr(args, key) is None:
@@ -121,14 +126,13 @@ def time_steps(step, wait) -> dict[str, float]:
     step()
     wait()
     times.append(time.perf_counter() - t)
-  first, timed = times[0], times[args.warmup:]
+  first, timed = times[0], times[args.warmup :]
   t = time.perf_counter()
   for _ in range(args.steps):
     step()
   wait()
   pipelined = (time.perf_counter() - t) / args.steps
-  return dict(first_s=first, step_s=statistics.median(timed), min_s=min(timed), max_s=max(timed),
-              pipelined_s=pipelined)
+  return dict(first_s=first, step_s=statistics.median(timed), min_s=min(timed), max_s=max(timed), pipelined_s=pipelined)
 
 
 # ----------------------------------------------------------------------------- encode
@@ -143,8 +147,11 @@ def bench_encode(counts: list[int]):
   # Synthetic optimizer state (positive, non-constant): speed does not depend on the values.
   if args.correction in ("adam", "adam_rank1"):
     opt_state = optax.scale_by_adam().init(params)
-    opt_state = opt_state._replace(nu=jax.tree.map(
-        lambda x: 1e-4 + 1e-6 * jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) / x.size, opt_state.nu))
+    opt_state = opt_state._replace(
+      nu=jax.tree.map(
+        lambda x: 1e-4 + 1e-6 * jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) / x.size, opt_state.nu
+      )
+    )
   elif args.correction == "adafactor":
     opt_state = optax.scale_by_factored_rms(min_dim_size_to_factor=32).init(params)
     opt_state = jax.tree.map(lambda x: x + 1e-4 if jnp.issubdtype(x.dtype, jnp.floating) else x, opt_state)
@@ -153,14 +160,27 @@ def bench_encode(counts: list[int]):
   rng = np.random.default_rng(0)
   for n in counts:
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:n])
-    enc = tsj.build_encoder(model=model, params=params, opt_state=opt_state, seq_len=args.seq, mesh=mesh,
-                            d_in=args.d, d_out=args.d, correction=args.correction)
+    enc = tsj.build_encoder(
+      model=model,
+      params=params,
+      opt_state=opt_state,
+      seq_len=args.seq,
+      mesh=mesh,
+      d_in=args.d,
+      d_out=args.d,
+      correction=args.correction,
+    )
     b = args.batch * n
 
     def new_batch():
       tokens = rng.integers(1, args.vocab, (b, args.seq)).astype(np.int32)
-      return dict(inputs=tokens, targets=np.roll(tokens, -1, 1), loss_mask=np.ones(tokens.shape, np.float32),
-                  pad_mask=np.ones(tokens.shape, bool), ids=np.arange(b))
+      return dict(
+        inputs=tokens,
+        targets=np.roll(tokens, -1, 1),
+        loss_mask=np.ones(tokens.shape, np.float32),
+        pad_mask=np.ones(tokens.shape, bool),
+        ids=np.arange(b),
+      )
 
     # A few distinct host batches, cycled: each step sends one to the devices again.
     batches = [new_batch() for _ in range(4)]
@@ -174,9 +194,17 @@ def bench_encode(counts: list[int]):
       step()
       out[0] = np.asarray(out[0])  # phi [b, dim] float32 to the host, as the encode job does per batch
 
-    info = dict(n=n, per_device=f"{args.batch}x{args.seq}", global_rows=b, unit="tok/s", model=args.model,
-                dtype=args.dtype, dim=enc.dim, correction=enc.correction.kind,
-                modes=sorted(set(enc.modes().values())))
+    info = dict(
+      n=n,
+      per_device=f"{args.batch}x{args.seq}",
+      global_rows=b,
+      unit="tok/s",
+      model=args.model,
+      dtype=args.dtype,
+      dim=enc.dim,
+      correction=enc.correction.kind,
+      modes=sorted(set(enc.modes().values())),
+    )
     if args.check:  # the sharded fused encoding against the brute-force per-example gradients
       got, want = np.asarray(enc.encode(batches[0]), np.float64), np.asarray(enc.reference(batches[0]), np.float64)
       info["check_rel_err"] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -185,7 +213,6 @@ def bench_encode(counts: list[int]):
         r = time_steps(fn, lambda: jax.block_until_ready(out[0]))
         assert out[0].shape == (b, enc.dim) and np.all(np.isfinite(out[0])), out[0].shape
         yield dict(job=job, throughput=b * args.seq / r["step_s"], **info, **r)
-    del enc, out, batches
 
 
 # ----------------------------------------------------------------------------- retrieve
@@ -206,8 +233,9 @@ def bench_retrieve(counts: list[int], *, host: bool):
     if host:
       phi = np.tile(block, (-(-c // block.shape[0]), 1))[:c]
     else:  # Generated on the devices, already split by rows over "data": update's device_put is a no-op.
-      phi = jax.jit(lambda key: jax.random.normal(key, (c, args.dim), jnp.bfloat16),
-                    out_shardings=mesh_lib.data_sharding(mesh, 2))(jax.random.key(n))
+      phi = jax.jit(
+        lambda key: jax.random.normal(key, (c, args.dim), jnp.bfloat16), out_shardings=mesh_lib.data_sharding(mesh, 2)
+      )(jax.random.key(n))
     start = [0]
 
     def step():
@@ -224,18 +252,30 @@ def bench_retrieve(counts: list[int], *, host: bool):
       rows = exact.local_result()[1]
       x = np.asarray(phi, np.float64)
       scores = (q.astype(np.float64) @ x.T) / np.linalg.norm(x, axis=1)
-      r["check_topk_exact"] = bool(np.array_equal(np.sort(rows, 1), np.sort(np.argsort(-scores, 1)[:, :args.k], 1)))
-    yield dict(job="retrieve_host" if host else "retrieve", n=n, per_device=f"{args.rows}x{args.dim}",
-               global_rows=c, unit="rows/s", throughput=c / r["step_s"], tflops=flops / r["step_s"] / 1e12,
-               queries=args.queries, k=args.k, chunk_gib_per_device=args.rows * args.dim * 2 / 2**30, **r)
-    del topk, phi
+      r["check_topk_exact"] = bool(np.array_equal(np.sort(rows, 1), np.sort(np.argsort(-scores, 1)[:, : args.k], 1)))
+    yield dict(
+      job="retrieve_host" if host else "retrieve",
+      n=n,
+      per_device=f"{args.rows}x{args.dim}",
+      global_rows=c,
+      unit="rows/s",
+      throughput=c / r["step_s"],
+      tflops=flops / r["step_s"] / 1e12,
+      queries=args.queries,
+      k=args.k,
+      chunk_gib_per_device=args.rows * args.dim * 2 / 2**30,
+      **r,
+    )
 
 
 def main():
   counts = device_counts()
   devs = jax.devices()
-  print(f"# {len(jax.local_devices())} local devices ({devs[0].platform}, {devs[0].device_kind}); "
-        f"n = {counts}; jax {jax.__version__}", flush=True)
+  print(
+    f"# {len(jax.local_devices())} local devices ({devs[0].platform}, {devs[0].device_kind}); "
+    f"n = {counts}; jax {jax.__version__}",
+    flush=True,
+  )
   runs = []
   if {"encode", "encode_d2h"} & set(JOBS):
     runs.append(bench_encode(counts))  # one encoder (one compilation) per n serves both encode jobs
@@ -248,14 +288,20 @@ def main():
       r["device"] = devs[0].device_kind
       results.append(r)
       print(json.dumps(r), flush=True)
-  print(f"\nweak scaling ({devs[0].device_kind}; step = median of {args.steps}; efficiency = "
-        f"throughput(n) / (n x throughput(1)))")
-  print(f"{'job':<14}{'n':>3}  {'per device':<12}{'step ms':>10}{'pipelined ms':>14}{'throughput':>14}  "
-        f"{'unit':<7}{'efficiency':>10}{'first s':>9}")
+  print(
+    f"\nweak scaling ({devs[0].device_kind}; step = median of {args.steps}; efficiency = "
+    f"throughput(n) / (n x throughput(1)))"
+  )
+  print(
+    f"{'job':<14}{'n':>3}  {'per device':<12}{'step ms':>10}{'pipelined ms':>14}{'throughput':>14}  "
+    f"{'unit':<7}{'efficiency':>10}{'first s':>9}"
+  )
   for r in sorted(results, key=lambda r: (ALL_JOBS.index(r["job"]), r["n"])):
-    print(f"{r['job']:<14}{r['n']:>3}  {r['per_device']:<12}{r['step_s'] * 1e3:>10.2f}"
-          f"{r['pipelined_s'] * 1e3:>14.2f}{r['throughput']:>14.4g}  {r['unit']:<7}{r['efficiency']:>10.3f}"
-          f"{r['first_s']:>9.1f}")
+    print(
+      f"{r['job']:<14}{r['n']:>3}  {r['per_device']:<12}{r['step_s'] * 1e3:>10.2f}"
+      f"{r['pipelined_s'] * 1e3:>14.2f}{r['throughput']:>14.4g}  {r['unit']:<7}{r['efficiency']:>10.3f}"
+      f"{r['first_s']:>9.1f}"
+    )
 
 
 if __name__ == "__main__":

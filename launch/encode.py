@@ -10,13 +10,13 @@ the chunks not yet committed and produces the same store. Multi-host: run the
 same command on every host; each writes its own chunks.
 """
 
-from absl import app
 from absl import logging
 
-from trackstar_jax.jobs import cli
-from trackstar_jax.jobs import encode
+from trackstar_jax.jobs import cli, encode
 
-CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Training workdir (checkpoint with optimizer state, tokenizer); encodings.zarr goes here.")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
+  workdir_help="Training workdir (checkpoint with optimizer state, tokenizer); encodings.zarr goes here."
+)
 
 
 def main(argv):

@@ -9,27 +9,30 @@ its file name). Writes <workdir>/evaluation.{md,json} (or --output=PREFIX).
 The whole ladder (train -> encode -> retrieve -> evaluate): launch/pipeline.py.
 """
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import flags, logging
 
 from trackstar_jax.evaluation import ablation
-from trackstar_jax.jobs import cli
-from trackstar_jax.jobs import evaluate
+from trackstar_jax.jobs import cli, evaluate
 
 CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Training workdir: checkpoints, tokenizer.")
-_RESULTS = flags.DEFINE_multi_string("results", None, "Results file(s) to evaluate, as name=path (repeat the flag; "
-                                     "a bare path is named by its file name).", required=True)
-_OUTPUT = flags.DEFINE_string("output", None, "Output prefix of the .md and .json report (default "
-                              "<workdir>/evaluation).")
+_RESULTS = flags.DEFINE_multi_string(
+  "results",
+  None,
+  "Results file(s) to evaluate, as name=path (repeat the flag; a bare path is named by its file name).",
+  required=True,
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "Output prefix of the .md and .json report (default <workdir>/evaluation)."
+)
 _TAIL_PATCH = flags.DEFINE_bool("tail_patch", True, "Tail-patch each query's proponents (slower than the metrics).")
 
 
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   results = evaluate.parse_results_flag(_RESULTS.value)
-  table = evaluate.run(config, WORKDIR.value, results=results, output_prefix=_OUTPUT.value,
-                       tail_patch=_TAIL_PATCH.value)
+  table = evaluate.run(
+    config, WORKDIR.value, results=results, output_prefix=_OUTPUT.value, tail_patch=_TAIL_PATCH.value
+  )
   cli.finish(config, WORKDIR.value, "evaluate")
   print(ablation.report_markdown(table), flush=True)
   logging.info("Done: %d methods evaluated.", len(table["rows"]))

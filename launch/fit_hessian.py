@@ -7,13 +7,13 @@ config.hessian.path). Encodes config.hessian.train_sample corpus examples and,
 with config.hessian.mixed, every query. Short: a rerun redoes it.
 """
 
-from absl import app
 from absl import logging
 
-from trackstar_jax.jobs import cli
-from trackstar_jax.jobs import fit_hessian
+from trackstar_jax.jobs import cli, fit_hessian
 
-CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Training workdir (checkpoint with optimizer state, tokenizer); hessian.npz goes here.")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
+  workdir_help="Training workdir (checkpoint with optimizer state, tokenizer); hessian.npz goes here."
+)
 
 
 def main(argv):

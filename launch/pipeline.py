@@ -19,19 +19,20 @@ computed on a machine that has its packages and its results folder
 
 import os
 
-from absl import app
 from absl import flags
 
-from trackstar_jax.jobs import cli
-from trackstar_jax.jobs import pipeline
+from trackstar_jax.jobs import cli, pipeline
 
 CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
-    workdir_help="Workdir: checkpoints, stores, results, the ablation table.")
+  workdir_help="Workdir: checkpoints, stores, results, the ablation table."
+)
 _STAGES = flags.DEFINE_list("stages", list(pipeline.STAGES), f"Stages to run, a subset of {pipeline.STAGES}.")
-_METHODS = flags.DEFINE_list("methods", [], "Only these methods (names, or kinds gradient/bm25/dense/random); "
-                             "default all.")
-_CACHE = flags.DEFINE_string("compilation_cache", "", "JAX persistent compilation cache dir "
-                             "(default <workdir>/jax_cache; 'none' to disable).")
+_METHODS = flags.DEFINE_list(
+  "methods", [], "Only these methods (names, or kinds gradient/bm25/dense/random); default all."
+)
+_CACHE = flags.DEFINE_string(
+  "compilation_cache", "", "JAX persistent compilation cache dir (default <workdir>/jax_cache; 'none' to disable)."
+)
 
 
 def main(argv):

@@ -7,8 +7,7 @@ Open the page from disk (file://); it needs no network. URL hash parameters
 select a view, e.g. report.html#relation=P20&q=Paris&compare=bm25.
 """
 
-from absl import app
-from absl import flags
+from absl import app, flags
 
 from trackstar_jax.jobs import report
 

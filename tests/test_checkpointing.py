@@ -9,10 +9,8 @@ import numpy as np
 import optax
 import pytest
 
-from trackstar_jax import checkpointing
-from trackstar_jax import configs
+from trackstar_jax import checkpointing, configs, optim
 from trackstar_jax import mesh as mesh_lib
-from trackstar_jax import optim
 from trackstar_jax.models import DecoderLM, TransformerConfig
 
 
@@ -43,15 +41,17 @@ def test_round_trip(tmp_path, optimizer):
   config, params, tx, opt_state = _state(optimizer)
   workdir = str(tmp_path / "run")
   manager = checkpointing.make_manager(workdir, keep=2)
-  meta = checkpointing.make_meta(step=0, config=config, dataset_name="synthetic_facts",
-                                 dataset_fingerprint="abc", tokenizer_path="/x/tok")
+  meta = checkpointing.make_meta(
+    step=0, config=config, dataset_name="synthetic_facts", dataset_fingerprint="abc", tokenizer_path="/x/tok"
+  )
   checkpointing.save(manager, step=5, params=params, opt_state=opt_state, meta=meta, wait=True)
   assert checkpointing.latest_step(workdir) == 5
   mesh = mesh_lib.make_mesh()
   repl = mesh_lib.replicated(mesh)
   abstract_params = jax.eval_shape(lambda: params)
-  ckpt = checkpointing.restore(workdir, abstract_params=abstract_params,
-                               abstract_opt_state=jax.eval_shape(tx.init, abstract_params), sharding=repl)
+  ckpt = checkpointing.restore(
+    workdir, abstract_params=abstract_params, abstract_opt_state=jax.eval_shape(tx.init, abstract_params), sharding=repl
+  )
   assert ckpt.step == 5
   _assert_trees_equal(ckpt.params, params)
   _assert_trees_equal(ckpt.opt_state, opt_state)  # same optax NamedTuples back
@@ -115,8 +115,14 @@ def test_config_compatibility():
   with pytest.raises(ValueError) as e:
     checkpointing.check_compatible(meta, bad, workdir="/w", dataset_fingerprint="0" * 64)
   msg = str(e.value)
-  for field in ("model.d_model", "tokenizer.vocab_size", "train.optimizer", "dataset:", "world.seed",
-                "dataset fingerprint"):
+  for field in (
+    "model.d_model",
+    "tokenizer.vocab_size",
+    "train.optimizer",
+    "dataset:",
+    "world.seed",
+    "dataset fingerprint",
+  ):
     assert field in msg, (field, msg)
   assert "num_steps" not in msg and "/w" in msg
   diffs = checkpointing.config_differences(meta["config"], bad)

@@ -28,8 +28,9 @@ def test_quickstart_notebook(tmp_path, monkeypatch):
   monkeypatch.setenv("QUICKSTART_WORKDIR", str(tmp_path / "work"))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                   resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}})
+  client = nbclient.NotebookClient(
+    nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": os.path.dirname(NOTEBOOK)}}
+  )
   client.execute()
   text = "\n".join(_text(c) for c in nb.cells if c.cell_type == "code")
   assert "corpus sentences" in text and "query:" in text

@@ -45,9 +45,20 @@ def test_runlocal_overrides_shrink_the_job():
 def test_lama_runlocal_trains(tmp_path):
   """configs/lama.py:runlocal=True on one relation: the real builder, tokenizer and training loop."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  cmd = ["timeout", "600", sys.executable, "-m", "launch.train", "--config=configs/lama.py:runlocal=True",
-         f"--config.manual_dir={LAMA_DIR}", "--config.lama_relations=('P20',)", "--config.train.num_steps=4",
-         "--config.train.eval_every=4", "--config.tokenizer.vocab_size=512", f"--workdir={tmp_path / 'w'}"]
+  cmd = [
+    "timeout",
+    "600",
+    sys.executable,
+    "-m",
+    "launch.train",
+    "--config=configs/lama.py:runlocal=True",
+    f"--config.manual_dir={LAMA_DIR}",
+    "--config.lama_relations=('P20',)",
+    "--config.train.num_steps=4",
+    "--config.train.eval_every=4",
+    "--config.tokenizer.vocab_size=512",
+    f"--workdir={tmp_path / 'w'}",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "query accuracy" in proc.stderr and os.path.isdir(tmp_path / "w" / "checkpoints")
@@ -62,8 +73,18 @@ def test_config_argument_booleans_are_strict(value):
 
 
 def test_config_argument_booleans_accepted_and_hinted():
-  for value, expect in [("True", True), ("TRUE", True), ("1", True), ("yes", True), ("Yes", True),
-                        ("false", False), ("False", False), ("0", False), ("no", False), ("NO", False)]:
+  for value, expect in [
+    ("True", True),
+    ("TRUE", True),
+    ("1", True),
+    ("yes", True),
+    ("Yes", True),
+    ("false", False),
+    ("False", False),
+    ("0", False),
+    ("no", False),
+    ("NO", False),
+  ]:
     assert configs.parse_arg(f"runlocal={value}", runlocal=not expect).runlocal is expect, value
   with pytest.raises(ValueError, match="Did you mean 'true'"):
     configs.parse_arg("runlocal=Ture", runlocal=False)
@@ -73,13 +94,16 @@ def test_config_argument_booleans_accepted_and_hinted():
     configs.parse_arg("n=ten", n=3)
 
 
-@pytest.mark.parametrize("arg, hint", [
+@pytest.mark.parametrize(
+  "arg, hint",
+  [
     ("--config.retrieve.kk=5", "section 'retrieve' has no field 'kk'. Did you mean --config.retrieve.k?"),
     ("--config.retrive.k=5", "no section or field 'retrive'. Did you mean --config.retrieve.k?"),
     ("--config.seqlen=4", "Did you mean --config.seq_len?"),
     ("--config.seq_len.x=3", "'seq_len' is a field (int), not a section"),
     ("--noconfig.retrieve.normalise", "Did you mean --config.retrieve.normalize?"),
-])
+  ],
+)
 def test_check_overrides_refuses_unknown_paths(arg, hint):
   argv = ["launch/retrieve.py", "--config=configs/synthetic.py:runlocal=True", arg, "--workdir=/tmp/w"]
   with pytest.raises(ValueError, match="Unknown config override") as e:
@@ -92,8 +116,18 @@ def test_check_overrides_refuses_unknown_paths(arg, hint):
 
 
 def test_check_overrides_accepts_known_paths_and_checks_config_args():
-  good = ["x", "--config", "configs/synthetic.py", "--config.retrieve.k=5", "--config.model.d_model", "64",
-          "--noconfig.retrieve.normalize", "--config.lama_relations=('P20',)", "--config.train=None", "--workdir=/w"]
+  good = [
+    "x",
+    "--config",
+    "configs/synthetic.py",
+    "--config.retrieve.k=5",
+    "--config.model.d_model",
+    "64",
+    "--noconfig.retrieve.normalize",
+    "--config.lama_relations=('P20',)",
+    "--config.train=None",
+    "--workdir=/w",
+  ]
   configs.check_overrides(argv=good)
   configs.check_overrides(argv=["x", "--workdir=/w"])  # no overrides: nothing to load
   with pytest.raises(ValueError, match="not a boolean"):

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from trackstar_jax import configs
-from trackstar_jax.data import records
-from trackstar_jax.data import world
+from trackstar_jax.data import records, world
 
 SMALL = dict(seed=3, n_entities=60, n_facts=80, max_frequency=30, zipf_a=1.3, n_distractors=100)
 
@@ -20,8 +19,7 @@ def small_world():
 
 @pytest.fixture(scope="module")
 def default_world():
-  return world.generate_world(
-      seed=0, n_entities=400, n_facts=600, max_frequency=200, zipf_a=1.3, n_distractors=2000)
+  return world.generate_world(seed=0, n_entities=400, n_facts=600, max_frequency=200, zipf_a=1.3, n_distractors=2000)
 
 
 def test_deterministic(small_world):
@@ -67,7 +65,7 @@ def test_default_world_size_and_long_tail(default_world):
   assert len(rels) >= 8
   vocabs = list(rels.values())
   for i, a in enumerate(vocabs):
-    for b in vocabs[i + 1:]:
+    for b in vocabs[i + 1 :]:
       assert not a & b
 
 
@@ -96,7 +94,7 @@ def test_gold_sentences_state_the_fact(small_world):
 
 
 def test_held_out_phrasing_not_in_corpus(default_world):
-  for name, rel in world.RELATIONS.items():
+  for _name, rel in world.RELATIONS.items():
     held = rel.query_template()
     assert held not in rel.corpus_templates()
     assert len(rel.corpus_templates()) >= 3
@@ -104,7 +102,7 @@ def test_held_out_phrasing_not_in_corpus(default_world):
   for q in default_world.queries:
     assert q["prompt"] not in text, q
   # the phrase itself (subject removed) occurs in no sentence
-  for name, rel in world.RELATIONS.items():
+  for _name, rel in world.RELATIONS.items():
     phrase = rel.query_template().replace("{s} ", "")
     assert not any(f" {phrase} " in c["text"] for c in default_world.corpus), phrase
 
@@ -129,8 +127,8 @@ def test_deduper_merges_fact_ids():
   assert d.add("a b.", "f2") == 0
   assert d.add("a b.", "f1") == 0
   assert d.records() == [
-      dict(sentence_id=0, text="a b.", fact_ids=["f1", "f2"]),
-      dict(sentence_id=1, text="c d.", fact_ids=[]),
+    dict(sentence_id=0, text="a b.", fact_ids=["f1", "f2"]),
+    dict(sentence_id=1, text="c d.", fact_ids=[]),
   ]
 
 

@@ -7,9 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from trackstar_jax.data import batching
+from trackstar_jax.data import batching, world
 from trackstar_jax.data import tokenizer as tokenizer_lib
-from trackstar_jax.data import world
 
 SMALL = dict(seed=1, n_entities=60, n_facts=80, max_frequency=30, zipf_a=1.3, n_distractors=100)
 
@@ -162,8 +161,12 @@ def test_query_too_long_is_an_error(fact_data, tok):
 def _examples(n, seq_len=4):
   inputs = np.arange(n * seq_len, dtype=np.int32).reshape(n, seq_len) + 1
   return batching.Examples(
-      inputs=inputs, targets=inputs + 1, loss_mask=np.ones((n, seq_len), np.float32),
-      pad_mask=np.ones((n, seq_len), bool), ids=np.arange(100, 100 + n, dtype=np.int64))
+    inputs=inputs,
+    targets=inputs + 1,
+    loss_mask=np.ones((n, seq_len), np.float32),
+    pad_mask=np.ones((n, seq_len), bool),
+    ids=np.arange(100, 100 + n, dtype=np.int64),
+  )
 
 
 def test_batches_cover_once_with_padding_rows():
@@ -183,8 +186,9 @@ def test_batches_cover_once_with_padding_rows():
 
 def test_shuffle_is_deterministic_per_epoch():
   ex = _examples(12)
-  run = lambda seed: [b["ids"].tolist() for b in batching.iterate_batches(
-      ex, batch_size=4, shuffle=True, seed=seed, epochs=2)]
+  run = lambda seed: [
+    b["ids"].tolist() for b in batching.iterate_batches(ex, batch_size=4, shuffle=True, seed=seed, epochs=2)
+  ]
   a, b = run(0), run(0)
   assert a == b and a != run(1)
   epoch0, epoch1 = sum(a[:3], []), sum(a[3:], [])
@@ -197,8 +201,10 @@ def test_process_slices_disjoint_and_covering(process_count):
   ex = _examples(23)
   kw = dict(batch_size=8, shuffle=True, seed=3, epochs=2)
   full = [b["ids"] for b in batching.iterate_batches(ex, **kw)]
-  per = [[b["ids"] for b in batching.iterate_batches(
-      ex, process_index=p, process_count=process_count, **kw)] for p in range(process_count)]
+  per = [
+    [b["ids"] for b in batching.iterate_batches(ex, process_index=p, process_count=process_count, **kw)]
+    for p in range(process_count)
+  ]
   for step, global_ids in enumerate(full):
     parts = [per[p][step] for p in range(process_count)]
     assert all(len(x) == 8 // process_count for x in parts)

@@ -8,9 +8,11 @@ import pytest
 from trackstar_jax import configs
 from trackstar_jax.data import lama
 
-TEMPLATES = [{"relation": "P19", "template": "[X] was born in [Y] ."},
-             {"relation": "P20", "template": "[X] died in [Y] ."},
-             {"relation": "P36", "template": "The capital of [X] is [Y] ."}]
+TEMPLATES = [
+  {"relation": "P19", "template": "[X] was born in [Y] ."},
+  {"relation": "P20", "template": "[X] died in [Y] ."},
+  {"relation": "P36", "template": "The capital of [X] is [Y] ."},
+]
 
 
 def _manual_dir(root, facts):
@@ -19,9 +21,18 @@ def _manual_dir(root, facts):
   (root / "lama_templates").mkdir()
   (root / lama.TEMPLATES_FILE).write_text("".join(json.dumps(t) + "\n" for t in TEMPLATES))
   for rel, pairs in facts.items():
-    lines = [json.dumps({"sub_uri": f"Q{i}{sub}", "sub_label": sub, "obj_label": obj, "predicate_id": rel,
-                         "evidences": [{"masked_sentence": f"{sub} lived in [MASK] ({rel}).", "obj_surface": obj}]})
-             for i, (sub, obj) in enumerate(pairs)]
+    lines = [
+      json.dumps(
+        {
+          "sub_uri": f"Q{i}{sub}",
+          "sub_label": sub,
+          "obj_label": obj,
+          "predicate_id": rel,
+          "evidences": [{"masked_sentence": f"{sub} lived in [MASK] ({rel}).", "obj_surface": obj}],
+        }
+      )
+      for i, (sub, obj) in enumerate(pairs)
+    ]
     (root / "evidences" / f"{rel}.jsonl").write_text("\n".join(lines) + "\n")
   return str(root)
 
@@ -85,12 +96,13 @@ def test_source_fingerprint_sees_content_relations_and_missing_files(tmp_path):
 
 
 def test_tokenizer_without_its_corpus_record_is_not_reused(tmp_path):
+  from trackstar_jax import data
   from trackstar_jax.data import records
   from trackstar_jax.data import tokenizer as tokenizer_lib
-  from trackstar_jax import data
 
-  corpus = [dict(sentence_id=i, text=f"sentence number {i} about the town of X{i % 7}", fact_ids=[]) for i in
-            range(200)]
+  corpus = [
+    dict(sentence_id=i, text=f"sentence number {i} about the town of X{i % 7}", fact_ids=[]) for i in range(200)
+  ]
   ds = data.FactDataset(name="d", fingerprint=records.corpus_fingerprint(corpus), corpus=corpus, queries=[])
   c = configs.base_config(dataset="lama_trex", model="tiny", seq_len=32)
   c.tokenizer.vocab_size = 64

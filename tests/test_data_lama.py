@@ -11,10 +11,11 @@ from trackstar_jax import configs
 from trackstar_jax.data import lama
 
 LAMA_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "shared", "data", "lama_trex")
+  os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared", "data", "lama_trex"
+)
 needs_lama = pytest.mark.skipif(
-    not os.path.isdir(os.path.join(LAMA_DIR, "evidences")), reason="no LAMA data at " + LAMA_DIR)
+  not os.path.isdir(os.path.join(LAMA_DIR, "evidences")), reason="no LAMA data at " + LAMA_DIR
+)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,7 @@ def test_missing_field_reports_file_and_line(tmp_path):
 
 def test_prompt_from_template():
   assert lama.prompt_from_template("[X] died in [Y] .", "Ann") == "Ann died in"
-  assert lama.prompt_from_template("The headquarter of [X] is in [Y] .", "Acme") == (
-      "The headquarter of Acme is in")
+  assert lama.prompt_from_template("The headquarter of [X] is in [Y] .", "Acme") == ("The headquarter of Acme is in")
   with pytest.raises(ValueError, match="does not end in"):
     lama.prompt_from_template("[X] is a [Y] by profession .", "Ann", relation="P106")
 

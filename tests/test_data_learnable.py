@@ -12,11 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from trackstar_jax import configs
-from trackstar_jax import losses
-from trackstar_jax.data import batching
+from trackstar_jax import configs, losses
+from trackstar_jax.data import batching, world
 from trackstar_jax.data import tokenizer as tokenizer_lib
-from trackstar_jax.data import world
 from trackstar_jax.models.transformer import DecoderLM, TransformerConfig
 
 
@@ -32,19 +30,18 @@ def test_tiny_lm_learns_facts_stated_three_times():
   params = model.init(jax.random.key(0), jnp.zeros((1, 32), jnp.int32), None)
   steps = 1500
   schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 100, steps, 3e-4)
-  opt = optax.chain(optax.clip_by_global_norm(1.0),
-                    optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.01))
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.99, weight_decay=0.01))
   opt_state = opt.init(params)
 
   @jax.jit
   def step(params, opt_state, batch):
-    grads = jax.grad(lambda p: losses.mean_token_loss(
-        model.apply(p, batch["inputs"], batch["pad_mask"]), batch))(params)
+    grads = jax.grad(lambda p: losses.mean_token_loss(model.apply(p, batch["inputs"], batch["pad_mask"]), batch))(
+      params
+    )
     updates, opt_state = opt.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  batches = batching.iterate_batches(
-      corpus, batch_size=64, shuffle=True, epochs=None, pad_last=False)
+  batches = batching.iterate_batches(corpus, batch_size=64, shuffle=True, epochs=None, pad_last=False)
   for _ in range(steps):
     params, opt_state = step(params, opt_state, next(batches))
 

@@ -13,6 +13,7 @@ The shared tiny training run (conftest `trained`: configs/synthetic.py:runlocal=
     one process x 4 devices (the same per-device batch).
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,9 +31,18 @@ from trackstar_jax.jobs import workdir as workdir_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "synthetic.py") + ":runlocal=True"
 # 354 corpus rows in chunks of 8 (45 chunks); 4-row encoder batches, 2 per chunk.
-OVERRIDES = dict(train__num_steps=4, train__eval_every=4, train__checkpoint_every=4, store__chunk_rows=8,
-                 store__dtype="float32", encoder__batch_size=4, hessian__train_sample=48, retrieve__k=4,
-                 retrieve__chunk_rows=100, retrieve__matmul_dtype="float32")
+OVERRIDES = dict(
+  train__num_steps=4,
+  train__eval_every=4,
+  train__checkpoint_every=4,
+  store__chunk_rows=8,
+  store__dtype="float32",
+  encoder__batch_size=4,
+  hessian__train_sample=48,
+  retrieve__k=4,
+  retrieve__chunk_rows=100,
+  retrieve__matmul_dtype="float32",
+)
 TIMEOUT_S = 120
 
 
@@ -45,24 +55,31 @@ def _env(*, devices: int, process_id: int | None = None, port: int | None = None
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
   env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   if process_id is not None:
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(process_id),
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+    env.update(
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(process_id),
+      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )
   return env
 
 
 def _start(job: str, workdir: str, log: str, *, env: dict[str, str], **extra) -> subprocess.Popen:
   """`timeout python -m launch.<job>` in a new process group (exec'd: nothing inherited from this process)."""
   with open(log, "ab") as f:
-    return subprocess.Popen(["timeout", str(TIMEOUT_S), sys.executable, "-m", f"launch.{job}", f"--workdir={workdir}",
-                             *_flags(**extra)], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+      ["timeout", str(TIMEOUT_S), sys.executable, "-m", f"launch.{job}", f"--workdir={workdir}", *_flags(**extra)],
+      cwd=REPO,
+      env=env,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+      start_new_session=True,
+    )
 
 
 def _kill(proc: subprocess.Popen) -> None:
-  try:
+  with contextlib.suppress(ProcessLookupError):
     os.killpg(proc.pid, signal.SIGKILL)  # timeout and its python child: our own process group
-  except ProcessLookupError:
-    pass
   proc.wait()
 
 
@@ -108,8 +125,13 @@ def encoded(trained):
   corpus = workdir_lib.load_data(trained.config, workdir).corpus
   ref_url = os.path.join(root, "ref.zarr")
   logs = [os.path.join(root, "ref_encode.log"), os.path.join(root, "fit_hessian.log")]
-  _finish([_start("encode", workdir, logs[0], env=_env(devices=4), store__url=ref_url),
-           _start("fit_hessian", workdir, logs[1], env=_env(devices=4))], logs)  # <workdir>/hessian.npz
+  _finish(
+    [
+      _start("encode", workdir, logs[0], env=_env(devices=4), store__url=ref_url),
+      _start("fit_hessian", workdir, logs[1], env=_env(devices=4)),
+    ],
+    logs,
+  )  # <workdir>/hessian.npz
   ref = _read_store(ref_url)
   assert np.all(np.any(ref.phi != 0, axis=1)), "reference has all-zero (unwritten) rows"
   return workdir, np.asarray(corpus.ids), ref_url
@@ -128,12 +150,14 @@ def test_encode_survives_sigkill(encoded, tmp_path):
     deadline = time.monotonic() + TIMEOUT_S
     try:
       while proc.poll() is None and time.monotonic() < deadline:
-        if target is None:
-          if os.path.exists(url):
-            break
-        elif os.path.exists(os.path.join(url, "meta.json")):
-          if len(store_lib.open_store(url).completed_chunks()) >= target:
-            break
+        if target is None and os.path.exists(url):
+          break
+        if (
+          target is not None
+          and os.path.exists(os.path.join(url, "meta.json"))
+          and len(store_lib.open_store(url).completed_chunks()) >= target
+        ):
+          break
         time.sleep(0.01)
       assert proc.poll() is None, f"encode ended before the kill at {target} chunks:\n{_tail(log)}"
     finally:
@@ -155,8 +179,10 @@ def test_encode_survives_sigkill(encoded, tmp_path):
 def test_two_process_encode_and_retrieve_match_one_process(encoded, tmp_path):
   workdir, corpus_ids, ref_url = encoded
   url = str(tmp_path / "two.zarr")
-  for job, extra in (("encode", dict(store__url=url)),
-                     ("retrieve", dict(store__url=url, retrieve__output=str(tmp_path / "two.jsonl")))):
+  for job, extra in (
+    ("encode", dict(store__url=url)),
+    ("retrieve", dict(store__url=url, retrieve__output=str(tmp_path / "two.jsonl"))),
+  ):
     port = _free_port()
     logs = [str(tmp_path / f"{job}_{i}.log") for i in range(2)]
     procs = [_start(job, workdir, logs[i], env=_env(devices=2, process_id=i, port=port), **extra) for i in range(2)]

@@ -33,8 +33,9 @@ def make_model():
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape).astype(np.float32), params)
   state = optax.adam(1e-3).init(params)
-  state = jax.tree.map(lambda x: rng.uniform(0.2, 3.0, x.shape).astype(np.float32)
-                       if jnp.issubdtype(x.dtype, jnp.floating) else x, state)
+  state = jax.tree.map(
+    lambda x: rng.uniform(0.2, 3.0, x.shape).astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+  )
   return model, params, state
 
 
@@ -101,7 +102,7 @@ def test_query_prompt_tokens_are_context_only(setup):
   ex["pad_mask"][:] = True
   ex["inputs"] = np.where(ex["inputs"] == 0, 5, ex["inputs"])
   query = dict(ex, loss_mask=np.zeros((4, T), np.float32))
-  query["loss_mask"][:, T - 3:] = 1.0  # only the target tokens' losses count
+  query["loss_mask"][:, T - 3 :] = 1.0  # only the target tokens' losses count
   phi = np.asarray(enc.encode(query))
   # Changing the prompt positions' targets (their losses are masked) changes nothing ...
   other = dict(query, targets=np.where(query["loss_mask"] > 0, query["targets"], (query["targets"] + 7) % V))
@@ -112,11 +113,10 @@ def test_query_prompt_tokens_are_context_only(setup):
   # ... and it equals a hand-written target-only loss's reference encoding.
   def target_only(p, b):
     logp = jax.nn.log_softmax(model.apply(p, b["inputs"], b["pad_mask"]), -1)
-    tok = jnp.take_along_axis(logp[:, T - 3:], b["targets"][:, T - 3:, None], -1)[..., 0]
+    tok = jnp.take_along_axis(logp[:, T - 3 :], b["targets"][:, T - 3 :, None], -1)[..., 0]
     return -jnp.sum(tok, axis=-1)
 
-  hand = TrackStarEncoder(loss_fn=target_only, params=params, config=encoder_config(),
-                          correction=enc.correction)
+  hand = TrackStarEncoder(loss_fn=target_only, params=params, config=encoder_config(), correction=enc.correction)
   assert rel(hand.reference(query), phi) < 1e-4
 
 
@@ -168,12 +168,20 @@ def test_two_processes_match_one(setup, tmp_path):
   script.write_text(_WORKER)
   port = str(_free_port())
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  procs = [subprocess.Popen(["timeout", "120", sys.executable, str(script), str(i), port, str(tmp_path), REPO],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      ["timeout", "120", sys.executable, str(script), str(i), port, str(tmp_path), REPO],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
   logs = [p.communicate()[0].decode()[-3000:] for p in procs]
   assert all(p.returncode == 0 for p in procs), logs
   got = [np.load(tmp_path / f"proc{i}.npz") for i in range(2)]
   from trackstar_jax import projection
+
   p_in, p_out = projection.projection_matrices("block_1/mlp/wo/kernel", n=32, m=16, d_in=3, d_out=4, seed=0)
   for g in got:  # bit-identical projections in every process (and here)
     assert np.array_equal(g["p_in"], p_in) and np.array_equal(g["p_out"], p_out)

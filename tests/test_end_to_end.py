@@ -18,29 +18,37 @@ from trackstar_jax import results as results_lib
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL_WORLD = {
-    "world.n_entities": 120,
-    "world.n_facts": 120,
-    "world.max_frequency": 30,
-    "world.n_distractors": 300,
-    "tokenizer.vocab_size": 384,
-    "seq_len": 32,  # the 384-piece tokenizer needs more than the default 24 tokens
-    "model.max_len": 32,
-    "train.num_steps": 400,
-    "train.warmup_steps": 40,
-    "train.batch_size": 32,
-    "train.eval_every": 0,
-    "train.checkpoint_every": 400,
-    "hessian.train_sample": 512,
-    # The dense baseline (torch MiniLM) alone takes ~1 min on 2 CPU cores: here it is a skipped row
-    # (tests/test_baselines.py covers dense retrieval itself).
-    "evaluate.baselines": '("bm25", "random")',
+  "world.n_entities": 120,
+  "world.n_facts": 120,
+  "world.max_frequency": 30,
+  "world.n_distractors": 300,
+  "tokenizer.vocab_size": 384,
+  "seq_len": 32,  # the 384-piece tokenizer needs more than the default 24 tokens
+  "model.max_len": 32,
+  "train.num_steps": 400,
+  "train.warmup_steps": 40,
+  "train.batch_size": 32,
+  "train.eval_every": 0,
+  "train.checkpoint_every": 400,
+  "hessian.train_sample": 512,
+  # The dense baseline (torch MiniLM) alone takes ~1 min on 2 CPU cores: here it is a skipped row
+  # (tests/test_baselines.py covers dense retrieval itself).
+  "evaluate.baselines": '("bm25", "random")',
 }
 
 
 def _pipeline(workdir):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  cmd = ["timeout", "1200", sys.executable, "-m", "launch.pipeline", "--config=configs/synthetic.py",
-         f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in SMALL_WORLD.items())]
+  cmd = [
+    "timeout",
+    "1200",
+    sys.executable,
+    "-m",
+    "launch.pipeline",
+    "--config=configs/synthetic.py",
+    f"--workdir={workdir}",
+    *(f"--config.{k}={v}" for k, v in SMALL_WORLD.items()),
+  ]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc

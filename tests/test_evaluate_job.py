@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 
-from configs import synthetic
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.evaluation import baselines
@@ -29,8 +28,7 @@ def evaluated(trained):
 
 
 def _meta(ds, **kw):
-  return dict(dict(dataset=ds.name, fingerprint=ds.fingerprint, num_examples=len(ds.corpus),
-                   method="x"), **kw)
+  return dict(dict(dataset=ds.name, fingerprint=ds.fingerprint, num_examples=len(ds.corpus), method="x"), **kw)
 
 
 def _oracle(dataset):
@@ -39,10 +37,21 @@ def _oracle(dataset):
   out = []
   for q in dataset.queries:
     ids = list(q["gold_sentence_ids"])[:3]
-    out.append(results_lib.make_results_line(
-        example_id=q["query_id"], inputs_plaintext=q["prompt"], targets_plaintext=q["target"],
-        proponent_ids=ids, proponent_scores=[1.0] * len(ids), proponents=[texts[i] for i in ids],
-        opponent_ids=[], opponent_scores=[], opponents=[], fact_id=q["fact_id"], relation=q["relation"]))
+    out.append(
+      results_lib.make_results_line(
+        example_id=q["query_id"],
+        inputs_plaintext=q["prompt"],
+        targets_plaintext=q["target"],
+        proponent_ids=ids,
+        proponent_scores=[1.0] * len(ids),
+        proponents=[texts[i] for i in ids],
+        opponent_ids=[],
+        opponent_scores=[],
+        opponents=[],
+        fact_id=q["fact_id"],
+        relation=q["relation"],
+      )
+    )
   return out
 
 
@@ -54,11 +63,14 @@ def _write(path, lines, meta):
 def test_evaluate_writes_table_and_caches_tail_patch(evaluated, tmp_path):
   config, workdir, dataset = evaluated
   rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
-  files = {"oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
-           "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset))}
+  files = {
+    "oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
+    "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset)),
+  }
   prefix = str(tmp_path / "out" / "evaluation")
-  table = run.run(config, workdir, results=files, output_prefix=prefix, dataset=dataset,
-                  skipped={"dense": "not installed"})
+  table = run.run(
+    config, workdir, results=files, output_prefix=prefix, dataset=dataset, skipped={"dense": "not installed"}
+  )
   rows = {r["method"]: r for r in table["rows"]}
   assert list(rows) == ["oracle", "random", "dense"]
   assert rows["oracle"]["mrr"] == 1.0 and rows["oracle"]["recall@10"] == 1.0
@@ -108,9 +120,19 @@ def test_results_from_another_checkpoint_or_store(evaluated, tmp_path):
     run.run(config, workdir, results={"old": path}, dataset=dataset, tail_patch=False)
   # The results' store was encoded from another checkpoint.
   url = str(tmp_path / "enc.zarr")
-  store_lib.open_store(url, create=True, expected_meta=store_lib.StoreMeta(
-      num_rows=len(dataset.corpus), dim=4, dtype="float32", chunk_rows=64, checkpoint="/elsewhere/run", step=4,
-      corpus_fingerprint=dataset.fingerprint))
+  store_lib.open_store(
+    url,
+    create=True,
+    expected_meta=store_lib.StoreMeta(
+      num_rows=len(dataset.corpus),
+      dim=4,
+      dtype="float32",
+      chunk_rows=64,
+      checkpoint="/elsewhere/run",
+      step=4,
+      corpus_fingerprint=dataset.fingerprint,
+    ),
+  )
   path = _write(tmp_path / "r2.jsonl", _oracle(dataset), _meta(dataset, step=4, store=url))
   with pytest.raises(run.EvaluationInputError, match="store checkpoint '/elsewhere/run' != evaluated workdir"):
     run.run(config, workdir, results={"s": path}, dataset=dataset, tail_patch=False)

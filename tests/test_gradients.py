@@ -7,10 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from trackstar_jax import gradients
-from trackstar_jax import losses
+from trackstar_jax import gradients, losses, projection
 from trackstar_jax import optimizer_correction as oc
-from trackstar_jax import projection
 from trackstar_jax.models.transformer import DecoderLM, TransformerConfig
 
 V, T = 40, 8
@@ -38,11 +36,16 @@ def make_batch(b, seed=0):
   rng = np.random.default_rng(seed)
   inputs = rng.integers(1, V, (b, T)).astype(np.int32)
   pad = np.ones((b, T), bool)
-  pad[0, T - 2:] = False  # one right-padded example
+  pad[0, T - 2 :] = False  # one right-padded example
   loss_mask = pad.astype(np.float32)
   loss_mask[:, 0] = 0.0
-  return dict(inputs=inputs, targets=np.roll(inputs, -1, axis=1), loss_mask=loss_mask, pad_mask=pad,
-              ids=np.arange(b, dtype=np.int64))
+  return dict(
+    inputs=inputs,
+    targets=np.roll(inputs, -1, axis=1),
+    loss_mask=loss_mask,
+    pad_mask=pad,
+    ids=np.arange(b, dtype=np.int64),
+  )
 
 
 def setup_model(which):
@@ -90,8 +93,14 @@ def random_state(kind, params, layouts, seed=1):
   raise ValueError(kind)
 
 
-CASES = [("decoder", "none"), ("decoder", "adam"), ("decoder", "adafactor"), ("custom", "none"),
-         ("custom", "adam"), ("custom", "adafactor")]
+CASES = [
+  ("decoder", "none"),
+  ("decoder", "adam"),
+  ("decoder", "adafactor"),
+  ("custom", "none"),
+  ("custom", "adam"),
+  ("custom", "adafactor"),
+]
 
 
 @pytest.mark.parametrize("which,kind", CASES)
@@ -111,8 +120,7 @@ def test_fused_matches_reference(which, kind):
 @pytest.mark.parametrize("which", ["decoder", "custom"])
 def test_forced_per_layer_mode_matches_reference(which):
   params, loss_fn, batch, layouts, plan = setup_model(which)
-  corr = oc.make_correction(kind="adafactor", layouts=layouts,
-                            opt_state=random_state("adafactor", params, layouts))
+  corr = oc.make_correction(kind="adafactor", layouts=layouts, opt_state=random_state("adafactor", params, layouts))
   proj = gradients.GradientProjector(plan=plan, correction=corr, layer_mode="layer")
   phi = jax.jit(lambda p, a, b: proj.phi(loss_fn, p, a, b))(params, proj.arrays, batch)
   ref = gradients.reference_phi(loss_fn, params, batch, plan=plan, correction=corr)

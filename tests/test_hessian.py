@@ -19,7 +19,7 @@ def test_second_moment_sharded_batches_and_padding():
   mesh = mesh_lib.make_mesh()
   acc = hessian.SecondMoment(16, mesh=mesh)
   for i in range(0, 40, 8):
-    batch = mesh_lib.shard_batch({"phi": phi[i:i + 8]}, mesh)["phi"]
+    batch = mesh_lib.shard_batch({"phi": phi[i : i + 8]}, mesh)["phi"]
     valid = np.arange(i, i + 8) < 37  # the last 3 rows are padding
     acc.update(batch, valid=valid)
   assert acc.count == 37
@@ -27,7 +27,7 @@ def test_second_moment_sharded_batches_and_padding():
   r_blocks, n = hessian.second_moment(phi, n_blocks=4, block_diagonal=True)
   full = phi.T @ phi / 40
   for b in range(4):
-    np.testing.assert_allclose(r_blocks[b], full[4 * b:4 * b + 4, 4 * b:4 * b + 4], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(r_blocks[b], full[4 * b : 4 * b + 4, 4 * b : 4 * b + 4], rtol=1e-5, atol=1e-6)
 
 
 def test_lambda_rule_hand_computed():
@@ -65,13 +65,15 @@ def test_inverse_sqrt_whitens(dtype):
 def test_block_diagonal_fit_apply_and_save_load(tmp_path):
   rng = np.random.default_rng(2)
   phi = rng.standard_normal((64, 8)).astype(np.float32)
-  h = hessian.fit_hessian(train_phi=[phi[:30], (phi[30:], np.ones(34, bool))], eval_phi=phi[:10],
-                          config=cfg(block_diagonal=True), n_blocks=2)
+  h = hessian.fit_hessian(
+    train_phi=[phi[:30], (phi[30:], np.ones(34, bool))], eval_phi=phi[:10], config=cfg(block_diagonal=True), n_blocks=2
+  )
   assert np.shape(h.inv_sqrt) == (2, 4, 4) and h.dim == 8 and 0 < h.lam < 1
   psi = np.asarray(h.apply(phi[:5]))
   for b in range(2):
-    np.testing.assert_allclose(psi[:, 4 * b:4 * b + 4], phi[:5, 4 * b:4 * b + 4] @ h.inv_sqrt[b], rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+      psi[:, 4 * b : 4 * b + 4], phi[:5, 4 * b : 4 * b + 4] @ h.inv_sqrt[b], rtol=1e-5, atol=1e-6
+    )
   h.save(str(tmp_path / "h.npz"))
   h2 = hessian.Hessian.load(str(tmp_path / "h.npz"))
   np.testing.assert_array_equal(h2.inv_sqrt, h.inv_sqrt)
@@ -90,7 +92,8 @@ def test_unit_encode_and_cosine_scores():
   assert np.all(e[4] == 0)
   psi_q, psi_z = q @ h.inv_sqrt, z @ h.inv_sqrt
   want = (psi_q / np.linalg.norm(psi_q, axis=1, keepdims=True)) @ (
-      psi_z / np.maximum(np.linalg.norm(psi_z, axis=1, keepdims=True), 1e-12)).T
+    psi_z / np.maximum(np.linalg.norm(psi_z, axis=1, keepdims=True), 1e-12)
+  ).T
   np.testing.assert_allclose(hessian.cosine_scores(q, z, hessian=h), want, rtol=1e-4, atol=1e-6)
 
 
@@ -105,7 +108,7 @@ def test_damaged_hessian_file_says_what_to_rerun(tmp_path, damage):
     path.write_bytes(raw[: len(raw) // 2])
   elif damage == "flip":  # inside inv_sqrt's data: the zip CRC check fails
     i = raw.index(b"\x00\x00\x80\x3f")  # a float32 1.0
-    path.write_bytes(raw[:i] + b"\x00\x00\x80\x40" + raw[i + 4:])
+    path.write_bytes(raw[:i] + b"\x00\x00\x80\x40" + raw[i + 4 :])
   elif damage == "garbage":
     path.write_bytes(b"not a zip file at all")
   elif damage == "other_npz":
@@ -114,8 +117,13 @@ def test_damaged_hessian_file_says_what_to_rerun(tmp_path, damage):
     hessian.Hessian.load(str(path))
   msg = str(e.value)
   assert str(path) in msg and "python -m launch.fit_hessian" in msg and f"--workdir={tmp_path / 'wd'}" in msg, msg
-  want = {"truncate": "truncated or corrupt", "flip": "truncated or corrupt", "garbage": "truncated or corrupt",
-          "other_npz": "lacks ['inv_sqrt', 'lam', 'meta']", "nan": "non-finite"}[damage]
+  want = {
+    "truncate": "truncated or corrupt",
+    "flip": "truncated or corrupt",
+    "garbage": "truncated or corrupt",
+    "other_npz": "lacks ['inv_sqrt', 'lam', 'meta']",
+    "nan": "non-finite",
+  }[damage]
   assert want in msg, msg
   with pytest.raises(FileNotFoundError, match="launch.fit_hessian"):
     hessian.Hessian.load(str(tmp_path / "nothing.npz"))

@@ -24,8 +24,9 @@ def test_streamed_job_equals_fit_on_all_phi(trained, block_diagonal):
   rows = np.sort(np.random.default_rng(int(config.hessian.seed)).choice(len(corpus), 100, replace=False))
   train_phi = encoding.encode_to_array(encoder, corpus.select(rows), batch_size=16)
   eval_phi = encoding.encode_to_array(encoder, queries, batch_size=16)
-  ref = hessian_lib.fit_hessian(train_phi=train_phi, eval_phi=eval_phi, config=config.hessian,
-                                n_blocks=len(encoder.blocks))
+  ref = hessian_lib.fit_hessian(
+    train_phi=train_phi, eval_phi=eval_phi, config=config.hessian, n_blocks=len(encoder.blocks)
+  )
   assert (h.meta["n_train"], h.meta["n_eval"]) == (100, len(queries))
   assert h.lam == pytest.approx(ref.lam, rel=1e-4)
   assert np.shape(h.inv_sqrt) == np.shape(ref.inv_sqrt)

@@ -14,8 +14,8 @@ import pytest
 from configs import synthetic
 from trackstar_jax import data
 from trackstar_jax import results as results_lib
-from trackstar_jax.jobs import workdir as workdir_lib
 from trackstar_jax.jobs import pipeline as ladder
+from trackstar_jax.jobs import workdir as workdir_lib
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,9 @@ def test_select_methods_by_name_and_kind(setup):
 def test_baselines_run_without_a_checkpoint_and_are_reused_elsewhere(setup, tmp_path):
   config, workdir, dataset = setup
   ladder.run(config, workdir, stages=("retrieve",), dataset=dataset, only=("bm25", "random"))
-  files = {m: ladder.results_file(workdir, m) for m in ladder.select_methods(ladder.ladder(config)[1], ["bm25", "random"])}
+  files = {
+    m: ladder.results_file(workdir, m) for m in ladder.select_methods(ladder.ladder(config)[1], ["bm25", "random"])
+  }
   for path in files.values():
     assert results_lib.validate_results_file(path) == len(dataset.queries)
   mtimes = {m.name: os.path.getmtime(p) for m, p in files.items()}
@@ -84,7 +86,6 @@ def test_precomputed_dense_results_are_used_without_its_packages(setup, tmp_path
   assert not os.path.exists(ladder.results_file(other, dense))
   ladder.run(config, other, stages=("retrieve",), dataset=dataset, only=("dense",))
   assert not os.path.exists(ladder.results_file(other, dense))  # no results, no packages: skipped
-  shutil.copytree(os.path.join(made, "ladder", "results"), os.path.join(other, "ladder", "results"),
-                  dirs_exist_ok=True)
+  shutil.copytree(os.path.join(made, "ladder", "results"), os.path.join(other, "ladder", "results"), dirs_exist_ok=True)
   ladder.run(config, other, stages=("retrieve",), dataset=dataset, only=("dense",))
   assert results_lib.validate_results_file(ladder.results_file(other, dense)) == len(dataset.queries)

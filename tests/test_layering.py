@@ -19,24 +19,48 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
-ATTRIBUTION = ("trackstar_jax.projection", "trackstar_jax.gradients", "trackstar_jax.optimizer_correction",
-               "trackstar_jax.encoder", "trackstar_jax.hessian", "trackstar_jax.retrieval", "trackstar_jax.store",
-               "trackstar_jax.results", "trackstar_jax.encoding", "trackstar_jax.api", "trackstar_jax.evaluation",
-               "trackstar_jax.jobs")
-NUMERICAL_CORE = ("trackstar_jax/encoder.py", "trackstar_jax/gradients.py", "trackstar_jax/projection.py",
-                  "trackstar_jax/optimizer_correction.py", "trackstar_jax/encoding.py", "trackstar_jax/hessian.py")
-RETRIEVAL = ("trackstar_jax/retrieval.py", "trackstar_jax/store.py", "trackstar_jax/results.py",
-             "trackstar_jax/hessian.py", "trackstar_jax/fileio.py")
+ATTRIBUTION = (
+  "trackstar_jax.projection",
+  "trackstar_jax.gradients",
+  "trackstar_jax.optimizer_correction",
+  "trackstar_jax.encoder",
+  "trackstar_jax.hessian",
+  "trackstar_jax.retrieval",
+  "trackstar_jax.store",
+  "trackstar_jax.results",
+  "trackstar_jax.encoding",
+  "trackstar_jax.api",
+  "trackstar_jax.evaluation",
+  "trackstar_jax.jobs",
+)
+NUMERICAL_CORE = (
+  "trackstar_jax/encoder.py",
+  "trackstar_jax/gradients.py",
+  "trackstar_jax/projection.py",
+  "trackstar_jax/optimizer_correction.py",
+  "trackstar_jax/encoding.py",
+  "trackstar_jax/hessian.py",
+)
+RETRIEVAL = (
+  "trackstar_jax/retrieval.py",
+  "trackstar_jax/store.py",
+  "trackstar_jax/results.py",
+  "trackstar_jax/hessian.py",
+  "trackstar_jax/fileio.py",
+)
 
 # (files glob, forbidden module prefixes, rule)
 RULES = (
-    ("trackstar_jax/**/*.py", ("trackstar_jax.jobs", "launch"), "the library never imports the jobs layer or launch/"),
-    ("trackstar_jax/evaluation/**/*.py", ("trackstar_jax.jobs",), "evaluation/ metrics and baselines import no job"),
-    ("trackstar_jax/models/**/*.py", ATTRIBUTION, "models/ knows nothing of attribution"),
-    (NUMERICAL_CORE, ("trackstar_jax.data",), "the encoder never imports data/"),
-    (RETRIEVAL, ("trackstar_jax.models", "flax", "trackstar_jax.gradients", "trackstar_jax.encoder"),
-     "retrieval never imports a model"),
-    ("benchmarks/*.py", ("trackstar_jax.jobs", "launch"), "benchmarks use the public API, not the jobs layer"),
+  ("trackstar_jax/**/*.py", ("trackstar_jax.jobs", "launch"), "the library never imports the jobs layer or launch/"),
+  ("trackstar_jax/evaluation/**/*.py", ("trackstar_jax.jobs",), "evaluation/ metrics and baselines import no job"),
+  ("trackstar_jax/models/**/*.py", ATTRIBUTION, "models/ knows nothing of attribution"),
+  (NUMERICAL_CORE, ("trackstar_jax.data",), "the encoder never imports data/"),
+  (
+    RETRIEVAL,
+    ("trackstar_jax.models", "flax", "trackstar_jax.gradients", "trackstar_jax.encoder"),
+    "retrieval never imports a model",
+  ),
+  ("benchmarks/*.py", ("trackstar_jax.jobs", "launch"), "benchmarks use the public API, not the jobs layer"),
 )
 LAUNCH_ALLOWED = ("trackstar_jax.jobs", "trackstar_jax.evaluation.ablation", "absl", "os", "ml_collections")
 
@@ -84,14 +108,17 @@ def test_repository_keeps_the_import_rules():
   assert violations() == []
 
 
-@pytest.mark.parametrize("where, line, rule", [
+@pytest.mark.parametrize(
+  "where, line, rule",
+  [
     ("trackstar_jax/encoder.py", "from trackstar_jax.data import batching", "never imports data/"),
     ("trackstar_jax/retrieval.py", "from trackstar_jax.models import DecoderLM", "never imports a model"),
     ("trackstar_jax/evaluation/metrics.py", "from trackstar_jax.jobs import evaluate", "import no job"),
     ("trackstar_jax/models/transformer.py", "import trackstar_jax.hessian", "knows nothing of attribution"),
     ("trackstar_jax/store.py", "from launch import encode", "never imports the jobs layer or launch/"),
     ("launch/encode.py", "from trackstar_jax import store", "thin entry points"),
-])
+  ],
+)
 def test_a_forbidden_import_is_caught(tmp_path, where, line, rule):
   """The checker on a copy of the tree with one forbidden import added (inside a function, too)."""
   for top in ("trackstar_jax", "launch", "benchmarks"):

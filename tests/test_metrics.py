@@ -5,28 +5,24 @@ import math
 
 import pytest
 
-from trackstar_jax.evaluation import ablation
-from trackstar_jax.evaluation import metrics
+from trackstar_jax.evaluation import ablation, metrics
 
 QUERIES = [
-    dict(query_id=0, fact_id="f0", relation="r1", gold_sentence_ids=[3, 7], frequency=1,
-         model_correct=True),
-    dict(query_id=1, fact_id="f1", relation="r1", gold_sentence_ids=[5], frequency=5,
-         model_correct=False),
-    dict(query_id=2, fact_id="f2", relation="r2", gold_sentence_ids=[9], frequency=40,
-         model_correct=True),
+  dict(query_id=0, fact_id="f0", relation="r1", gold_sentence_ids=[3, 7], frequency=1, model_correct=True),
+  dict(query_id=1, fact_id="f1", relation="r1", gold_sentence_ids=[5], frequency=5, model_correct=False),
+  dict(query_id=2, fact_id="f2", relation="r2", gold_sentence_ids=[9], frequency=40, model_correct=True),
 ]
 RESULTS = [
-    dict(example_id=0, fact_id="f0", relation="r1", proponent_ids=[1, 3, 7, 2]),
-    dict(example_id=1, fact_id="f1", relation="r1",
-         proponent_ids=[0, 1, 2, 3, 4, 6, 8, 10, 11, 12, 5]),  # gold at rank 11
-    dict(example_id=2, fact_id="f2", relation="r2", proponent_ids=[9]),
+  dict(example_id=0, fact_id="f0", relation="r1", proponent_ids=[1, 3, 7, 2]),
+  dict(
+    example_id=1, fact_id="f1", relation="r1", proponent_ids=[0, 1, 2, 3, 4, 6, 8, 10, 11, 12, 5]
+  ),  # gold at rank 11
+  dict(example_id=2, fact_id="f2", relation="r2", proponent_ids=[9]),
 ]
 
 
 def test_per_query_hand_values():
-  assert metrics.per_query_metrics([1, 3, 7, 2], [3, 7]) == {
-      "mrr": 0.5, "recall@10": 1.0, "precision@10": 0.2}
+  assert metrics.per_query_metrics([1, 3, 7, 2], [3, 7]) == {"mrr": 0.5, "recall@10": 1.0, "precision@10": 0.2}
   m = metrics.per_query_metrics(RESULTS[1]["proponent_ids"], [5])
   assert m == {"mrr": 1 / 11, "recall@10": 0.0, "precision@10": 0.0}
   assert metrics.per_query_metrics([], [5]) == {"mrr": 0.0, "recall@10": 0.0, "precision@10": 0.0}
@@ -58,7 +54,16 @@ def test_overall_relation_bucket_correctness():
 
 def test_frequency_bucket_labels():
   assert [metrics.frequency_bucket(f) for f in (1, 2, 3, 4, 7, 8, 31, 32, 1000)] == [
-      "1", "2-3", "2-3", "4-7", "4-7", "8-15", "16-31", ">=32", ">=32"]
+    "1",
+    "2-3",
+    "2-3",
+    "4-7",
+    "4-7",
+    "8-15",
+    "16-31",
+    ">=32",
+    ">=32",
+  ]
   assert metrics.frequency_bucket(5, edges=(10,)) == "1-9"
 
 
@@ -90,8 +95,7 @@ def test_errors():
   with pytest.raises(ValueError, match=r"proponent_ids entry 13 outside \[0, 13\)"):
     metrics.compute_metrics([dict(example_id=0, proponent_ids=[13])], QUERIES, num_examples=13)
   with pytest.raises(ValueError, match="no gold_sentence_ids"):
-    metrics.compute_metrics([dict(example_id=0, proponent_ids=[1])],
-                            [dict(QUERIES[0], gold_sentence_ids=[])])
+    metrics.compute_metrics([dict(example_id=0, proponent_ids=[1])], [dict(QUERIES[0], gold_sentence_ids=[])])
   with pytest.raises(ValueError, match="no result records"):
     metrics.compute_metrics([], QUERIES)
   with pytest.raises(FileNotFoundError, match="nope.jsonl"):
@@ -104,12 +108,11 @@ def test_annotate_correct():
 
 
 def test_ablation_table(tmp_path):
-  perfect = [dict(example_id=q["query_id"], proponent_ids=list(q["gold_sentence_ids"]))
-             for q in QUERIES]
-  tp = {"trackstar": {"tail_patch@1": 0.01, "tail_patch@10": 0.005,
-                      "tail_patch_rel@1": 0.2, "tail_patch_rel@10": 0.1}}
-  t = ablation.ablation_table(methods={"trackstar": perfect, "other": RESULTS},
-                              queries=QUERIES, tail_patch=tp, subset="model_correct")
+  perfect = [dict(example_id=q["query_id"], proponent_ids=list(q["gold_sentence_ids"])) for q in QUERIES]
+  tp = {"trackstar": {"tail_patch@1": 0.01, "tail_patch@10": 0.005, "tail_patch_rel@1": 0.2, "tail_patch_rel@10": 0.1}}
+  t = ablation.ablation_table(
+    methods={"trackstar": perfect, "other": RESULTS}, queries=QUERIES, tail_patch=tp, subset="model_correct"
+  )
   assert [r["method"] for r in t["rows"]] == ["trackstar", "other"]
   assert t["rows"][0]["mrr"] == 1.0 and t["rows"][0]["n"] == 2
   assert t["rows"][1]["mrr"] == pytest.approx(0.75)

@@ -24,7 +24,9 @@ def test_shapes_and_param_count():
 
 def test_param_paths_match_default_regex():
   import re
+
   from trackstar_jax import configs
+
   model, _ = _model()
   params = model.init(jax.random.key(0), jnp.ones((1, 4), jnp.int32))
   paths = ["/".join(str(k.key) for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]

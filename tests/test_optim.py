@@ -12,8 +12,18 @@ from trackstar_jax.models import DecoderLM, TransformerConfig
 
 
 def _cfg(**kw):
-  c = dict(optimizer="adamw", learning_rate=1e-2, end_learning_rate_frac=0.1, warmup_steps=10, num_steps=100,
-           weight_decay=0.01, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0)
+  c = dict(
+    optimizer="adamw",
+    learning_rate=1e-2,
+    end_learning_rate_frac=0.1,
+    warmup_steps=10,
+    num_steps=100,
+    weight_decay=0.01,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    grad_clip=1.0,
+  )
   c.update(kw)
   return ml_collections.ConfigDict(c)
 
@@ -131,8 +141,14 @@ def test_weight_decay_mask():
 
 def test_adafactor_second_moment_matches_documented_formula():
   """V = v_row (bcast over d0) * v_col (bcast over d1) / mean_d1(v_row); update = -lr g / sqrt(V)."""
-  cfg = _cfg(optimizer="adafactor", grad_clip=0.0, weight_decay=0.0, warmup_steps=0, schedule="constant",
-             adafactor_clipping_threshold=1e9)
+  cfg = _cfg(
+    optimizer="adafactor",
+    grad_clip=0.0,
+    weight_decay=0.0,
+    warmup_steps=0,
+    schedule="constant",
+    adafactor_clipping_threshold=1e9,
+  )
   rng = np.random.default_rng(0)
   params = {"w": jnp.zeros((40, 64)), "q": jnp.zeros((64, 3, 32))}  # q: d0 = 0 (64), d1 = 2 (32)
   grads = {k: jnp.asarray(rng.normal(size=p.shape), jnp.float32) for k, p in params.items()}
@@ -145,7 +161,6 @@ def test_adafactor_second_moment_matches_documented_formula():
     np.testing.assert_allclose(v_row, g2.mean(axis=d0), rtol=1e-5)  # first step: no EMA history
     np.testing.assert_allclose(v_col, g2.mean(axis=d1), rtol=1e-5)
     reduced_d1 = d1 - 1 if d1 > d0 else d1
-    v = (np.expand_dims(v_row, d0) * np.expand_dims(v_col, d1)
-         / np.expand_dims(v_row.mean(axis=reduced_d1), (d0, d1)))
+    v = np.expand_dims(v_row, d0) * np.expand_dims(v_col, d1) / np.expand_dims(v_row.mean(axis=reduced_d1), (d0, d1))
     want = -1e-2 * np.asarray(grads[name]) / np.sqrt(v)
     np.testing.assert_allclose(np.asarray(updates[name]), want, rtol=1e-4, err_msg=name)

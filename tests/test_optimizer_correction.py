@@ -1,6 +1,5 @@
 """Second moments found by type/structure; corrections vs optax's own update rule."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,22 +9,32 @@ import pytest
 from trackstar_jax import optimizer_correction as oc
 from trackstar_jax import projection
 
-PARAMS = {"params": {
-    "block_0": {"mlp": {"wi": {"kernel": jnp.ones((40, 36))}},
-                "attn": {"query": {"kernel": jnp.ones((40, 4, 36))}, "out": {"kernel": jnp.ones((4, 36, 40))}}},
+PARAMS = {
+  "params": {
+    "block_0": {
+      "mlp": {"wi": {"kernel": jnp.ones((40, 36))}},
+      "attn": {"query": {"kernel": jnp.ones((40, 4, 36))}, "out": {"kernel": jnp.ones((4, 36, 40))}},
+    },
     "norm": {"scale": jnp.ones((40,))},
-}}
+  }
+}
 LAYOUTS = {
-    "block_0/mlp/wi/kernel": projection.KernelLayout((40, 36), (0,)),
-    "block_0/attn/query/kernel": projection.KernelLayout((40, 4, 36), (0,)),
-    "block_0/attn/out/kernel": projection.KernelLayout((4, 36, 40), (0, 1)),
+  "block_0/mlp/wi/kernel": projection.KernelLayout((40, 36), (0,)),
+  "block_0/attn/query/kernel": projection.KernelLayout((40, 4, 36), (0,)),
+  "block_0/attn/out/kernel": projection.KernelLayout((4, 36, 40), (0, 1)),
 }
 
 
 def randomize(state, seed=0):
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda x: jnp.asarray(rng.uniform(0.1, 2.0, x.shape), jnp.float32)
-                      if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x, state)
+  return jax.tree.map(
+    lambda x: (
+      jnp.asarray(rng.uniform(0.1, 2.0, x.shape), jnp.float32)
+      if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim
+      else x
+    ),
+    state,
+  )
 
 
 def grads(seed=1):
@@ -65,12 +74,14 @@ def _nested_states():
   adamw = optax.adamw(1e-3)
   mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
   return {
-      "chain": optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), optax.scale(-1e-3)),
-      "inject": optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, b2=0.95),
-      "masked": optax.chain(optax.masked(optax.scale_by_adam(), mask), optax.scale(-1.0)),
-      "multisteps": optax.MultiSteps(adamw, every_k_schedule=2),
-      "multi_transform": optax.multi_transform({"a": optax.adam(1e-3), "f": optax.adafactor(1e-3)},
-                                               lambda p: jax.tree.map(lambda x: "a" if x.ndim == 2 else "f", p)),
+    "chain": optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), optax.scale(-1e-3)),
+    "inject": optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3, b2=0.95),
+    "masked": optax.chain(optax.masked(optax.scale_by_adam(), mask), optax.scale(-1.0)),
+    "multisteps": optax.MultiSteps(adamw, every_k_schedule=2),
+    "multi_transform": optax.multi_transform(
+      {"a": optax.adam(1e-3), "f": optax.adafactor(1e-3)},
+      lambda p: jax.tree.map(lambda x: "a" if x.ndim == 2 else "f", p),
+    ),
   }
 
 
@@ -116,18 +127,19 @@ def test_rank1_fit_is_exact_for_rank1_nu():
   state = optax.scale_by_adam().init(PARAMS)
   nu = jax.tree.map(lambda x: x, state.nu)
   nu["params"]["block_0"]["mlp"]["wi"]["kernel"] = jnp.asarray(np.outer(r, c), jnp.float32)
-  state = randomize(state)._replace(nu=jax.tree.map(lambda a, b: b if b.shape == (40, 36) else a,
-                                                    randomize(state).nu, nu))
+  state = randomize(state)._replace(
+    nu=jax.tree.map(lambda a, b: b if b.shape == (40, 36) else a, randomize(state).nu, nu)
+  )
   exact = oc.make_correction(kind="adam", layouts=LAYOUTS, opt_state=state, eps=0.0)
   fit = oc.make_correction(kind="adam_rank1", layouts=LAYOUTS, opt_state=state, eps=0.0)
   g = grads()["params"]["block_0"]["mlp"]["wi"]["kernel"]
-  np.testing.assert_allclose(fit.apply("block_0/mlp/wi/kernel", g), exact.apply("block_0/mlp/wi/kernel", g),
-                             rtol=1e-5)
+  np.testing.assert_allclose(fit.apply("block_0/mlp/wi/kernel", g), exact.apply("block_0/mlp/wi/kernel", g), rtol=1e-5)
   assert [f.axes for f in fit.get("block_0/attn/out/kernel")] == [(0, 1), (2,)]
 
 
 def test_partial_restore_from_checkpoint(tmp_path):
   from trackstar_jax import checkpointing
+
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam(), optax.scale(-1e-3))
   state = randomize(tx.init(PARAMS))
   manager = checkpointing.make_manager(str(tmp_path))
@@ -147,14 +159,18 @@ def test_partial_restore_from_checkpoint(tmp_path):
 
 def _save(tmp_path, tx):
   from trackstar_jax import checkpointing
+
   manager = checkpointing.make_manager(str(tmp_path))
   checkpointing.save(manager, step=5, params=PARAMS, opt_state=randomize(tx.init(PARAMS)), meta={}, wait=True)
 
 
 def test_param_regex_matching_nothing_is_refused_with_the_available_paths(tmp_path):
   _save(tmp_path, optax.adamw(1e-3))
-  with pytest.raises(ValueError, match=r"encoder.param_regex 'layer_\\\\d\+/kernel\$' matches none of the 4 "
-                                       r"parameters") as e:
+  with pytest.raises(
+    ValueError,
+    match=r"encoder.param_regex 'layer_\\\\d\+/kernel\$' matches none of the 4 "
+    r"parameters",
+  ) as e:
     oc.restore_second_moments(str(tmp_path), paths=r"layer_\d+/kernel$")
   assert "params/block_0/mlp/wi/kernel" in str(e.value) and "Fix encoder.param_regex" in str(e.value)
   with pytest.raises(ValueError, match=r"block_7/mlp/wi/kernel.*Parameters that have them.*block_0/mlp/wi/kernel"):
@@ -165,11 +181,17 @@ def test_param_regex_matching_nothing_is_refused_with_the_available_paths(tmp_pa
 
 def test_wrong_correction_names_the_ones_the_checkpoint_supports():
   adam = randomize(optax.adamw(1e-3).init(PARAMS))
-  with pytest.raises(ValueError, match=r"correction='adafactor' needs Adafactor's factored.*Adam's nu for 4 param"
-                                       r".*supports encoder.correction in \{'none', 'adam', 'adam_rank1', 'auto'\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"correction='adafactor' needs Adafactor's factored.*Adam's nu for 4 param"
+    r".*supports encoder.correction in \{'none', 'adam', 'adam_rank1', 'auto'\}",
+  ):
     oc.make_correction(kind="adafactor", layouts=LAYOUTS, opt_state=adam)
   fact = randomize(optax.adafactor(1e-3, min_dim_size_to_factor=8).init(PARAMS))
-  with pytest.raises(ValueError, match=r"correction='adam' needs Adam's.*supports encoder.correction in "
-                                       r"\{'none', 'adafactor', 'auto'\}"):
+  with pytest.raises(
+    ValueError,
+    match=r"correction='adam' needs Adam's.*supports encoder.correction in "
+    r"\{'none', 'adafactor', 'auto'\}",
+  ):
     oc.make_correction(kind="adam", layouts=LAYOUTS, opt_state=fact)
   assert oc.supported_kinds(oc.find_second_moments(optax.sgd(0.1).init(PARAMS))) == ("none",)

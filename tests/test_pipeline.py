@@ -13,9 +13,7 @@ from trackstar_jax import encoding
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
-from trackstar_jax.jobs import encode
-from trackstar_jax.jobs import fit_hessian
-from trackstar_jax.jobs import retrieve
+from trackstar_jax.jobs import encode, fit_hessian, retrieve
 from trackstar_jax.jobs import workdir as workdir_lib
 
 

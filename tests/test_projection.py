@@ -37,8 +37,9 @@ def test_inner_products_preserved_in_expectation():
   for seed in range(400):
     pa, pb = 0.0, 0.0
     for i, (g1, g2) in enumerate(zip(ga, gb)):
-      p_in, p_out = projection.projection_matrices(f"m{i}/kernel", n=g1.shape[0], m=g1.shape[1], d_in=3, d_out=2,
-                                                   seed=seed)
+      p_in, p_out = projection.projection_matrices(
+        f"m{i}/kernel", n=g1.shape[0], m=g1.shape[1], d_in=3, d_out=2, seed=seed
+      )
       pa = pa + p_in.T @ g1 @ p_out
       pb = pb + p_in.T @ g2 @ p_out
     vals.append(np.sum(pa * pb))
@@ -49,10 +50,13 @@ def test_inner_products_preserved_in_expectation():
 
 
 def test_select_paths_and_error_lists_paths():
-  tree = {"params": {"block_0": {"attn": {"query": {"kernel": np.zeros((2, 3))}}, "attn_norm": {"scale": np.zeros(2)}},
-                     "embed": {"embedding": np.zeros((4, 2))}}}
-  assert projection.select_paths(tree, regex=r"block_\d+/(attn|mlp)/.*/kernel$") == [
-      "params/block_0/attn/query/kernel"]
+  tree = {
+    "params": {
+      "block_0": {"attn": {"query": {"kernel": np.zeros((2, 3))}}, "attn_norm": {"scale": np.zeros(2)}},
+      "embed": {"embedding": np.zeros((4, 2))},
+    }
+  }
+  assert projection.select_paths(tree, regex=r"block_\d+/(attn|mlp)/.*/kernel$") == ["params/block_0/attn/query/kernel"]
   with pytest.raises(ValueError, match=r"(?s)matches no parameter.*params/embed/embedding"):
     projection.select_paths(tree, regex=r"mlp")
 
@@ -67,11 +71,13 @@ def test_kernel_layout_matrix_view():
 
 
 def test_blocks_layer_groups_and_project():
-  paths = [f"params/block_{i}/{kind}/{name}/kernel" for i in range(4) for kind, name in
-           (("attn", "query"), ("mlp", "wi"))]
+  paths = [
+    f"params/block_{i}/{kind}/{name}/kernel" for i in range(4) for kind, name in (("attn", "query"), ("mlp", "wi"))
+  ]
   layouts = {p: projection.KernelLayout((3, 5), (0,)) for p in paths}
-  plan = projection.ProjectionPlan.create(layouts, d_in=2, d_out=2, seed=0,
-                                          block_fn=projection.block_key_fn(layers_per_group=2))
+  plan = projection.ProjectionPlan.create(
+    layouts, d_in=2, d_out=2, seed=0, block_fn=projection.block_key_fn(layers_per_group=2)
+  )
   assert plan.blocks == ["0/attn", "0/mlp", "1/attn", "1/mlp"] and plan.dim == 16
   assert plan.block_of["block_3/mlp/wi/kernel"] == 3 and plan.block_of["block_2/attn/query/kernel"] == 2
   rng = np.random.default_rng(1)
@@ -83,5 +89,4 @@ def test_blocks_layer_groups_and_project():
     want = want + np.einsum("na,bnm,mc->bac", p_in, grads[p], p_out)
   np.testing.assert_allclose(phi[:, 12:16], want.reshape(2, 4), rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="block regex"):
-    projection.ProjectionPlan.create({"head/kernel": projection.KernelLayout((3, 5), (0,))}, d_in=2, d_out=2,
-                                     seed=0)
+    projection.ProjectionPlan.create({"head/kernel": projection.KernelLayout((3, 5), (0,))}, d_in=2, d_out=2, seed=0)

@@ -18,7 +18,7 @@ from trackstar_jax import remote
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _SCRIPT = textwrap.dedent(
-    """
+  """
     import socket, sys, time
     mode = sys.argv[1]
     s = socket.socket()
@@ -52,9 +52,17 @@ def test_gcs_without_credentials_or_network_fails_in_bounded_time(tmp_path, mode
   script = tmp_path / "probe.py"
   script.write_text(_SCRIPT)
   env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("GOOGLE_")}
-  env.update(PYTHONPATH=REPO, HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
-             TRACKSTAR_REMOTE_TIMEOUT_S="3", GCE_METADATA_ROOT="127.0.0.1:9", GCE_METADATA_HOST="127.0.0.1:9",
-             NO_PROXY="*", no_proxy="*", JAX_PLATFORMS="cpu")
+  env.update(
+    PYTHONPATH=REPO,
+    HOME=str(tmp_path),
+    CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+    TRACKSTAR_REMOTE_TIMEOUT_S="3",
+    GCE_METADATA_ROOT="127.0.0.1:9",
+    GCE_METADATA_HOST="127.0.0.1:9",
+    NO_PROXY="*",
+    no_proxy="*",
+    JAX_PLATFORMS="cpu",
+  )
   t = time.time()
   try:
     r = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True, text=True, timeout=90)

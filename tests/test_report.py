@@ -25,11 +25,9 @@ from trackstar_jax import results as results_lib
 from trackstar_jax.evaluation import ablation
 from trackstar_jax.jobs import report as report_job
 from trackstar_jax.report import data as data_lib
-from trackstar_jax.report import highlight
+from trackstar_jax.report import highlight, plots, summary
 from trackstar_jax.report import page as page_lib
 from trackstar_jax.report import payload as payload_lib
-from trackstar_jax.report import plots
-from trackstar_jax.report import summary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PUBLISHED = os.path.join(REPO, "tests", "data", "published_schema_results.jsonl")

@@ -21,12 +21,12 @@ TEXTS = {10: "x y", 11: "The capital of A is B.", 12: "C was born in D.", 13: "A
 
 def _result():
   return RetrievalResult(
-      top_ids=np.array([[11, 10, 13], [12, 14, -1]]),
-      top_scores=np.array([[0.9, 0.5, 0.5], [0.8, 0.1, np.nan]], np.float32),
-      top_rows=np.array([[1, 0, 3], [2, 4, -1]]),
-      bottom_ids=np.array([[14, 12, 10], [10, 11, -1]]),
-      bottom_scores=np.array([[-0.7, -0.2, 0.0], [-0.3, 0.05, np.nan]], np.float32),
-      bottom_rows=np.array([[4, 2, 0], [0, 1, -1]]),
+    top_ids=np.array([[11, 10, 13], [12, 14, -1]]),
+    top_scores=np.array([[0.9, 0.5, 0.5], [0.8, 0.1, np.nan]], np.float32),
+    top_rows=np.array([[1, 0, 3], [2, 4, -1]]),
+    bottom_ids=np.array([[14, 12, 10], [10, 11, -1]]),
+    bottom_scores=np.array([[-0.7, -0.2, 0.0], [-0.3, 0.05, np.nan]], np.float32),
+    bottom_rows=np.array([[4, 2, 0], [0, 1, -1]]),
   )
 
 
@@ -74,19 +74,19 @@ def _one():
 
 
 @pytest.mark.parametrize(
-    "mutate,match",
-    [
-        (lambda l: l.pop("proponent_scores"), "missing fields"),
-        (lambda l: l.update(extra=1), "unknown fields"),
-        (lambda l: l.update(proponent_scores=[0.1, 0.5, 0.4]), "non-increasing"),
-        (lambda l: l.update(opponent_scores=[0.0, -0.2, -0.7]), "non-decreasing"),
-        (lambda l: l.update(proponents=["a"]), "as long as"),
-        (lambda l: l.update(proponent_correct=[True]), "proponent_correct"),
-        (lambda l: l.update(proponent_scores=[float("nan"), 0.5, 0.5]), "finite"),
-        (lambda l: l.update(proponent_ids=[11, 11, 13]), "duplicates"),
-        (lambda l: l.update(example_id=None), "example_id"),
-        (lambda l: l.update(inputs_plaintext=3), "inputs_plaintext"),
-    ],
+  "mutate,match",
+  [
+    (lambda l: l.pop("proponent_scores"), "missing fields"),
+    (lambda l: l.update(extra=1), "unknown fields"),
+    (lambda l: l.update(proponent_scores=[0.1, 0.5, 0.4]), "non-increasing"),
+    (lambda l: l.update(opponent_scores=[0.0, -0.2, -0.7]), "non-decreasing"),
+    (lambda l: l.update(proponents=["a"]), "as long as"),
+    (lambda l: l.update(proponent_correct=[True]), "proponent_correct"),
+    (lambda l: l.update(proponent_scores=[float("nan"), 0.5, 0.5]), "finite"),
+    (lambda l: l.update(proponent_ids=[11, 11, 13]), "duplicates"),
+    (lambda l: l.update(example_id=None), "example_id"),
+    (lambda l: l.update(inputs_plaintext=3), "inputs_plaintext"),
+  ],
 )
 def test_validator_rejects(mutate, match):
   line = results.build_results(queries=QUERIES, result=_result(), text_of=TEXTS)[0]

@@ -15,9 +15,9 @@ import uuid
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 from trackstar_jax import retrieval
 from trackstar_jax import store as store_lib
@@ -81,10 +81,20 @@ def test_matches_brute_force_f32(n_dev, rows_per_chunk, transform):
   n, d, q_n, k = 301, 24, 9, 6
   store, ids = _make_store(rng.normal(size=(n, d)).astype(np.float32), chunk_rows=16)
   q = _unit(rng.normal(size=(q_n, d))).astype(np.float32)
-  inv = {"full": _spd(rng, d), "block": np.stack([_spd(rng, 8) for _ in range(3)]), "none": None, "dot": None}[transform]
+  inv = {"full": _spd(rng, d), "block": np.stack([_spd(rng, 8) for _ in range(3)]), "none": None, "dot": None}[
+    transform
+  ]
   normalize = transform != "dot"
-  res = retrieval.retrieve(store, q, k=k, rows_per_chunk=rows_per_chunk, mesh=_mesh(n_dev), inv_sqrt=inv,
-                           normalize=normalize, matmul_dtype="float32")
+  res = retrieval.retrieve(
+    store,
+    q,
+    k=k,
+    rows_per_chunk=rows_per_chunk,
+    mesh=_mesh(n_dev),
+    inv_sqrt=inv,
+    normalize=normalize,
+    matmul_dtype="float32",
+  )
   s, top, bot = _brute(store, q, inv, normalize, k)
   scale = 1.0 if normalize else np.abs(s).max()
   np.testing.assert_array_equal(res.top_rows, top)
@@ -125,8 +135,9 @@ def test_ties_broken_by_lower_row_for_any_layout():
   # Hierarchical selection with two levels, one level, and none (direct top_k) all run.
   assert [len(retrieval.group_sizes(c, k)) for c in (1500, 400, 61)] == [2, 1, 0]
   for n_dev, rows in [(1, 1500), (2, 800), (8, 24), (8, 61), (3, 10)]:
-    res = retrieval.retrieve(store, q, k=k, rows_per_chunk=rows, mesh=_mesh(n_dev), normalize=False,
-                             matmul_dtype="float32")
+    res = retrieval.retrieve(
+      store, q, k=k, rows_per_chunk=rows, mesh=_mesh(n_dev), normalize=False, matmul_dtype="float32"
+    )
     np.testing.assert_array_equal(res.top_rows, top, err_msg=f"{n_dev} devices, chunk {rows}")
     np.testing.assert_array_equal(res.bottom_rows, bot, err_msg=f"{n_dev} devices, chunk {rows}")
 
@@ -307,7 +318,7 @@ def test_memory_per_chunk_independent_of_n():
 
 
 _WORKER = textwrap.dedent(
-    """
+  """
     import sys
     import jax
     import numpy as np
@@ -338,10 +349,23 @@ def test_two_processes_equal_one_process(tmp_path):
     port = s.getsockname()[1]
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [
-      subprocess.Popen(["timeout", "120", sys.executable, str(tmp_path / "worker.py"), str(port), str(i),
-                        f"file://{tmp_path}/s", str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, text=True)
-      for i in range(2)
+    subprocess.Popen(
+      [
+        "timeout",
+        "120",
+        sys.executable,
+        str(tmp_path / "worker.py"),
+        str(port),
+        str(i),
+        f"file://{tmp_path}/s",
+        str(tmp_path),
+      ],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
   ]
   outs = [p.communicate(timeout=150)[0] for p in procs]
   for p, out in zip(procs, outs):

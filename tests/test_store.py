@@ -19,8 +19,17 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _meta(**kw):
-  base = dict(num_rows=37, dim=6, chunk_rows=8, checkpoint="/ckpt", step=10, projection_seed=1,
-              blocks=("attn_0", "mlp_0"), correction="adam", corpus_fingerprint="abc")
+  base = dict(
+    num_rows=37,
+    dim=6,
+    chunk_rows=8,
+    checkpoint="/ckpt",
+    step=10,
+    projection_seed=1,
+    blocks=("attn_0", "mlp_0"),
+    correction="adam",
+    corpus_fingerprint="abc",
+  )
   base.update(kw)
   return store_lib.StoreMeta(**base)
 
@@ -108,7 +117,7 @@ def test_missing_ranges_and_alignment():
 
 
 _WORKER = textwrap.dedent(
-    """
+  """
     import sys, time
     import numpy as np
     from trackstar_jax import store as store_lib
@@ -176,4 +185,5 @@ def test_resume_after_sigkill_gives_identical_store(tmp_path):
   np.testing.assert_array_equal(a.ids, b.ids)
   np.testing.assert_array_equal(a.phi.view(np.uint16), b.phi.view(np.uint16))  # bitwise
   assert json.loads((tmp_path / "ref.zarr" / "meta.json").read_text()) == json.loads(
-      (tmp_path / "killed.zarr" / "meta.json").read_text())
+    (tmp_path / "killed.zarr" / "meta.json").read_text()
+  )

@@ -79,8 +79,11 @@ def test_damaged_chunk_is_refused_found_and_repaired(tmp_path, how):
   _damage(tmp_path / "s.zarr", how)
   store = store_lib.open_store(url, expected_meta=META)
   # Reading refuses, naming the store, the chunk, its rows and the repair.
-  for read in (lambda: store.read(0, 37), lambda: list(store.iter_chunks(rows_per_chunk=10)),
-               lambda: retrieval.retrieve(store, np.ones((2, 6), np.float32), k=3, rows_per_chunk=16)):
+  for read in (
+    lambda: store.read(0, 37),
+    lambda: list(store.iter_chunks(rows_per_chunk=10)),
+    lambda: retrieval.retrieve(store, np.ones((2, 6), np.float32), k=3, rows_per_chunk=16),
+  ):
     with pytest.raises(store_lib.StoreDataError) as e:
       read()
     _assert_names_chunk_and_repair(str(e.value), url)
@@ -131,10 +134,19 @@ def test_legacy_store_stays_readable(tmp_path):
   path = tmp_path / "old.zarr"
   ids, phi = _data()
   for name, arr, chunk, dtype, fill in (("phi", phi, [8, 6], "float32", 0), ("ids", ids, [8], "int64", -1)):
-    t = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/{name}/"},
-                 "metadata": {"shape": list(arr.shape), "data_type": dtype, "fill_value": fill,
-                              "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}}}},
-                create=True).result()
+    t = ts.open(
+      {
+        "driver": "zarr3",
+        "kvstore": {"driver": "file", "path": f"{path}/{name}/"},
+        "metadata": {
+          "shape": list(arr.shape),
+          "data_type": dtype,
+          "fill_value": fill,
+          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
+        },
+      },
+      create=True,
+    ).result()
     t.write(arr).result()
   old = dict(META.to_json(), format="trackstar_jax.encodings/1")
   (path / "meta.json").write_text(json.dumps(old))

@@ -1,6 +1,7 @@
 """Tests of trackstar_jax.evaluation.tail_patch against hand-computed optimizer steps."""
 
 import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,11 +26,16 @@ def _examples(rng, n, *, query=False, first_id=0):
     inputs[i, :length] = seq[:-1][:length]
     targets[i, :length] = seq[1:][:length]
     if query:
-      loss_mask[i, length - 2:length] = 1.0  # the last two tokens are the "answer"
+      loss_mask[i, length - 2 : length] = 1.0  # the last two tokens are the "answer"
     else:
       loss_mask[i, :length] = 1.0
-  return dict(inputs=inputs, targets=targets, loss_mask=loss_mask, pad_mask=inputs != 0,
-              ids=np.arange(first_id, first_id + n, dtype=np.int64))
+  return dict(
+    inputs=inputs,
+    targets=targets,
+    loss_mask=loss_mask,
+    pad_mask=inputs != 0,
+    ids=np.arange(first_id, first_id + n, dtype=np.int64),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +53,8 @@ def _adam_state(model, params, corpus, opt):
   """Optimizer state after two real training steps (non-trivial m, v, count)."""
   state = opt.init(params)
   for s in range(2):
-    b = {k: jnp.asarray(corpus[k][4 * s:4 * s + 4]) for k in tp.BATCH_KEYS}
-    g = jax.grad(lambda p: losses.mean_token_loss(model.apply(p, b["inputs"], b["pad_mask"]), b))(
-        params)
+    b = {k: jnp.asarray(corpus[k][4 * s : 4 * s + 4]) for k in tp.BATCH_KEYS}
+    g = jax.grad(lambda p: losses.mean_token_loss(model.apply(p, b["inputs"], b["pad_mask"]), b))(params)
     u, state = opt.update(g, state, params)
     params = optax.apply_updates(params, u)
   return params, state
@@ -59,20 +64,19 @@ def _adam_state(model, params, corpus, opt):
 def _ref_fns(model):
   """Jitted brute-force references (no vmap), compiled once per model."""
   logp = jax.jit(lambda p, b: -losses.example_losses(model.apply(p, b["inputs"], b["pad_mask"]), b))
-  grad = jax.jit(jax.grad(
-      lambda p, b: losses.mean_token_loss(model.apply(p, b["inputs"], b["pad_mask"]), b)))
+  grad = jax.jit(jax.grad(lambda p, b: losses.mean_token_loss(model.apply(p, b["inputs"], b["pad_mask"]), b)))
   return logp, grad
 
 
 def _logp(model, params, ex, i):
   """log p(answer | prompt) of example i alone."""
-  b = {k: jnp.asarray(ex[k][i:i + 1]) for k in tp.BATCH_KEYS}
+  b = {k: jnp.asarray(ex[k][i : i + 1]) for k in tp.BATCH_KEYS}
   return float(_ref_fns(model)[0](params, b)[0])
 
 
 def _grad(model, params, ex, i):
   """Gradient of the training loss (mean token NLL) on example i alone."""
-  b = {k: jnp.asarray(ex[k][i:i + 1]) for k in tp.BATCH_KEYS}
+  b = {k: jnp.asarray(ex[k][i : i + 1]) for k in tp.BATCH_KEYS}
   return _ref_fns(model)[1](params, b)
 
 
@@ -83,9 +87,17 @@ def _results(pairs):
 def test_sgd_matches_hand_step(setup):
   model, params, corpus, queries = setup
   lr = 0.5
-  out = tp.tail_patch(apply_fn=model.apply, params=params, opt_state=optax.sgd(lr).init(params),
-                      optimizer=optax.sgd(lr), query_examples=queries, corpus_examples=corpus,
-                      results=_results([(0, [100, 105]), (3, [111, 102])]), k=2, query_chunk=4)
+  out = tp.tail_patch(
+    apply_fn=model.apply,
+    params=params,
+    opt_state=optax.sgd(lr).init(params),
+    optimizer=optax.sgd(lr),
+    query_examples=queries,
+    corpus_examples=corpus,
+    results=_results([(0, [100, 105]), (3, [111, 102])]),
+    k=2,
+    query_chunk=4,
+  )
   for r, (q, props) in enumerate([(0, [0, 5]), (3, [11, 2])]):
     p0 = np.exp(_logp(model, params, queries, q))
     assert out["p0"][r] == pytest.approx(p0, rel=1e-5)
@@ -103,10 +115,17 @@ def test_adam_matches_hand_update_with_restored_state(setup):
   params, state = _adam_state(model, params, corpus, optax.adam(lr_train, b1=b1, b2=b2, eps=eps))
   adam = state[0]
   assert int(adam.count) == 2
-  out = tp.tail_patch(apply_fn=model.apply, params=params, opt_state=state,
-                      optimizer=optax.adam(lr_final, b1=b1, b2=b2, eps=eps),
-                      query_examples=queries, corpus_examples=corpus,
-                      results=_results([(1, [107, 103, 110])]), k=3, query_chunk=2)
+  out = tp.tail_patch(
+    apply_fn=model.apply,
+    params=params,
+    opt_state=state,
+    optimizer=optax.adam(lr_final, b1=b1, b2=b2, eps=eps),
+    query_examples=queries,
+    corpus_examples=corpus,
+    results=_results([(1, [107, 103, 110])]),
+    k=3,
+    query_chunk=2,
+  )
   t = 3
   p0 = np.exp(_logp(model, params, queries, 1))
   for j, c in enumerate([7, 3, 10]):
@@ -130,9 +149,17 @@ def test_vmap_equals_loop_and_chunking(setup):
   opt = optax.adamw(1e-2, weight_decay=0.1)
   params, state = _adam_state(model, params, corpus, opt)
   pairs = [(q, [100 + (3 * q + j) % 12 for j in range(4)]) for q in range(5)]
-  out = tp.tail_patch(apply_fn=model.apply, params=params, opt_state=state, optimizer=opt,
-                      query_examples=queries, corpus_examples=corpus, results=_results(pairs),
-                      k=4, query_chunk=3)  # 5 queries -> a padded second chunk
+  out = tp.tail_patch(
+    apply_fn=model.apply,
+    params=params,
+    opt_state=state,
+    optimizer=opt,
+    query_examples=queries,
+    corpus_examples=corpus,
+    results=_results(pairs),
+    k=4,
+    query_chunk=3,
+  )  # 5 queries -> a padded second chunk
   for r, (q, props) in enumerate(pairs):
     lp0 = _logp(model, params, queries, q)
     for j, c in enumerate(props):
@@ -147,9 +174,16 @@ def test_vmap_equals_loop_and_chunking(setup):
 def test_fewer_proponents_masked_and_summary(setup):
   model, params, corpus, queries = setup
   opt = optax.sgd(0.3)
-  out = tp.tail_patch(apply_fn=model.apply, params=params, opt_state=opt.init(params),
-                      optimizer=opt, query_examples=queries, corpus_examples=corpus,
-                      results=_results([(0, [100, 101, 102]), (1, [104]), (2, [])]), k=3)
+  out = tp.tail_patch(
+    apply_fn=model.apply,
+    params=params,
+    opt_state=opt.init(params),
+    optimizer=opt,
+    query_examples=queries,
+    corpus_examples=corpus,
+    results=_results([(0, [100, 101, 102]), (1, [104]), (2, [])]),
+    k=3,
+  )
   np.testing.assert_array_equal(out["valid"], [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
   assert np.isnan(out["delta_p"][1, 1:]).all()
   s = tp.summarize(out, ks=(1, 3))
@@ -165,8 +199,14 @@ def test_fewer_proponents_masked_and_summary(setup):
 def test_unknown_ids_error(setup):
   model, params, corpus, queries = setup
   opt = optax.sgd(0.1)
-  kw = dict(apply_fn=model.apply, params=params, opt_state=opt.init(params), optimizer=opt,
-            query_examples=queries, corpus_examples=corpus)
+  kw = dict(
+    apply_fn=model.apply,
+    params=params,
+    opt_state=opt.init(params),
+    optimizer=opt,
+    query_examples=queries,
+    corpus_examples=corpus,
+  )
   with pytest.raises(ValueError, match="query 42 has no row"):
     tp.tail_patch(results=_results([(42, [100])]), **kw)
   with pytest.raises(ValueError, match="proponent id 7 has no row"):

@@ -11,12 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trackstar_jax import checkpointing
-from trackstar_jax import lm_eval
-from trackstar_jax import training
+from trackstar_jax import checkpointing, lm_eval, training
+from trackstar_jax.data import batching, world
 from trackstar_jax.jobs import train
-from trackstar_jax.data import batching
-from trackstar_jax.data import world
 from trackstar_jax.models import DecoderLM, TransformerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,8 +45,9 @@ def _config(**train_overrides):
 
 def _dataset(config):
   fd = world.generate_world(**world.world_params(config.world))
-  return types.SimpleNamespace(corpus=fd.corpus, queries=fd.queries, name="synthetic_facts",
-                               fingerprint=fd.fingerprint())
+  return types.SimpleNamespace(
+    corpus=fd.corpus, queries=fd.queries, name="synthetic_facts", fingerprint=fd.fingerprint()
+  )
 
 
 def _params(workdir):
@@ -75,11 +73,15 @@ def test_restart_resumes_to_identical_params(tmp_path, optimizer):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
   # The step-3 checkpoint of the uninterrupted run (saved asynchronously while
   # training went on with donated buffers) equals the interrupted run's.
-  for x, y in zip(jax.tree.leaves(checkpointing.restore_params(full, step=3)),
-                  jax.tree.leaves(checkpointing.restore_params(part, step=3))):
+  for x, y in zip(
+    jax.tree.leaves(checkpointing.restore_params(full, step=3)),
+    jax.tree.leaves(checkpointing.restore_params(part, step=3)),
+  ):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
-  moved = max(float(np.abs(np.asarray(x) - np.asarray(y)).max())
-              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(checkpointing.restore_params(part, step=3))))
+  moved = max(
+    float(np.abs(np.asarray(x) - np.asarray(y)).max())
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(checkpointing.restore_params(part, step=3)))
+  )
   assert moved > 1e-4  # steps 4-6 really trained
   # Metrics log: training rows and eval rows, steps 2, 4, 6 (+ evals at 4 and the end).
   rows = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
@@ -109,8 +111,12 @@ def test_resume_with_incompatible_config_refuses(tmp_path):
 
 def test_train_batches_follow_step():
   ex = batching.Examples(
-      inputs=np.arange(10, dtype=np.int32)[:, None].repeat(3, 1), targets=np.zeros((10, 3), np.int32),
-      loss_mask=np.ones((10, 3), np.float32), pad_mask=np.ones((10, 3), bool), ids=np.arange(10, dtype=np.int64))
+    inputs=np.arange(10, dtype=np.int32)[:, None].repeat(3, 1),
+    targets=np.zeros((10, 3), np.int32),
+    loss_mask=np.ones((10, 3), np.float32),
+    pad_mask=np.ones((10, 3), bool),
+    ids=np.arange(10, dtype=np.int64),
+  )
   it = training.train_batches(ex, batch_size=4, seed=1, start_step=0)
   first = [next(it)["ids"] for _ in range(9)]  # 3 batches per epoch (last padded)
   for start in (0, 2, 3, 5):
@@ -137,8 +143,9 @@ def test_query_accuracy_against_brute_force():
   wrong = np.array([1, 4, 7])
   targets[wrong, 2] = (pred[wrong, 2] + 1) % 12  # a wrong answer token
   targets[:, 0] = (pred[:, 0] + 1) % 12  # outside the loss mask: ignored
-  ex = batching.Examples(inputs=inputs, targets=targets, loss_mask=loss_mask, pad_mask=pad_mask,
-                         ids=np.arange(n, dtype=np.int64))
+  ex = batching.Examples(
+    inputs=inputs, targets=targets, loss_mask=loss_mask, pad_mask=pad_mask, ids=np.arange(n, dtype=np.int64)
+  )
   freqs = np.array([1, 1, 2, 3, 5, 9, 10, 50, 2, 3, 1])
   res = lm_eval.query_accuracy(model.apply, params, ex, batch_size=4, frequencies=freqs)
   want = np.ones(n, bool)
@@ -218,8 +225,11 @@ def test_train_step_invariant_to_device_count():
   tx = optim.make_optimizer(config.train)
   rng = np.random.default_rng(0)
   lengths = rng.integers(2, 9, (16, 1))
-  batch = dict(inputs=rng.integers(1, 30, (16, 8)).astype(np.int32), targets=rng.integers(1, 30, (16, 8)).astype(np.int32),
-               pad_mask=np.arange(8)[None] < lengths)
+  batch = dict(
+    inputs=rng.integers(1, 30, (16, 8)).astype(np.int32),
+    targets=rng.integers(1, 30, (16, 8)).astype(np.int32),
+    pad_mask=np.arange(8)[None] < lengths,
+  )
   batch["loss_mask"] = batch["pad_mask"].astype(np.float32)
   results = []
   for devices in (jax.devices()[:1], jax.devices()):

@@ -15,21 +15,12 @@ encoder, hessian, store, retrieval, results, evaluation/, data/, models/),
 and the jobs layer (`trackstar_jax.jobs`, one module per `launch/` entry point).
 """
 
-from trackstar_jax.api import build_encoder
-from trackstar_jax.api import encode
-from trackstar_jax.api import fit_hessian
-from trackstar_jax.api import retrieve
-from trackstar_jax.api import score
-from trackstar_jax.encoder import EncoderOptions
-from trackstar_jax.encoder import TrackStarEncoder
-from trackstar_jax.hessian import Hessian
-from trackstar_jax.hessian import HessianOptions
-from trackstar_jax.results import load_results
-from trackstar_jax.results import write_results
-from trackstar_jax.retrieval import InMemoryEncodings
-from trackstar_jax.retrieval import RetrievalResult
-from trackstar_jax.store import EncodingStore
-from trackstar_jax.store import open_store
+from trackstar_jax.api import build_encoder, encode, fit_hessian, retrieve, score
+from trackstar_jax.encoder import EncoderOptions, TrackStarEncoder
+from trackstar_jax.hessian import Hessian, HessianOptions
+from trackstar_jax.results import load_results, write_results
+from trackstar_jax.retrieval import InMemoryEncodings, RetrievalResult
+from trackstar_jax.store import EncodingStore, open_store
 
 __version__ = "0.2.0"
 

@@ -21,28 +21,36 @@ The jobs (`trackstar_jax.jobs`, `launch/`) are built on these functions.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-from trackstar_jax import encoding
+from trackstar_jax import encoding, retrieval
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import options as opts_lib
-from trackstar_jax import retrieval
 from trackstar_jax import store as store_lib
-from trackstar_jax.encoder import EncoderOptions
-from trackstar_jax.encoder import TrackStarEncoder
-from trackstar_jax.hessian import Hessian
-from trackstar_jax.hessian import HessianOptions
+from trackstar_jax.encoder import EncoderOptions, TrackStarEncoder
+from trackstar_jax.hessian import Hessian, HessianOptions
 from trackstar_jax.retrieval import RetrievalResult
 
 # Examples per encoder call (config field `encoder.batch_size`).
 BATCH_SIZE = 64
 
 
-def build_encoder(*, params: Any, model: Any = None, apply_fn: Callable | None = None, opt_state: Any = None,
-                  loss_fn: Callable | None = None, mesh=None, config: Any = None, seq_len: int = 8,
-                  param_sharding: Any = None, **options) -> TrackStarEncoder:
+def build_encoder(
+  *,
+  params: Any,
+  model: Any = None,
+  apply_fn: Callable | None = None,
+  opt_state: Any = None,
+  loss_fn: Callable | None = None,
+  mesh=None,
+  config: Any = None,
+  seq_len: int = 8,
+  param_sharding: Any = None,
+  **options,
+) -> TrackStarEncoder:
   """A `TrackStarEncoder`: per-example projected, optimizer-corrected gradients of an LM.
 
   Args:
@@ -74,13 +82,28 @@ def build_encoder(*, params: Any, model: Any = None, apply_fn: Callable | None =
   if apply_fn is None and loss_fn is None:
     raise ValueError("build_encoder needs the model: model=, apply_fn= or loss_fn=.")
   opts = opts_lib.from_config(EncoderOptions, config, ignore=("batch_size", "step"), **options)
-  return TrackStarEncoder(model_apply=apply_fn, params=params, options=opts, opt_state=opt_state, loss_fn=loss_fn,
-                          mesh=mesh, seq_len=seq_len, param_sharding=param_sharding)
+  return TrackStarEncoder(
+    model_apply=apply_fn,
+    params=params,
+    options=opts,
+    opt_state=opt_state,
+    loss_fn=loss_fn,
+    mesh=mesh,
+    seq_len=seq_len,
+    param_sharding=param_sharding,
+  )
 
 
-def encode(encoder: TrackStarEncoder, examples: Any, *, store: str | None = None, batch_size: int = BATCH_SIZE,
-           dtype: str = store_lib.StoreMeta.dtype, chunk_rows: int = store_lib.StoreMeta.chunk_rows,
-           provenance: dict[str, Any] | None = None):
+def encode(
+  encoder: TrackStarEncoder,
+  examples: Any,
+  *,
+  store: str | None = None,
+  batch_size: int = BATCH_SIZE,
+  dtype: str = store_lib.StoreMeta.dtype,
+  chunk_rows: int = store_lib.StoreMeta.chunk_rows,
+  provenance: dict[str, Any] | None = None,
+):
   """phi of every example: into an encoding store (resumable), or into memory.
 
   Args:
@@ -114,8 +137,9 @@ def encode(encoder: TrackStarEncoder, examples: Any, *, store: str | None = None
   prov = dict(provenance or {})
   unknown = set(prov) - {"checkpoint", "step", "corpus_fingerprint", "extra"}
   if unknown:
-    raise ValueError(f"Unknown provenance fields {sorted(unknown)}; known: checkpoint, step, corpus_fingerprint, "
-                     "extra.")
+    raise ValueError(
+      f"Unknown provenance fields {sorted(unknown)}; known: checkpoint, step, corpus_fingerprint, extra."
+    )
   if "corpus_fingerprint" not in prov:
     prov["corpus_fingerprint"] = encoding.fingerprint(examples)
   meta = encoding.store_meta(encoder, num_rows=len(examples), dtype=dtype, chunk_rows=chunk_rows, **prov)
@@ -140,9 +164,17 @@ def _phis(encoder, examples, phi, *, batch_size: int, what: str):
   return encoding.encode_to_array(encoder, examples, batch_size=batch_size)  # every process needs every row
 
 
-def fit_hessian(*, encoder: TrackStarEncoder | None = None, train: Any = None, queries: Any = None,
-                train_phi: Any = None, query_phi: Any = None, batch_size: int = BATCH_SIZE, config: Any = None,
-                **options) -> Hessian:
+def fit_hessian(
+  *,
+  encoder: TrackStarEncoder | None = None,
+  train: Any = None,
+  queries: Any = None,
+  train_phi: Any = None,
+  query_phi: Any = None,
+  batch_size: int = BATCH_SIZE,
+  config: Any = None,
+  **options,
+) -> Hessian:
   """R^{-1/2}, the Hessian approximation of TrackStar, from training examples and queries.
 
   R_train comes from `train` (a sample of the corpus; or `train_phi`), R_eval
@@ -195,12 +227,22 @@ def _corpus(store, corpus_phi, corpus_ids):
   return store_lib.open_store(store) if isinstance(store, str) else store
 
 
-def retrieve(*, encoder: TrackStarEncoder | None = None, queries: Any = None, query_phi: Any = None,
-             store: Any = None, corpus_phi: Any = None, corpus_ids: Any = None, hessian: Hessian | None = None,
-             k: int = retrieval.RetrieveOptions.k, normalize: bool = retrieval.RetrieveOptions.normalize,
-             matmul_dtype: str = retrieval.RetrieveOptions.matmul_dtype,
-             chunk_rows: int = retrieval.RetrieveOptions.chunk_rows, batch_size: int = BATCH_SIZE,
-             mesh=None) -> RetrievalResult:
+def retrieve(
+  *,
+  encoder: TrackStarEncoder | None = None,
+  queries: Any = None,
+  query_phi: Any = None,
+  store: Any = None,
+  corpus_phi: Any = None,
+  corpus_ids: Any = None,
+  hessian: Hessian | None = None,
+  k: int = retrieval.RetrieveOptions.k,
+  normalize: bool = retrieval.RetrieveOptions.normalize,
+  matmul_dtype: str = retrieval.RetrieveOptions.matmul_dtype,
+  chunk_rows: int = retrieval.RetrieveOptions.chunk_rows,
+  batch_size: int = BATCH_SIZE,
+  mesh=None,
+) -> RetrievalResult:
   """Exact top-k proponents and bottom-k opponents of every query, over the whole corpus.
 
   score(q, z) = e_q . e_z with e = R^{-1/2} phi / ||R^{-1/2} phi|| (TrackStar);
@@ -230,14 +272,29 @@ def retrieve(*, encoder: TrackStarEncoder | None = None, queries: Any = None, qu
   """
   e_q = _query_encodings(encoder, queries, query_phi, hessian=hessian, normalize=normalize, batch_size=batch_size)
   source = _corpus(store, corpus_phi, corpus_ids)
-  return retrieval.retrieve(source, e_q, k=k, rows_per_chunk=chunk_rows, mesh=mesh,
-                            inv_sqrt=None if hessian is None else hessian.inv_sqrt, normalize=normalize,
-                            matmul_dtype=matmul_dtype)
+  return retrieval.retrieve(
+    source,
+    e_q,
+    k=k,
+    rows_per_chunk=chunk_rows,
+    mesh=mesh,
+    inv_sqrt=None if hessian is None else hessian.inv_sqrt,
+    normalize=normalize,
+    matmul_dtype=matmul_dtype,
+  )
 
 
-def score(*, encoder: TrackStarEncoder | None = None, queries: Any = None, examples: Any = None,
-          query_phi: Any = None, example_phi: Any = None, hessian: Hessian | None = None, normalize: bool = True,
-          batch_size: int = BATCH_SIZE) -> np.ndarray:
+def score(
+  *,
+  encoder: TrackStarEncoder | None = None,
+  queries: Any = None,
+  examples: Any = None,
+  query_phi: Any = None,
+  example_phi: Any = None,
+  hessian: Hessian | None = None,
+  normalize: bool = True,
+  batch_size: int = BATCH_SIZE,
+) -> np.ndarray:
   """Scores of a few (query, example) pairs directly: [Q, N] float32, no store and no top-k.
 
   The same score as `retrieve`, in float32 (for inspecting pairs, not corpora).
@@ -258,5 +315,15 @@ def score(*, encoder: TrackStarEncoder | None = None, queries: Any = None, examp
   return np.asarray(e_q @ np.asarray(e_z).T, np.float32)
 
 
-__all__ = ["build_encoder", "encode", "fit_hessian", "retrieve", "score", "EncoderOptions", "HessianOptions",
-           "Hessian", "RetrievalResult", "TrackStarEncoder"]
+__all__ = [
+  "build_encoder",
+  "encode",
+  "fit_hessian",
+  "retrieve",
+  "score",
+  "EncoderOptions",
+  "HessianOptions",
+  "Hessian",
+  "RetrievalResult",
+  "TrackStarEncoder",
+]

@@ -14,15 +14,17 @@ own tokenization build them directly. `losses.example_losses` defines the loss.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "pad_mask", "ids")
 
 
-def pad_rows(batch: Mapping[str, np.ndarray], size: int, *,
-             fill: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+def pad_rows(
+  batch: Mapping[str, np.ndarray], size: int, *, fill: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
   """`batch` padded with rows up to `size` rows: the one padding helper (fixed shapes, one compilation).
 
   Padding rows get ids -1 and 0 elsewhere (no tokens, no loss), unless `fill`
@@ -34,5 +36,7 @@ def pad_rows(batch: Mapping[str, np.ndarray], size: int, *,
   if n == size:
     return dict(batch)
   values = {"ids": -1, **(fill or {})}
-  return {k: np.concatenate([np.asarray(v), np.full((size - n,) + np.shape(v)[1:], values.get(k, 0),
-                                                    np.asarray(v).dtype)]) for k, v in batch.items()}
+  return {
+    k: np.concatenate([np.asarray(v), np.full((size - n,) + np.shape(v)[1:], values.get(k, 0), np.asarray(v).dtype)])
+    for k, v in batch.items()
+  }

@@ -22,11 +22,12 @@ paths, mesh, later pipeline stages) may change between restarts.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import dataclasses
 import json
 import logging as logging_std
 import os
-from typing import Any, Iterable
+from typing import Any
 
 from absl import logging
 import jax
@@ -37,24 +38,23 @@ ITEMS = ("params", "opt_state", "meta")
 
 # Dotted config fields (or prefixes ending in ".") that must match on resume.
 FROZEN_FIELDS = (
-    "dataset",
-    "world.",
-    "tokenizer.",
-    "seq_len",
-    "model.",
-    "train.optimizer",
-    "train.b1",
-    "train.b2",
-    "train.eps",
-    "train.weight_decay",
-    "train.adafactor_",
-    "train.batch_size",
-    "train.seed",
+  "dataset",
+  "world.",
+  "tokenizer.",
+  "seq_len",
+  "model.",
+  "train.optimizer",
+  "train.b1",
+  "train.b2",
+  "train.eps",
+  "train.weight_decay",
+  "train.adafactor_",
+  "train.batch_size",
+  "train.seed",
 )
 
 
 class _DropOrbaxInfo(logging_std.Filter):
-
   def filter(self, record: logging_std.LogRecord) -> bool:
     return record.levelno >= logging_std.WARNING or "orbax" not in record.pathname
 
@@ -74,13 +74,13 @@ def make_manager(workdir: str, *, keep: int | None = None, read_only: bool = Fal
   """A CheckpointManager over `<workdir>/checkpoints` with our three items."""
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir),
-      options=options,
-      item_handlers=dict(
-          params=ocp.StandardCheckpointHandler(),
-          opt_state=ocp.StandardCheckpointHandler(),
-          meta=ocp.JsonCheckpointHandler(),
-      ),
+    checkpoint_dir(workdir),
+    options=options,
+    item_handlers=dict(
+      params=ocp.StandardCheckpointHandler(),
+      opt_state=ocp.StandardCheckpointHandler(),
+      meta=ocp.JsonCheckpointHandler(),
+    ),
   )
 
 
@@ -100,28 +100,30 @@ def write_config(config, workdir: str) -> str:
   return path
 
 
-def make_meta(*, step: int, config, dataset_name: str = "", dataset_fingerprint: str = "",
-              tokenizer_path: str = "") -> dict[str, Any]:
+def make_meta(
+  *, step: int, config, dataset_name: str = "", dataset_fingerprint: str = "", tokenizer_path: str = ""
+) -> dict[str, Any]:
   return dict(
-      step=int(step),
-      config=config_to_dict(config),
-      dataset=dict(name=dataset_name, fingerprint=dataset_fingerprint),
-      tokenizer_path=tokenizer_path,
+    step=int(step),
+    config=config_to_dict(config),
+    dataset=dict(name=dataset_name, fingerprint=dataset_fingerprint),
+    tokenizer_path=tokenizer_path,
   )
 
 
-def save(manager: ocp.CheckpointManager, *, step: int, params, opt_state, meta: dict[str, Any],
-         wait: bool = False) -> None:
+def save(
+  manager: ocp.CheckpointManager, *, step: int, params, opt_state, meta: dict[str, Any], wait: bool = False
+) -> None:
   """Saves one checkpoint (asynchronously unless `wait`); every process calls it."""
   meta = dict(meta, step=int(step))
   manager.save(
-      int(step),
-      args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          opt_state=ocp.args.StandardSave(opt_state),
-          meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
+    int(step),
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta),
+    ),
+    force=True,
   )
   if wait:
     manager.wait_until_finished()
@@ -138,8 +140,8 @@ def _resolve_step(manager, workdir: str, step: int | None) -> int:
   steps = manager.all_steps()
   if not steps:
     raise FileNotFoundError(
-        f"No checkpoint in {checkpoint_dir(workdir)!r}: train a model into this workdir first"
-        " (python -m launch.train --config=... --workdir=...) or pass the right --workdir."
+      f"No checkpoint in {checkpoint_dir(workdir)!r}: train a model into this workdir first"
+      " (python -m launch.train --config=... --workdir=...) or pass the right --workdir."
     )
   if step is None:
     return max(steps)
@@ -178,8 +180,15 @@ class Checkpoint:
   meta: dict[str, Any]
 
 
-def restore(workdir: str, *, step: int | None = None, abstract_params=None, abstract_opt_state=None,
-            restore_opt_state: bool = True, sharding=None) -> Checkpoint:
+def restore(
+  workdir: str,
+  *,
+  step: int | None = None,
+  abstract_params=None,
+  abstract_opt_state=None,
+  restore_opt_state: bool = True,
+  sharding=None,
+) -> Checkpoint:
   """Restores params (+ optimizer state) and metadata from `workdir`.
 
   Args:
@@ -215,8 +224,7 @@ def restore(workdir: str, *, step: int | None = None, abstract_params=None, abst
 
 def restore_params(workdir: str, *, step: int | None = None, abstract_params=None, sharding=None) -> Any:
   """Params only (e.g. for encoding or evaluation)."""
-  return restore(workdir, step=step, abstract_params=abstract_params, restore_opt_state=False,
-                 sharding=sharding).params
+  return restore(workdir, step=step, abstract_params=abstract_params, restore_opt_state=False, sharding=sharding).params
 
 
 def load_meta(workdir: str, *, step: int | None = None) -> dict[str, Any]:
@@ -237,8 +245,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _frozen(key: str, frozen: Iterable[str]) -> bool:
-  return any(key == f or (f.endswith(".") and key.startswith(f)) or (f.endswith("_") and key.startswith(f))
-             for f in frozen)
+  return any(
+    key == f or (f.endswith(".") and key.startswith(f)) or (f.endswith("_") and key.startswith(f)) for f in frozen
+  )
 
 
 def config_differences(saved_config: dict[str, Any], config, *, frozen: Iterable[str] = FROZEN_FIELDS) -> list[str]:
@@ -252,7 +261,9 @@ def config_differences(saved_config: dict[str, Any], config, *, frozen: Iterable
   return diffs
 
 
-def check_compatible(meta: dict[str, Any], config, *, workdir: str = "", dataset_fingerprint: str | None = None) -> None:
+def check_compatible(
+  meta: dict[str, Any], config, *, workdir: str = "", dataset_fingerprint: str | None = None
+) -> None:
   """Raises ValueError listing every frozen field that differs from `meta`.
 
   `dataset_fingerprint` (of the dataset loaded now) is compared with the one
@@ -264,6 +275,6 @@ def check_compatible(meta: dict[str, Any], config, *, workdir: str = "", dataset
     diffs.append(f"dataset fingerprint: {saved_fp[:12]}... -> {dataset_fingerprint[:12]}... (corpus content changed)")
   if diffs:
     raise ValueError(
-        f"Cannot resume in {workdir or 'this workdir'!r}: its checkpoint was written with an incompatible config."
-        " Differing fields:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir, or restore these values."
+      f"Cannot resume in {workdir or 'this workdir'!r}: its checkpoint was written with an incompatible config."
+      " Differing fields:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir, or restore these values."
     )

@@ -18,30 +18,28 @@ Fields that users override from the command line are tuples, not lists.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import difflib
 import importlib.util
 import os
-from typing import Sequence
 
 from absl import flags
 import ml_collections
 
 from trackstar_jax import encoder as encoder_lib
 from trackstar_jax import hessian as hessian_lib
-from trackstar_jax import optim
-from trackstar_jax import options
-from trackstar_jax import retrieval
+from trackstar_jax import optim, options, retrieval
 from trackstar_jax import store as store_lib
 
 # Model shapes. `small` is our GPU benchmark model (~33M parameters with a 16k
 # vocabulary); the `paper_*` shapes approximate the TrackStar paper's three
 # model sizes and serve compile/throughput checks, not training here.
 MODEL_PRESETS = {
-    "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, tied_embeddings=True),
-    "small": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, tied_embeddings=True),
-    "paper_154m": dict(d_model=1024, n_layers=8, n_heads=16, d_ff=4096, tied_embeddings=False),
-    "paper_1b": dict(d_model=2048, n_layers=16, n_heads=16, d_ff=8192, tied_embeddings=False),
-    "paper_8b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=14336, tied_embeddings=False),
+  "tiny": dict(d_model=128, n_layers=2, n_heads=4, d_ff=512, tied_embeddings=True),
+  "small": dict(d_model=512, n_layers=8, n_heads=8, d_ff=2048, tied_embeddings=True),
+  "paper_154m": dict(d_model=1024, n_layers=8, n_heads=16, d_ff=4096, tied_embeddings=False),
+  "paper_1b": dict(d_model=2048, n_layers=16, n_heads=16, d_ff=8192, tied_embeddings=False),
+  "paper_8b": dict(d_model=4096, n_layers=32, n_heads=32, d_ff=14336, tied_embeddings=False),
 }
 
 
@@ -107,7 +105,7 @@ def _override_paths(argv: Sequence[str], flag: str) -> list[tuple[str, str]]:
     name = arg.split("=", 1)[0].lstrip("-")
     for head in (flag + ".", "no" + flag + "."):
       if arg.startswith("-") and name.startswith(head):
-        out.append((arg, name[len(head):]))
+        out.append((arg, name[len(head) :]))
         break
   return out
 
@@ -133,8 +131,9 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config(*arg)
 
 
-def check_overrides(*, argv: Sequence[str], config: ml_collections.ConfigDict | None = None, flag: str = "config",
-                    default_file: str = "") -> None:
+def check_overrides(
+  *, argv: Sequence[str], config: ml_collections.ConfigDict | None = None, flag: str = "config", default_file: str = ""
+) -> None:
   """Refuses `--config.a.b=...` overrides that name no field of the config, with "did you mean".
 
   ml_collections' `config_flags` fails on an unknown leaf (`--config.retrieve.kk=5`)
@@ -177,7 +176,7 @@ def check_overrides(*, argv: Sequence[str], config: ml_collections.ConfigDict | 
     if not isinstance(node, ml_collections.ConfigDict):
       siblings, what = [where], f"{where!r} is a field ({type(node).__name__}), not a section"
     elif where:
-      siblings, what = [f"{where}.{k}" for k in node.keys()], f"section {where!r} has no field {parts[depth]!r}"
+      siblings, what = [f"{where}.{k}" for k in node], f"section {where!r} has no field {parts[depth]!r}"
     else:
       siblings, what = list(node.keys()), f"the config has no section or field {parts[depth]!r}"
     close = difflib.get_close_matches(dotted, known, n=3, cutoff=0.6)

@@ -32,22 +32,22 @@ Public API:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trackstar_jax import batch as batch_lib
-from trackstar_jax import gradients
-from trackstar_jax import losses
+from trackstar_jax import gradients, losses, projection
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import optimizer_correction as oc
 from trackstar_jax import options as opts_lib
-from trackstar_jax import projection
 
 BATCH_FIELDS = ("inputs", "targets", "loss_mask", "pad_mask")
 
@@ -75,9 +75,13 @@ def _place(tree: Any, sharding: Any) -> Any:
 
 
 def _dummy_batch(seq_len: int) -> dict[str, np.ndarray]:
-  return dict(inputs=np.ones((1, seq_len), np.int32), targets=np.ones((1, seq_len), np.int32),
-              loss_mask=np.ones((1, seq_len), np.float32), pad_mask=np.ones((1, seq_len), bool),
-              ids=np.zeros((1,), np.int32))
+  return dict(
+    inputs=np.ones((1, seq_len), np.int32),
+    targets=np.ones((1, seq_len), np.int32),
+    loss_mask=np.ones((1, seq_len), np.float32),
+    pad_mask=np.ones((1, seq_len), bool),
+    ids=np.zeros((1,), np.int32),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +126,21 @@ JOB_FIELDS = ("batch_size", "step")
 class TrackStarEncoder:
   """Per-example projected, optimizer-corrected gradients on a device mesh."""
 
-  def __init__(self, *, model_apply: Callable[..., jax.Array] | None = None, params: Any,
-               options: EncoderOptions | None = None, config: Any = None, opt_state: Any = None,
-               correction: oc.Correction | None = None, mesh: jax.sharding.Mesh | None = None,
-               loss_fn: gradients.LossFn | None = None, block_fn: Callable[[str], Any] | None = None,
-               param_sharding: Any = None, seq_len: int = 8):
+  def __init__(
+    self,
+    *,
+    model_apply: Callable[..., jax.Array] | None = None,
+    params: Any,
+    options: EncoderOptions | None = None,
+    config: Any = None,
+    opt_state: Any = None,
+    correction: oc.Correction | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    loss_fn: gradients.LossFn | None = None,
+    block_fn: Callable[[str], Any] | None = None,
+    param_sharding: Any = None,
+    seq_len: int = 8,
+  ):
     """Traces the model once (shapes only) and prepares the projections.
 
     Args:
@@ -162,22 +176,36 @@ class TrackStarEncoder:
     paths = projection.select_paths(params, regex=options.param_regex)
     layouts = gradients.trace_layouts(loss_fn, params, _dummy_batch(seq_len), paths=paths)
     if block_fn is None:
-      block_fn = projection.block_key_fn(block_regex=options.block_regex or projection.DEFAULT_BLOCK_REGEX,
-                                         layers_per_group=int(options.layers_per_group))
-    self.plan = projection.ProjectionPlan.create(layouts, d_in=int(options.d_in), d_out=int(options.d_out),
-                                                 seed=int(options.seed), block_fn=block_fn)
+      block_fn = projection.block_key_fn(
+        block_regex=options.block_regex or projection.DEFAULT_BLOCK_REGEX,
+        layers_per_group=int(options.layers_per_group),
+      )
+    self.plan = projection.ProjectionPlan.create(
+      layouts, d_in=int(options.d_in), d_out=int(options.d_out), seed=int(options.seed), block_fn=block_fn
+    )
     if correction is None:
       kind = str(options.correction)
       if kind == "auto" and opt_state is None:
-        logging.warning("TrackStarEncoder: no optimizer state given: encoding WITHOUT optimizer correction "
-                        "(pass opt_state=, or correction='none' to silence this).")
+        logging.warning(
+          "TrackStarEncoder: no optimizer state given: encoding WITHOUT optimizer correction "
+          "(pass opt_state=, or correction='none' to silence this)."
+        )
         kind = "none"
-      correction = oc.make_correction(kind=kind, layouts=layouts, opt_state=opt_state, eps=float(options.eps),
-                                      bias_correction=bool(options.bias_correction), b2=options.b2)
+      correction = oc.make_correction(
+        kind=kind,
+        layouts=layouts,
+        opt_state=opt_state,
+        eps=float(options.eps),
+        bias_correction=bool(options.bias_correction),
+        b2=options.b2,
+      )
     self.correction = correction
-    self.projector = gradients.GradientProjector(plan=self.plan, correction=correction,
-                                                 layer_mode=str(options.layer_mode),
-                                                 projection_dtype=str(options.projection_dtype))
+    self.projector = gradients.GradientProjector(
+      plan=self.plan,
+      correction=correction,
+      layer_mode=str(options.layer_mode),
+      projection_dtype=str(options.projection_dtype),
+    )
     replicated = NamedSharding(self.mesh, P())
     self._param_sharding = param_sharding if param_sharding is not None else replicated
     self.params = _place(params, self._param_sharding)
@@ -185,12 +213,17 @@ class TrackStarEncoder:
     self._n_data = self.mesh.shape["data"]
     self._local_data = max(1, self._n_data // jax.process_count())
     self._fn = jax.jit(
-        lambda params, arrays, batch: self.projector.phi(self.loss_fn, params, arrays, batch),
-        out_shardings=NamedSharding(self.mesh, P("data", None)),
+      lambda params, arrays, batch: self.projector.phi(self.loss_fn, params, arrays, batch),
+      out_shardings=NamedSharding(self.mesh, P("data", None)),
     )
-    logging.info("TrackStarEncoder: %d traced kernels in %d blocks, dim %d, correction %r, modes %s",
-                 len(layouts), len(self.plan.blocks), self.dim, correction.kind,
-                 sorted(set(self.projector.modes().values())))
+    logging.info(
+      "TrackStarEncoder: %d traced kernels in %d blocks, dim %d, correction %r, modes %s",
+      len(layouts),
+      len(self.plan.blocks),
+      self.dim,
+      correction.kind,
+      sorted(set(self.projector.modes().values())),
+    )
 
   @property
   def dim(self) -> int:

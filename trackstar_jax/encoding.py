@@ -16,8 +16,9 @@ chunks not yet committed (the store is the same as an uninterrupted run's).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 import hashlib
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from absl import logging
 import jax
@@ -59,13 +60,15 @@ def as_examples(data: Any):
   if isinstance(data, Mapping):
     return BatchRows(data)
   if not isinstance(data, Iterable):
-    raise TypeError(f"Cannot encode a {type(data).__name__}: pass data.batching.Examples, a batch dict or an "
-                    "iterable of batch dicts.")
+    raise TypeError(
+      f"Cannot encode a {type(data).__name__}: pass data.batching.Examples, a batch dict or an iterable of batch dicts."
+    )
   batches = [dict(b) for b in data]
   if not batches:
     raise ValueError("No batches to encode: the iterable is empty.")
-  rows = BatchRows({k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in _FIELDS
-                    if all(k in b for b in batches)})
+  rows = BatchRows(
+    {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in _FIELDS if all(k in b for b in batches)}
+  )
   keep = rows.ids >= 0  # padding rows of the user's batches are not examples
   return BatchRows({k: v[keep] for k, v in rows.arrays.items()})
 
@@ -81,23 +84,45 @@ def fingerprint(examples) -> str:
   return h.hexdigest()
 
 
-def store_meta(encoder, *, num_rows: int, corpus_fingerprint: str, dtype: str = store_lib.StoreMeta.dtype,
-               chunk_rows: int = store_lib.StoreMeta.chunk_rows, checkpoint: str = "", step: int = -1,
-               extra: Mapping[str, Any] | None = None) -> store_lib.StoreMeta:
+def store_meta(
+  encoder,
+  *,
+  num_rows: int,
+  corpus_fingerprint: str,
+  dtype: str = store_lib.StoreMeta.dtype,
+  chunk_rows: int = store_lib.StoreMeta.chunk_rows,
+  checkpoint: str = "",
+  step: int = -1,
+  extra: Mapping[str, Any] | None = None,
+) -> store_lib.StoreMeta:
   """What identifies an encoding: the encoder's options and traced blocks, the corpus, the checkpoint."""
   o = encoder.options
-  described = dict(param_regex=str(o.param_regex), block_regex=str(o.block_regex), d_in=int(o.d_in),
-                   d_out=int(o.d_out), layers_per_group=int(o.layers_per_group),
-                   bias_correction=bool(o.bias_correction))
+  described = dict(
+    param_regex=str(o.param_regex),
+    block_regex=str(o.block_regex),
+    d_in=int(o.d_in),
+    d_out=int(o.d_out),
+    layers_per_group=int(o.layers_per_group),
+    bias_correction=bool(o.bias_correction),
+  )
   return store_lib.StoreMeta(
-      num_rows=int(num_rows), dim=int(encoder.dim), dtype=str(dtype), chunk_rows=int(chunk_rows),
-      checkpoint=str(checkpoint), step=int(step), projection_seed=int(o.seed), blocks=tuple(encoder.blocks),
-      correction=str(encoder.correction.kind), corpus_fingerprint=str(corpus_fingerprint),
-      extra={**described, **dict(extra or {})})
+    num_rows=int(num_rows),
+    dim=int(encoder.dim),
+    dtype=str(dtype),
+    chunk_rows=int(chunk_rows),
+    checkpoint=str(checkpoint),
+    step=int(step),
+    projection_seed=int(o.seed),
+    blocks=tuple(encoder.blocks),
+    correction=str(encoder.correction.kind),
+    corpus_fingerprint=str(corpus_fingerprint),
+    extra={**described, **dict(extra or {})},
+  )
 
 
-def _dispatch_rows(encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int,
-                   dtype=None) -> list[tuple[int, Any]]:
+def _dispatch_rows(
+  encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, dtype=None
+) -> list[tuple[int, Any]]:
   """Starts encoding this process's `rows` in exactly `num_batches` encoder calls (lockstep across hosts).
 
   One process: returns device arrays still being computed (JAX dispatch is
@@ -139,8 +164,9 @@ def encode_to_array(encoder, examples, *, batch_size: int) -> np.ndarray:
   per_host = -(-n // pc)
   rows = np.arange(pi * per_host, min((pi + 1) * per_host, n))
   host_batch = max(1, batch_size // pc)
-  phi = _collect(_dispatch_rows(encoder, examples, rows, host_batch=host_batch,
-                                num_batches=-(-per_host // host_batch)), encoder.dim)
+  phi = _collect(
+    _dispatch_rows(encoder, examples, rows, host_batch=host_batch, num_batches=-(-per_host // host_batch)), encoder.dim
+  )
   if pc == 1:
     return phi
   padded = np.zeros((per_host, encoder.dim), np.float32)
@@ -148,8 +174,9 @@ def encode_to_array(encoder, examples, *, batch_size: int) -> np.ndarray:
   return mesh_lib.allgather(padded)[:n]
 
 
-def encode_to_store(encoder, examples, *, store: store_lib.EncodingStore, batch_size: int,
-                    log_every_s: float = 30.0) -> store_lib.EncodingStore:
+def encode_to_store(
+  encoder, examples, *, store: store_lib.EncodingStore, batch_size: int, log_every_s: float = 30.0
+) -> store_lib.EncodingStore:
   """phi of every example into `store` (rows in example order); resumes where a killed run stopped.
 
   Every process calls it with the same (complete) store; returns it complete.
@@ -165,8 +192,14 @@ def encode_to_store(encoder, examples, *, store: store_lib.EncodingStore, batch_
   host_batch = max(1, int(batch_size) // pc)
   per_chunk = -(-store.chunk_rows // host_batch)
   store_dtype = jnp.bfloat16 if store.meta.dtype == "bfloat16" else None
-  logging.info("encode: %d rows in %d chunks; this process: %d pending of %d; store %s", store.num_rows,
-               store.num_chunks, len(pending), len(range(pi, store.num_chunks, pc)), store.url)
+  logging.info(
+    "encode: %d rows in %d chunks; this process: %d pending of %d; store %s",
+    store.num_rows,
+    store.num_chunks,
+    len(pending),
+    len(range(pi, store.num_chunks, pc)),
+    store.url,
+  )
   prog = progress_lib.Progress(total=n_iter, unit="chunk", item_unit="examples", name="encode")
   # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is copied to the host
   # and handed to the writer, so host work (batching, device-to-host copy, store writes) overlaps
@@ -187,8 +220,9 @@ def encode_to_store(encoder, examples, *, store: store_lib.EncodingStore, batch_
     for i in range(n_iter):
       chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
       a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
-      parts = _dispatch_rows(encoder, examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk,
-                             dtype=store_dtype)
+      parts = _dispatch_rows(
+        encoder, examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk, dtype=store_dtype
+      )
       if in_flight is not None:
         finish(i, *in_flight)
       in_flight = (chunk, a, b, parts)

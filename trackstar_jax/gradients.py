@@ -51,9 +51,10 @@ where loss_fn(params, batch) -> per-example losses [B].
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -119,22 +120,30 @@ def call_labels(module: nn.Module, x: jax.Array, args, kwargs) -> CallLabels:
     axis = sorted(a % x.ndim for a in np.atleast_1d(module.axis))
     features = tuple(np.atleast_1d(module.features))
     xl = _POOL[: x.ndim]
-    fl = _POOL[x.ndim: x.ndim + len(features)]
-    labels = CallLabels(xl, "".join(xl[a] for a in axis) + fl,
-                        "".join(l for i, l in enumerate(xl) if i not in axis) + fl)
+    fl = _POOL[x.ndim : x.ndim + len(features)]
+    labels = CallLabels(
+      xl, "".join(xl[a] for a in axis) + fl, "".join(l for i, l in enumerate(xl) if i not in axis) + fl
+    )
   else:  # nn.Dense
     xl = _POOL[: x.ndim]
     o = _POOL[x.ndim]
     labels = CallLabels(xl, xl[-1] + o, xl[:-1] + o)
   ex = labels.x[0]
-  bad = (ex in labels.k or ex not in labels.y or any(l not in labels.x + labels.y for l in labels.k)
-         or any(l not in labels.k + labels.y for l in labels.x) or any(l not in labels.x + labels.k for l in labels.y)
-         or any(len(set(s)) != len(s) for s in (labels.x, labels.k, labels.y)) or not labels.out_labels)
+  bad = (
+    ex in labels.k
+    or ex not in labels.y
+    or any(l not in labels.x + labels.y for l in labels.k)
+    or any(l not in labels.k + labels.y for l in labels.x)
+    or any(l not in labels.x + labels.k for l in labels.y)
+    or any(len(set(s)) != len(s) for s in (labels.x, labels.k, labels.y))
+    or not labels.out_labels
+  )
   if bad:
     raise ValueError(
-        f"{name}: call {labels} is not a per-example linear map (the first input axis must be the example axis,"
-        " every kernel axis must be contracted with the input or appear in the output). Exclude it via"
-        " encoder.param_regex or use reference_phi.")
+      f"{name}: call {labels} is not a per-example linear map (the first input axis must be the example axis,"
+      " every kernel axis must be contracted with the input or appear in the output). Exclude it via"
+      " encoder.param_regex or use reference_phi."
+    )
   return labels
 
 
@@ -158,8 +167,9 @@ def _interceptor(paths: set[str], on_call: Callable):
   return interceptor
 
 
-def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
-                  paths: Sequence[str]) -> dict[str, projection.KernelLayout]:
+def trace_layouts(
+  loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *, paths: Sequence[str]
+) -> dict[str, projection.KernelLayout]:
   """Matrix layouts of the traced kernels, from one abstract (shape-only) call.
 
   Raises:
@@ -174,8 +184,10 @@ def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
     sizes = dict(zip(labels.x, x.shape)) | dict(zip(labels.y, y.shape))
     shape = tuple(sizes[l] for l in labels.k)
     if shape != shapes[path]:
-      raise ValueError(f"Traced kernel {path!r}: parameter shape {shapes[path]} but the layer call uses {shape}"
-                       " (layers under nn.scan/vmap are not supported by the fused path).")
+      raise ValueError(
+        f"Traced kernel {path!r}: parameter shape {shapes[path]} but the layer call uses {shape}"
+        " (layers under nn.scan/vmap are not supported by the fused path)."
+      )
     layout = projection.KernelLayout(shape, labels.in_axes)
     if found.setdefault(path, layout) != layout:
       raise ValueError(f"Traced kernel {path!r} is called with different matrix layouts.")
@@ -189,8 +201,9 @@ def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
   missing = sorted(wanted - set(found))
   if missing:
     raise ValueError(
-        f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
-        " seen in the forward pass: exclude them via encoder.param_regex (or use reference_phi).")
+      f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
+      " seen in the forward pass: exclude them via encoder.param_regex (or use reference_phi)."
+    )
   return {p: found[p] for p in sorted(found, key=list(shapes).index)}
 
 
@@ -214,8 +227,14 @@ def _fold(factor: oc.Factor, group_axes: tuple[int, ...]) -> jax.Array:
 class GradientProjector:
   """Fused per-example projected gradients for a plan and a correction."""
 
-  def __init__(self, *, plan: projection.ProjectionPlan, correction: oc.Correction, layer_mode: str = "auto",
-               projection_dtype: str = "auto"):
+  def __init__(
+    self,
+    *,
+    plan: projection.ProjectionPlan,
+    correction: oc.Correction,
+    layer_mode: str = "auto",
+    projection_dtype: str = "auto",
+  ):
     if layer_mode not in ("auto", "fused", "layer"):
       raise ValueError(f"encoder.layer_mode must be auto|fused|layer, got {layer_mode!r}.")
     if projection_dtype not in ("auto", "float32"):
@@ -236,8 +255,9 @@ class GradientProjector:
         f_in, f_out = set(f.axes) & in_set, set(f.axes) & out_set
         if not f_in or not f_out:
           sides.append("fold")
-        elif math.prod(layout.shape[a] for a in f_out) * plan.d_in <= math.prod(
-            layout.shape[a] for a in f_in) * plan.d_out:
+        elif (
+          math.prod(layout.shape[a] for a in f_out) * plan.d_in <= math.prod(layout.shape[a] for a in f_in) * plan.d_out
+        ):
           sides.append("x")
           couple_out |= f_out
         else:
@@ -245,8 +265,10 @@ class GradientProjector:
           couple_in |= f_in
       mode = layer_mode
       if mode == "auto":
-        fits = (math.prod(layout.shape[a] for a in couple_out) * plan.d_in <= layout.n
-                and math.prod(layout.shape[a] for a in couple_in) * plan.d_out <= layout.m)
+        fits = (
+          math.prod(layout.shape[a] for a in couple_out) * plan.d_in <= layout.n
+          and math.prod(layout.shape[a] for a in couple_in) * plan.d_out <= layout.m
+        )
         mode = "fused" if fits else "layer"
       in_shape = tuple(layout.shape[a] for a in layout.in_axes)
       out_shape = tuple(layout.shape[a] for a in layout.out_axes)
@@ -263,8 +285,9 @@ class GradientProjector:
         else:
           rest.append(f)
           rest_sides.append("x" if side == "fold" else side)
-      self.static[path] = _LayerStatic(plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides),
-                                       projection_dtype, layout)
+      self.static[path] = _LayerStatic(
+        plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides), projection_dtype, layout
+      )
       arrays[path] = dict(p_in=p_in, p_out=p_out, factors=tuple(jnp.asarray(f.values, jnp.float32) for f in rest))
     self.arrays = arrays
 
@@ -389,15 +412,16 @@ def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z):
   return tap(y, z, x, arr)
 
 
-def reference_phi(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *, plan: projection.ProjectionPlan,
-                  correction: oc.Correction) -> jax.Array:
+def reference_phi(
+  loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *, plan: projection.ProjectionPlan, correction: oc.Correction
+) -> jax.Array:
   """Brute force: vmap(grad) per example, element-wise correction, projection."""
-  traced = {p: l for p, l in projection.flatten_paths(params).items()
-            if projection.canonical_path(p) in plan.layouts}
+  traced = {p: l for p, l in projection.flatten_paths(params).items() if projection.canonical_path(p) in plan.layouts}
 
   def merged(tr):
     def pick(kp, leaf):
       return tr.get(projection.keypath_str(kp), leaf)
+
     return jax.tree_util.tree_map_with_path(pick, params)
 
   def one(tr, row):

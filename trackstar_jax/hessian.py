@@ -42,8 +42,9 @@ import zlib
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from trackstar_jax import fileio
 from trackstar_jax import options as opts_lib
@@ -76,8 +77,7 @@ class SecondMoment:
       sharding = NamedSharding(mesh, P("data", *([None] * (len(shape) - 1))))
     self._sum = jnp.zeros(shape, jnp.float32, device=sharding)
     fn = _outer_blocks if block_diagonal else _outer
-    self._add = jax.jit(lambda acc, phi, valid: acc + fn(phi, valid), donate_argnums=0,
-                        out_shardings=sharding)
+    self._add = jax.jit(lambda acc, phi, valid: acc + fn(phi, valid), donate_argnums=0, out_shardings=sharding)
     self.count = 0
 
   def update(self, phi: Any, *, valid: Any = None) -> None:
@@ -188,21 +188,27 @@ class Hessian:
   def save(self, path: str) -> None:
     """One .npz with inv_sqrt, lam and JSON metadata, written atomically (local or kvstore path)."""
     buf = io.BytesIO()
-    np.savez(buf, inv_sqrt=np.asarray(self.inv_sqrt, np.float32), lam=np.float64(self.lam),
-             meta=np.asarray(json.dumps(self.meta, sort_keys=True)))
+    np.savez(
+      buf,
+      inv_sqrt=np.asarray(self.inv_sqrt, np.float32),
+      lam=np.float64(self.lam),
+      meta=np.asarray(json.dumps(self.meta, sort_keys=True)),
+    )
     fileio.write_bytes(path, buf.getvalue())
 
   @classmethod
-  def load(cls, path: str) -> "Hessian":
+  def load(cls, path: str) -> Hessian:
     """Reads a `save`d Hessian; a missing, truncated or corrupt file raises an error that says what to rerun.
 
     Raises:
       FileNotFoundError: no file at `path`.
       HessianFileError: the file is not a complete Hessian (truncated, corrupt, other contents).
     """
-    rerun = (f"Re-run `python -m launch.fit_hessian --config=<this experiment's config> "
-             f"--workdir={os.path.dirname(os.path.abspath(path))}` (the workdir whose config.hessian.path is "
-             f"this file) to write it again.")
+    rerun = (
+      f"Re-run `python -m launch.fit_hessian --config=<this experiment's config> "
+      f"--workdir={os.path.dirname(os.path.abspath(path))}` (the workdir whose config.hessian.path is "
+      f"this file) to write it again."
+    )
     if not fileio.exists(path):
       raise FileNotFoundError(f"No Hessian at {path}. {rerun}")
     raw = fileio.read_bytes(path)
@@ -215,15 +221,16 @@ class Hessian:
     except HessianFileError:
       raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as e:
-      raise HessianFileError(f"Hessian file {path} ({len(raw)} bytes) is truncated or corrupt: {type(e).__name__}: "
-                             f"{e}. {rerun}") from e
+      raise HessianFileError(
+        f"Hessian file {path} ({len(raw)} bytes) is truncated or corrupt: {type(e).__name__}: {e}. {rerun}"
+      ) from e
     shape = np.shape(h.inv_sqrt)
     square = (len(shape) == 2 and shape[0] == shape[1]) or (len(shape) == 3 and shape[1] == shape[2])
     if not square or not np.all(np.isfinite(h.inv_sqrt)):
-      raise HessianFileError(f"Hessian file {path} holds an invalid R^-1/2 (shape {shape}"
-                             f"{', non-finite values' if square else ''}). {rerun}")
+      raise HessianFileError(
+        f"Hessian file {path} holds an invalid R^-1/2 (shape {shape}{', non-finite values' if square else ''}). {rerun}"
+      )
     return h
-
 
 
 def apply_inv_sqrt(x: jax.Array, inv_sqrt: jax.Array, *, dtype=jnp.float32) -> jax.Array:
@@ -279,8 +286,9 @@ class HessianOptions:
 JOB_FIELDS = ("train_sample", "seed", "path")
 
 
-def fit_hessian(*, train_phi: Any, eval_phi: Any = None, options: HessianOptions | None = None, config: Any = None,
-                n_blocks: int = 1) -> Hessian:
+def fit_hessian(
+  *, train_phi: Any, eval_phi: Any = None, options: HessianOptions | None = None, config: Any = None, n_blocks: int = 1
+) -> Hessian:
   """R^{-1/2} from training (and query) phis.
 
   Args:
@@ -296,8 +304,16 @@ def fit_hessian(*, train_phi: Any, eval_phi: Any = None, options: HessianOptions
     options = opts_lib.from_config(HessianOptions, config, ignore=JOB_FIELDS)
   block, dtype, damping = bool(options.block_diagonal), str(options.dtype), float(options.damping)
   r_train, n_train = second_moment(train_phi, n_blocks=n_blocks, block_diagonal=block)
-  meta = dict(n_train=n_train, n_eval=0, damping=damping, dtype=dtype, block_diagonal=block, n_blocks=n_blocks,
-              top_k_eig=int(options.top_k_eig), mixed=bool(options.mixed))
+  meta = dict(
+    n_train=n_train,
+    n_eval=0,
+    damping=damping,
+    dtype=dtype,
+    block_diagonal=block,
+    n_blocks=n_blocks,
+    top_k_eig=int(options.top_k_eig),
+    mixed=bool(options.mixed),
+  )
   lam = 0.0
   r = r_train
   if meta["mixed"]:

@@ -9,9 +9,10 @@ LM's apply function (the project's `DecoderLM.apply`, or a user's).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
 import itertools
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +64,9 @@ def query_accuracy(apply_fn: ApplyFn, params, query_examples, *, batch_size: int
     pred = np.asarray(_greedy_tokens(apply_fn, params, chunk["inputs"], chunk["pad_mask"]))
     ok = (pred == chunk["targets"]) | (chunk["loss_mask"] == 0)
     correct[start : start + m] = ok.all(axis=-1)[:m]
-  out = dict(accuracy=float(correct.mean()) if n else float("nan"), n=n, correct=correct,
-             ids=np.asarray(query_examples.ids))
+  out = dict(
+    accuracy=float(correct.mean()) if n else float("nan"), n=n, correct=correct, ids=np.asarray(query_examples.ids)
+  )
   if frequencies is not None:
     freq = np.asarray(frequencies)
     if freq.shape != (n,):
@@ -85,8 +87,9 @@ def accuracy_metrics(result: dict, prefix: str = "query_accuracy") -> dict[str, 
   return out
 
 
-def greedy_decode(apply_fn: ApplyFn, params, prompt_tokens: list[int], *, max_len: int, max_new_tokens: int,
-                  eos_id: int | None = None) -> list[int]:
+def greedy_decode(
+  apply_fn: ApplyFn, params, prompt_tokens: list[int], *, max_len: int, max_new_tokens: int, eos_id: int | None = None
+) -> list[int]:
   """Greedy continuation of one prompt in a [1, max_len] buffer (no KV cache: for a few samples only)."""
   tokens = list(prompt_tokens)
   out = []
@@ -104,8 +107,9 @@ def greedy_decode(apply_fn: ApplyFn, params, prompt_tokens: list[int], *, max_le
   return out
 
 
-def sample_answers(apply_fn: ApplyFn, params, tokenizer, queries, *, max_len: int, n: int = 5,
-                   extra_tokens: int = 2) -> list[dict]:
+def sample_answers(
+  apply_fn: ApplyFn, params, tokenizer, queries, *, max_len: int, n: int = 5, extra_tokens: int = 2
+) -> list[dict]:
   """Greedy answers (decoded text) for the first `n` query records.
 
   Each query's prompt is encoded with a leading BOS and continued greedily
@@ -118,9 +122,18 @@ def sample_answers(apply_fn: ApplyFn, params, tokenizer, queries, *, max_len: in
   for q in list(itertools.islice(iter(queries), n)):
     prompt_ids = [tokenizer.bos_id] + list(tokenizer.encode(q["prompt"]))
     n_target = len(tokenizer.encode(q["target"]))  # tokenized separately, as in tokenize_queries
-    new = greedy_decode(apply_fn, params, prompt_ids, max_len=max_len, max_new_tokens=max(n_target, 1) + extra_tokens,
-                        eos_id=tokenizer.eos_id)
+    new = greedy_decode(
+      apply_fn,
+      params,
+      prompt_ids,
+      max_len=max_len,
+      max_new_tokens=max(n_target, 1) + extra_tokens,
+      eos_id=tokenizer.eos_id,
+    )
     answer = tokenizer.decode(new)
-    rows.append(dict(prompt=q["prompt"], target=q["target"], answer=answer,
-                     correct=answer.strip().startswith(q["target"].strip())))
+    rows.append(
+      dict(
+        prompt=q["prompt"], target=q["target"], answer=answer, correct=answer.strip().startswith(q["target"].strip())
+      )
+    )
   return rows

@@ -6,14 +6,16 @@ The mesh is declared in the config as axis (name, size) pairs, -1 meaning
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import math
 import os
-from typing import Any, Sequence
+from typing import Any
 
 from absl import logging
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 
 def maybe_initialize_distributed(*, force: bool = False) -> None:
@@ -26,19 +28,19 @@ def maybe_initialize_distributed(*, force: bool = False) -> None:
   env = os.environ
   if "JAX_COORDINATOR_ADDRESS" in env:
     jax.distributed.initialize(
-        coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-        num_processes=int(env["JAX_NUM_PROCESSES"]),
-        process_id=int(env["JAX_PROCESS_ID"]),
+      coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+      num_processes=int(env["JAX_NUM_PROCESSES"]),
+      process_id=int(env["JAX_PROCESS_ID"]),
     )
   elif force:
     jax.distributed.initialize()
   logging.info(
-      "process %d/%d, local devices %d, global devices %d (%s)",
-      jax.process_index(),
-      jax.process_count(),
-      jax.local_device_count(),
-      jax.device_count(),
-      jax.devices()[0].platform,
+    "process %d/%d, local devices %d, global devices %d (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
   )
 
 

@@ -78,8 +78,16 @@ class OptimizerOptions:
 
 
 # Fields of the config section `train` that belong to the training loop, not the optimizer.
-JOB_FIELDS = ("batch_size", "seed", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-              "eval_batch_size", "num_sample_answers")
+JOB_FIELDS = (
+  "batch_size",
+  "seed",
+  "log_every",
+  "eval_every",
+  "checkpoint_every",
+  "keep_checkpoints",
+  "eval_batch_size",
+  "num_sample_answers",
+)
 
 
 def _options(train_cfg) -> OptimizerOptions:
@@ -146,9 +154,13 @@ def make_optimizer(train_cfg, *, learning_rate: float | None = None) -> optax.Gr
     parts.append(optax.scale_by_adam(b1=float(o.b1), b2=float(o.b2), eps=float(o.eps)))
   elif name == "adafactor":
     parts.append(
-        optax.scale_by_factored_rms(factored=True, decay_rate=float(o.adafactor_decay_rate),
-                                    min_dim_size_to_factor=int(o.adafactor_min_dim_size_to_factor),
-                                    epsilon=float(o.adafactor_eps)))
+      optax.scale_by_factored_rms(
+        factored=True,
+        decay_rate=float(o.adafactor_decay_rate),
+        min_dim_size_to_factor=int(o.adafactor_min_dim_size_to_factor),
+        epsilon=float(o.adafactor_eps),
+      )
+    )
     parts.append(optax.clip_by_block_rms(float(o.adafactor_clipping_threshold)))
   else:
     raise ValueError(f"Unknown train.optimizer {name!r}; use 'adamw' or 'adafactor'.")

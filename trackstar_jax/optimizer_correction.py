@@ -37,10 +37,11 @@ Public API:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 import dataclasses
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from absl import logging
 import jax
@@ -51,9 +52,9 @@ from trackstar_jax import projection
 
 KINDS = ("none", "adam", "adam_rank1", "adafactor", "auto")
 SUPPORTED_STATES = (
-    "optax ScaleByAdamState (adam, adamw, ...; fields count/mu/nu) and optax FactoredState "
-    "(adafactor / scale_by_factored_rms; fields count/v_row/v_col/v), possibly nested in chain, "
-    "inject_hyperparams, masked, multi_transform or MultiSteps states"
+  "optax ScaleByAdamState (adam, adamw, ...; fields count/mu/nu) and optax FactoredState "
+  "(adafactor / scale_by_factored_rms; fields count/v_row/v_col/v), possibly nested in chain, "
+  "inject_hyperparams, masked, multi_transform or MultiSteps states"
 )
 _ADAM_KEYS = {"count", "nu"}
 _FACTORED_KEYS = {"count", "v_row", "v_col", "v"}
@@ -104,11 +105,11 @@ def find_second_moments(opt_state: Any) -> SecondMoments:
     fields = _fields(node)
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       out.seen_types.append(type(node).__name__)
-    if fields is not None and _ADAM_KEYS <= set(fields) and not _FACTORED_KEYS <= set(fields):
+    if fields is not None and set(fields) >= _ADAM_KEYS and not set(fields) >= _FACTORED_KEYS:
       for path, nu in projection.flatten_paths(fields["nu"]).items():
         add(out.adam, projection.canonical_path(path), (nu, fields["count"], hyper))
       return
-    if fields is not None and _FACTORED_KEYS <= set(fields):
+    if fields is not None and set(fields) >= _FACTORED_KEYS:
       rows = projection.flatten_paths(fields["v_row"])
       cols = projection.flatten_paths(fields["v_col"])
       full = projection.flatten_paths(fields["v"])
@@ -142,8 +143,11 @@ def supported_kinds(found: SecondMoments) -> tuple[str, ...]:
 
 def _not_found(kind: str, found: SecondMoments) -> ValueError:
   seen = sorted(set(found.seen_types)) or ["no optax state types"]
-  need = "Adafactor's factored second moments (v_row/v_col)" if kind == "adafactor" else (
-      "Adam's second moments (nu)" if kind in ("adam", "adam_rank1") else "second moments")
+  need = (
+    "Adafactor's factored second moments (v_row/v_col)"
+    if kind == "adafactor"
+    else ("Adam's second moments (nu)" if kind in ("adam", "adam_rank1") else "second moments")
+  )
   has = []
   if found.adam:
     has.append(f"Adam's nu for {len(found.adam)} parameters")
@@ -152,9 +156,9 @@ def _not_found(kind: str, found: SecondMoments) -> ValueError:
   holds = ("it holds " + " and ".join(has)) if has else "it holds none of the supported kinds"
   usable = ", ".join(repr(k) for k in supported_kinds(found))
   return ValueError(
-      f"encoder.correction={kind!r} needs {need}, but the checkpoint's optimizer state does not have them: {holds}"
-      f" (state types: {', '.join(seen)}). This checkpoint supports encoder.correction in {{{usable}}}"
-      f" ('none' = no correction). Supported optimizer states: {SUPPORTED_STATES}."
+    f"encoder.correction={kind!r} needs {need}, but the checkpoint's optimizer state does not have them: {holds}"
+    f" (state types: {', '.join(seen)}). This checkpoint supports encoder.correction in {{{usable}}}"
+    f" ('none' = no correction). Supported optimizer states: {SUPPORTED_STATES}."
   )
 
 
@@ -191,8 +195,8 @@ class Correction:
 def _check_shape(path, what, got, want):
   if tuple(got) != tuple(want):
     raise ValueError(
-        f"Optimizer state {what} for parameter {path!r} has shape {tuple(got)}, but the parameter has shape"
-        f" {tuple(want)}: the checkpoint's optimizer state does not match the model/params being encoded."
+      f"Optimizer state {what} for parameter {path!r} has shape {tuple(got)}, but the parameter has shape"
+      f" {tuple(want)}: the checkpoint's optimizer state does not match the model/params being encoded."
     )
 
 
@@ -214,8 +218,8 @@ def _adam_factors(path, layout, nu, count, hyper, *, eps, bias_correction, b2, r
   in_shape = tuple(shape[a] for a in layout.in_axes)
   out_shape = tuple(shape[a] for a in layout.out_axes)
   return (
-      Factor((r ** -0.5).reshape(in_shape), layout.in_axes),
-      Factor(((c / jnp.mean(r)) ** -0.5).reshape(out_shape), layout.out_axes),
+    Factor((r**-0.5).reshape(in_shape), layout.in_axes),
+    Factor(((c / jnp.mean(r)) ** -0.5).reshape(out_shape), layout.out_axes),
   )
 
 
@@ -238,11 +242,18 @@ def _adafactor_factors(path, layout, v_row, v_col, v, *, tiny=1e-30):
   reduced_d1 = d1 - 1 if d1 > d0 else d1
   row = (v_row / jnp.mean(v_row, axis=reduced_d1, keepdims=True)) ** -0.5
   axes = lambda skip: tuple(a for a in range(len(shape)) if a != skip)
-  return (Factor(row, axes(d0)), Factor(v_col ** -0.5, axes(d1)))
+  return (Factor(row, axes(d0)), Factor(v_col**-0.5, axes(d1)))
 
 
-def make_correction(*, kind: str, layouts: Mapping[str, projection.KernelLayout], opt_state: Any = None,
-                    eps: float = 1e-8, bias_correction: bool = False, b2: float | None = None) -> Correction:
+def make_correction(
+  *,
+  kind: str,
+  layouts: Mapping[str, projection.KernelLayout],
+  opt_state: Any = None,
+  eps: float = 1e-8,
+  bias_correction: bool = False,
+  b2: float | None = None,
+) -> Correction:
   """Builds the correction of every traced kernel from an optax state.
 
   Args:
@@ -268,23 +279,27 @@ def make_correction(*, kind: str, layouts: Mapping[str, projection.KernelLayout]
     raise ValueError(f"encoder.correction={kind!r} needs the optimizer state (opt_state=...).")
   found = find_second_moments(opt_state)
   want_adam = kind in ("adam", "adam_rank1")
-  if (want_adam and not found.adam) or (kind == "adafactor" and not found.factored) or (
-      kind == "auto" and not (found.adam or found.factored)):
+  if (
+    (want_adam and not found.adam)
+    or (kind == "adafactor" and not found.factored)
+    or (kind == "auto" and not (found.adam or found.factored))
+  ):
     raise _not_found(kind, found)
   factors = {}
   for path, layout in layouts.items():
     if path in found.adam and kind in ("adam", "adam_rank1", "auto"):
       nu, count, hyper = found.adam[path]
-      factors[path] = _adam_factors(path, layout, nu, count, hyper, eps=eps, bias_correction=bias_correction,
-                                    b2=b2, rank1=kind == "adam_rank1")
+      factors[path] = _adam_factors(
+        path, layout, nu, count, hyper, eps=eps, bias_correction=bias_correction, b2=b2, rank1=kind == "adam_rank1"
+      )
     elif path in found.factored and kind in ("adafactor", "auto"):
       factors[path] = _adafactor_factors(path, layout, *found.factored[path])
     else:
       have = sorted(found.adam if want_adam else found.factored)
       raise ValueError(
-          f"The optimizer state has no {kind} second moment for traced parameter {path!r}. It has second"
-          f" moments for: {have[:20]}{' ...' if len(have) > 20 else ''}. Check encoder.param_regex and that the"
-          " checkpoint belongs to this model."
+        f"The optimizer state has no {kind} second moment for traced parameter {path!r}. It has second"
+        f" moments for: {have[:20]}{' ...' if len(have) > 20 else ''}. Check encoder.param_regex and that the"
+        " checkpoint belongs to this model."
       )
   if kind == "auto":  # name what was found, so stores and logs record the concrete correction
     used = {"adam" if p in found.adam else "adafactor" for p in factors}
@@ -300,9 +315,9 @@ def make_correction(*, kind: str, layouts: Mapping[str, projection.KernelLayout]
 def _prune(meta: Any, keep_path: Any, prefix: str = "") -> Any:
   """The raw metadata tree reduced to second-moment subtrees (None elsewhere)."""
   fields = meta if isinstance(meta, Mapping) else None
-  if fields is not None and _FACTORED_KEYS <= set(fields):
+  if fields is not None and set(fields) >= _FACTORED_KEYS:
     return {k: fields[k] for k in ("v_row", "v_col", "v")}
-  if fields is not None and _ADAM_KEYS <= set(fields):
+  if fields is not None and set(fields) >= _ADAM_KEYS:
     nu = _filter_paths(fields["nu"], keep_path)
     return {"count": fields["count"], "nu": nu}
   if fields is not None:
@@ -337,8 +352,8 @@ def _filter_paths(tree: Any, keep_path) -> Any:
 def _moment_paths(meta: Any, prefix: str = "") -> list[str]:
   """'/'-joined parameter paths (as `paths` sees them) of every second moment in a raw state tree."""
   fields = meta if isinstance(meta, Mapping) else None
-  if fields is not None and (_ADAM_KEYS <= set(fields) or _FACTORED_KEYS <= set(fields)):
-    tree = fields["v_row"] if _FACTORED_KEYS <= set(fields) else fields["nu"]
+  if fields is not None and (set(fields) >= _ADAM_KEYS or set(fields) >= _FACTORED_KEYS):
+    tree = fields["v_row"] if set(fields) >= _FACTORED_KEYS else fields["nu"]
     out = []
 
     def rec(node, pre):
@@ -365,19 +380,27 @@ def _check_paths(meta: Any, keep_path, paths: Any, item_dir: str) -> None:
   if isinstance(paths, str):
     if not any(map(keep_path, have)):
       raise ValueError(
-          f"encoder.param_regex {paths!r} matches none of the {len(have)} parameters that have second moments in"
-          f" {item_dir!r}. Their paths: {shown}. Fix encoder.param_regex (it is searched in these '/'-joined"
-          " paths), or check that the checkpoint belongs to this model.")
+        f"encoder.param_regex {paths!r} matches none of the {len(have)} parameters that have second moments in"
+        f" {item_dir!r}. Their paths: {shown}. Fix encoder.param_regex (it is searched in these '/'-joined"
+        " paths), or check that the checkpoint belongs to this model."
+      )
     return
   canon = {projection.canonical_path(p) for p in have}
   absent = sorted(p for p in paths if projection.canonical_path(p) not in canon)
   if absent:
-    raise ValueError(f"No second moments in {item_dir!r} for parameters {absent[:10]}. Parameters that have them: "
-                     f"{shown}. Check encoder.param_regex and that the checkpoint belongs to this model.")
+    raise ValueError(
+      f"No second moments in {item_dir!r} for parameters {absent[:10]}. Parameters that have them: "
+      f"{shown}. Check encoder.param_regex and that the checkpoint belongs to this model."
+    )
 
 
-def restore_second_moments(workdir: str, *, step: int | None = None, paths: Iterable[str] | str | None = None,
-                           sharding: jax.sharding.Sharding | None = None) -> tuple[int, Any]:
+def restore_second_moments(
+  workdir: str,
+  *,
+  step: int | None = None,
+  paths: Iterable[str] | str | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+) -> tuple[int, Any]:
   """Restores only the optimizer's second moments from a training workdir.
 
   Reads `<workdir>/checkpoints/<step>/opt_state` (the layout of
@@ -418,10 +441,12 @@ def restore_second_moments(workdir: str, *, step: int | None = None, paths: Iter
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("replica",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_meta(m) else m,
-                      item, is_leaf=is_meta)
+  item = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_meta(m) else m, item, is_leaf=is_meta
+  )
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape), item)
-  state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                     partial_restore=True))
+  state = checkpointer.restore(
+    item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  )
   logging.info("Restored second moments of step %d from %s", step, item_dir)
   return step, state

@@ -31,8 +31,16 @@ def format_seconds(seconds: float) -> str:
 class Progress:
   """Tracks done/total, window rates of steps and items, and an ETA."""
 
-  def __init__(self, *, total: int, start: int = 0, unit: str = "step", item_unit: str = "tokens",
-               name: str = "", clock=time.perf_counter):
+  def __init__(
+    self,
+    *,
+    total: int,
+    start: int = 0,
+    unit: str = "step",
+    item_unit: str = "tokens",
+    name: str = "",
+    clock=time.perf_counter,
+  ):
     self.total = int(total)
     self.start = int(start)
     self.unit = unit
@@ -83,8 +91,10 @@ class Progress:
   def line(self) -> str:
     rate, item_rate = self.rates()
     pct = 100.0 * self.done / max(self.total, 1)
-    parts = [f"{self.name + ' ' if self.name else ''}{self.unit} {self.done}/{self.total} ({pct:.1f}%)",
-             f"{rate:.2f} {self.unit}/s"]
+    parts = [
+      f"{self.name + ' ' if self.name else ''}{self.unit} {self.done}/{self.total} ({pct:.1f}%)",
+      f"{rate:.2f} {self.unit}/s",
+    ]
     if self.items:
       parts.append(f"{item_rate:,.0f} {self.item_unit}/s")
     parts.append(f"elapsed {format_seconds(self.elapsed())}")

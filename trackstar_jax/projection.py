@@ -35,12 +35,13 @@ Public API:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Mapping, Sequence
 import dataclasses
 import functools
 import math
 import re
+from typing import Any
 import zlib
-from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ def flatten_paths(tree: Any) -> dict[str, Any]:
 
 def canonical_path(path: str) -> str:
   """The path without a leading `params/` collection name (hash and lookup key)."""
-  return path[len("params/"):] if path.startswith("params/") else path
+  return path[len("params/") :] if path.startswith("params/") else path
 
 
 def select_paths(tree: Any, *, regex: str) -> list[str]:
@@ -84,9 +85,7 @@ def select_paths(tree: Any, *, regex: str) -> list[str]:
   selected = [p for p in paths if pattern.search(p)]
   if not selected:
     shown = "\n  ".join(paths[:200]) + ("\n  ..." if len(paths) > 200 else "")
-    raise ValueError(
-        f"encoder.param_regex {regex!r} matches no parameter. Available paths:\n  {shown}"
-    )
+    raise ValueError(f"encoder.param_regex {regex!r} matches no parameter. Available paths:\n  {shown}")
   return selected
 
 
@@ -105,9 +104,9 @@ def block_key_fn(*, block_regex: str = DEFAULT_BLOCK_REGEX, layers_per_group: in
     match = pattern.search(path)
     if match is None:
       raise ValueError(
-          f"Traced parameter {path!r} does not match the block regex {block_regex!r}"
-          " (encoder.block_regex): set it so that every traced path maps to a block,"
-          " or pass block_fn= to the encoder."
+        f"Traced parameter {path!r} does not match the block regex {block_regex!r}"
+        " (encoder.block_regex): set it so that every traced path maps to a block,"
+        " or pass block_fn= to the encoder."
       )
     names = {i: name for name, i in pattern.groupindex.items()}
     key = []
@@ -195,7 +194,9 @@ def _matrices(name: str, n: int, m: int, d_in: int, d_out: int, seed: int) -> tu
   return p_in, p_out
 
 
-def projection_matrices(path: str, *, n: int, m: int, d_in: int, d_out: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def projection_matrices(
+  path: str, *, n: int, m: int, d_in: int, d_out: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """(P_in [n, d_in], P_out [m, d_out]) float32 for one parameter path.
 
   Deterministic in (seed, canonical path, shapes), computed on the CPU backend
@@ -217,24 +218,33 @@ class ProjectionPlan:
   seed: int
 
   @classmethod
-  def create(cls, layouts: Mapping[str, KernelLayout], *, d_in: int, d_out: int, seed: int,
-             block_fn: Callable[[str], Hashable] | None = None) -> "ProjectionPlan":
+  def create(
+    cls,
+    layouts: Mapping[str, KernelLayout],
+    *,
+    d_in: int,
+    d_out: int,
+    seed: int,
+    block_fn: Callable[[str], Hashable] | None = None,
+  ) -> ProjectionPlan:
     if not layouts:
       raise ValueError("No traced parameters: nothing to project.")
     if d_in < 1 or d_out < 1:
       raise ValueError(f"encoder.d_in/d_out must be >= 1, got {d_in}/{d_out}.")
     block_fn = block_fn or block_key_fn()
     keys = {p: block_fn(p) for p in layouts}
-    order = sorted(set(keys.values()), key=lambda k: tuple((0, x) if isinstance(x, int) else (1, str(x)) for x in
-                                                          (k if isinstance(k, tuple) else (k,))))
+    order = sorted(
+      set(keys.values()),
+      key=lambda k: tuple((0, x) if isinstance(x, int) else (1, str(x)) for x in (k if isinstance(k, tuple) else (k,))),
+    )
     index = {k: i for i, k in enumerate(order)}
     return cls(
-        layouts={canonical_path(p): l for p, l in layouts.items()},
-        block_of={canonical_path(p): index[k] for p, k in keys.items()},
-        blocks=[block_name(k) for k in order],
-        d_in=int(d_in),
-        d_out=int(d_out),
-        seed=int(seed),
+      layouts={canonical_path(p): l for p, l in layouts.items()},
+      block_of={canonical_path(p): index[k] for p, k in keys.items()},
+      blocks=[block_name(k) for k in order],
+      d_in=int(d_in),
+      d_out=int(d_out),
+      seed=int(seed),
     )
 
   @property

@@ -42,11 +42,15 @@ def timeout_message(url: str, what: str, timeout: float) -> str:
   """What timed out, where, and what to check."""
   hint = "the network (can this machine reach the storage endpoint?), the bucket name and your access to it"
   if url.startswith("gs://"):
-    hint = ("credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`), "
-            "network access to storage.googleapis.com (or $TENSORSTORE_GCS_HTTP_URL), and that the bucket exists "
-            "and this account may access it")
-  return (f"{what} {url} did not finish within {timeout:.0f} s. Likely cause: check {hint}. The limit is "
-          "trackstar_jax.remote.TIMEOUT_S (environment: TRACKSTAR_REMOTE_TIMEOUT_S).")
+    hint = (
+      "credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`), "
+      "network access to storage.googleapis.com (or $TENSORSTORE_GCS_HTTP_URL), and that the bucket exists "
+      "and this account may access it"
+    )
+  return (
+    f"{what} {url} did not finish within {timeout:.0f} s. Likely cause: check {hint}. The limit is "
+    "trackstar_jax.remote.TIMEOUT_S (environment: TRACKSTAR_REMOTE_TIMEOUT_S)."
+  )
 
 
 def wait(future: Any, *, url: str, what: str, nbytes: int = 0) -> Any:

@@ -22,9 +22,10 @@ written first; `read_results` also skips a `{"metadata": ...}` header line.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import json
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,32 +40,32 @@ OPTIONAL_FIELDS = ("fact_id", "relation", "proponent_correct", "frequency")
 
 
 def make_results_line(
-    *,
-    example_id: int | str,
-    inputs_plaintext: str,
-    targets_plaintext: str,
-    proponent_ids: Sequence[int | str],
-    proponent_scores: Sequence[float],
-    proponents: Sequence[str],
-    opponent_ids: Sequence[int | str],
-    opponent_scores: Sequence[float],
-    opponents: Sequence[str],
-    fact_id: str | None = None,
-    relation: str | None = None,
-    gold_ids: Iterable[int | str] | None = None,
-    frequency: int | None = None,
+  *,
+  example_id: int | str,
+  inputs_plaintext: str,
+  targets_plaintext: str,
+  proponent_ids: Sequence[int | str],
+  proponent_scores: Sequence[float],
+  proponents: Sequence[str],
+  opponent_ids: Sequence[int | str],
+  opponent_scores: Sequence[float],
+  opponents: Sequence[str],
+  fact_id: str | None = None,
+  relation: str | None = None,
+  gold_ids: Iterable[int | str] | None = None,
+  frequency: int | None = None,
 ) -> dict[str, Any]:
   """One results record; `proponent_correct` is computed from `gold_ids` when given."""
   line = {
-      "example_id": _py(example_id),
-      "inputs_plaintext": inputs_plaintext,
-      "targets_plaintext": targets_plaintext,
-      "proponents": list(proponents),
-      "proponent_ids": [_py(i) for i in proponent_ids],
-      "proponent_scores": [float(s) for s in proponent_scores],
-      "opponents": list(opponents),
-      "opponent_ids": [_py(i) for i in opponent_ids],
-      "opponent_scores": [float(s) for s in opponent_scores],
+    "example_id": _py(example_id),
+    "inputs_plaintext": inputs_plaintext,
+    "targets_plaintext": targets_plaintext,
+    "proponents": list(proponents),
+    "proponent_ids": [_py(i) for i in proponent_ids],
+    "proponent_scores": [float(s) for s in proponent_scores],
+    "opponents": list(opponents),
+    "opponent_ids": [_py(i) for i in opponent_ids],
+    "opponent_scores": [float(s) for s in opponent_scores],
   }
   if fact_id is not None:
     line["fact_id"] = fact_id
@@ -84,7 +85,7 @@ def _py(x):
 
 
 def build_results(
-    *, queries: Sequence[Mapping[str, Any]], result, text_of: Mapping[int, str] | Callable[[int], str]
+  *, queries: Sequence[Mapping[str, Any]], result, text_of: Mapping[int, str] | Callable[[int], str]
 ) -> list[dict[str, Any]]:
   """Results lines from query records (the data module's query dicts) and a `RetrievalResult`.
 
@@ -102,21 +103,21 @@ def build_results(
     top = [(int(d), float(s)) for d, s in zip(result.top_ids[i], result.top_scores[i]) if d >= 0]
     bot = [(int(d), float(s)) for d, s in zip(result.bottom_ids[i], result.bottom_scores[i]) if d >= 0]
     lines.append(
-        make_results_line(
-            example_id=q["query_id"],
-            inputs_plaintext=q["prompt"],
-            targets_plaintext=q["target"],
-            proponent_ids=[d for d, _ in top],
-            proponent_scores=[s for _, s in top],
-            proponents=[get(d) for d, _ in top],
-            opponent_ids=[d for d, _ in bot],
-            opponent_scores=[s for _, s in bot],
-            opponents=[get(d) for d, _ in bot],
-            fact_id=q.get("fact_id"),
-            relation=q.get("relation"),
-            gold_ids=q.get("gold_sentence_ids"),
-            frequency=q.get("frequency"),
-        )
+      make_results_line(
+        example_id=q["query_id"],
+        inputs_plaintext=q["prompt"],
+        targets_plaintext=q["target"],
+        proponent_ids=[d for d, _ in top],
+        proponent_scores=[s for _, s in top],
+        proponents=[get(d) for d, _ in top],
+        opponent_ids=[d for d, _ in bot],
+        opponent_scores=[s for _, s in bot],
+        opponents=[get(d) for d, _ in bot],
+        fact_id=q.get("fact_id"),
+        relation=q.get("relation"),
+        gold_ids=q.get("gold_sentence_ids"),
+        frequency=q.get("frequency"),
+      )
     )
   return lines
 
@@ -131,28 +132,44 @@ def validate_results_line(obj: Any) -> None:
   unknown = sorted(set(obj) - set(REQUIRED_FIELDS) - set(OPTIONAL_FIELDS))
   if unknown:
     raise ValueError(f"Results line has unknown fields {unknown}; allowed: {REQUIRED_FIELDS + OPTIONAL_FIELDS}.")
-  _check(isinstance(obj["example_id"], (int, str)) and not isinstance(obj["example_id"], bool), "example_id",
-         "an int or str")
+  _check(
+    isinstance(obj["example_id"], (int, str)) and not isinstance(obj["example_id"], bool), "example_id", "an int or str"
+  )
   for f in ("inputs_plaintext", "targets_plaintext"):
     _check(isinstance(obj[f], str), f, "a string")
   for side, order in (("proponent", -1), ("opponent", 1)):
     texts, ids, scores = obj[side + "s"], obj[side + "_ids"], obj[side + "_scores"]
     for f, v in ((side + "s", texts), (side + "_ids", ids), (side + "_scores", scores)):
       _check(isinstance(v, list), f, "a list")
-    _check(len(texts) == len(ids) == len(scores), side + "s",
-           f"as long as {side}_ids and {side}_scores ({len(texts)}, {len(ids)}, {len(scores)})")
+    _check(
+      len(texts) == len(ids) == len(scores),
+      side + "s",
+      f"as long as {side}_ids and {side}_scores ({len(texts)}, {len(ids)}, {len(scores)})",
+    )
     _check(all(isinstance(t, str) for t in texts), side + "s", "a list of strings")
-    _check(all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids), side + "_ids",
-           "a list of ints or strings")
-    _check(all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores),
-           side + "_scores", "a list of finite numbers")
+    _check(
+      all(isinstance(i, (int, str)) and not isinstance(i, bool) for i in ids),
+      side + "_ids",
+      "a list of ints or strings",
+    )
+    _check(
+      all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores),
+      side + "_scores",
+      "a list of finite numbers",
+    )
     _check(len(set(ids)) == len(ids), side + "_ids", "free of duplicates")
-    _check(all(order * (b - a) >= 0 for a, b in zip(scores, scores[1:])), side + "_scores",
-           "non-increasing" if order < 0 else "non-decreasing")
+    _check(
+      all(order * (b - a) >= 0 for a, b in zip(scores, scores[1:])),
+      side + "_scores",
+      "non-increasing" if order < 0 else "non-decreasing",
+    )
   if "proponent_correct" in obj:
     pc = obj["proponent_correct"]
-    _check(isinstance(pc, list) and all(isinstance(b, bool) for b in pc) and len(pc) == len(obj["proponent_ids"]),
-           "proponent_correct", "a list of bools, one per proponent")
+    _check(
+      isinstance(pc, list) and all(isinstance(b, bool) for b in pc) and len(pc) == len(obj["proponent_ids"]),
+      "proponent_correct",
+      "a list of bools, one per proponent",
+    )
   for f in ("fact_id", "relation"):
     if f in obj:
       _check(isinstance(obj[f], str), f, "a string")
@@ -223,8 +240,10 @@ def read_lines(path: str) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, A
     elif isinstance(obj, dict) and "example_id" in obj:
       records.append((lineno, obj))
     else:
-      raise ValueError(f"{path}, line {lineno}: record has no 'example_id' (TrackStar results schema) and is not "
-                       "a {'metadata': ...} header.")
+      raise ValueError(
+        f"{path}, line {lineno}: record has no 'example_id' (TrackStar results schema) and is not "
+        "a {'metadata': ...} header."
+      )
   return records, header
 
 

@@ -37,17 +37,19 @@ path); "float32" runs them at full float32 precision (no TF32).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import jax
 from jax import lax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import results as results_lib
@@ -117,8 +119,9 @@ class RetrievalResult:
     """
     return results_lib.build_results(queries=queries, result=self, text_of=text_of)
 
-  def write_jsonl(self, path: str, *, queries: Sequence[Mapping[str, Any]], text_of,
-                  metadata: Mapping[str, Any] | None = None) -> str:
+  def write_jsonl(
+    self, path: str, *, queries: Sequence[Mapping[str, Any]], text_of, metadata: Mapping[str, Any] | None = None
+  ) -> str:
     """Writes `to_records(...)` to `path` (local, file:// or gs://) atomically, `metadata` beside it."""
     meta = dict(num_queries=self.num_queries, k=self.k, **(metadata or {}))
     results_lib.write_results(path, self.to_records(queries=queries, text_of=text_of), metadata=meta)
@@ -232,9 +235,17 @@ class StreamingTopK:
     hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
   """
 
-  def __init__(self, queries, *, k: int, mesh: Mesh | None = None, inv_sqrt=None,
-               normalize: bool = RetrieveOptions.normalize, matmul_dtype: str = RetrieveOptions.matmul_dtype,
-               hierarchical: bool = True):
+  def __init__(
+    self,
+    queries,
+    *,
+    k: int,
+    mesh: Mesh | None = None,
+    inv_sqrt=None,
+    normalize: bool = RetrieveOptions.normalize,
+    matmul_dtype: str = RetrieveOptions.matmul_dtype,
+    hierarchical: bool = True,
+  ):
     queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
     if queries.ndim != 2 or queries.shape[0] == 0:
       raise ValueError(f"Query encodings must be [Q, d] with Q > 0, got shape {queries.shape}: no queries to score.")
@@ -268,8 +279,8 @@ class StreamingTopK:
     state_sharding = NamedSharding(self.mesh, P(axes))  # as shard_map returns it: one jit cache entry
     # Top keeps scores, bottom keeps -scores; both maximize. Four distinct buffers (donated).
     self._state = tuple(
-        jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
-        for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
+      jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
+      for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
     )
 
     def local_step(qm, inv, state, phi, valid, row0):
@@ -298,9 +309,10 @@ class StreamingTopK:
     sspec = (P(axes, None, None),) * 4
     inv_spec = None if self._inv is None else P()
     self._step = jax.jit(
-        _shard_map(local_step, mesh=self.mesh, in_specs=(P(), inv_spec, sspec, P(axes, None), P(axes), P()),
-                   out_specs=sspec),
-        donate_argnums=(2,),
+      _shard_map(
+        local_step, mesh=self.mesh, in_specs=(P(), inv_spec, sspec, P(axes, None), P(axes), P()), out_specs=sspec
+      ),
+      donate_argnums=(2,),
     )
     self._final = jax.jit(_shard_map(local_final, mesh=self.mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
 
@@ -353,15 +365,15 @@ def _merge_hosts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
 
 
 def retrieve(
-    store: store_lib.EncodingStore | InMemoryEncodings,
-    queries,
-    *,
-    k: int = RetrieveOptions.k,
-    rows_per_chunk: int = RetrieveOptions.chunk_rows,
-    mesh: Mesh | None = None,
-    inv_sqrt=None,
-    normalize: bool = RetrieveOptions.normalize,
-    matmul_dtype: str = RetrieveOptions.matmul_dtype,
+  store: store_lib.EncodingStore | InMemoryEncodings,
+  queries,
+  *,
+  k: int = RetrieveOptions.k,
+  rows_per_chunk: int = RetrieveOptions.chunk_rows,
+  mesh: Mesh | None = None,
+  inv_sqrt=None,
+  normalize: bool = RetrieveOptions.normalize,
+  matmul_dtype: str = RetrieveOptions.matmul_dtype,
 ) -> RetrievalResult:
   """Exact top-k and bottom-k of every query over the whole (complete) store.
 

@@ -44,20 +44,20 @@ TensorStore starts threads: never fork() a process after using this module
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator, Mapping, Sequence
 import dataclasses
 import itertools
 import json
 import os
 import re
-from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from absl import logging
 import numpy as np
 import tensorstore as ts
 
-from trackstar_jax import fileio
+from trackstar_jax import fileio, remote
 from trackstar_jax import progress as progress_lib
-from trackstar_jax import remote
 
 FORMAT = "trackstar_jax.encodings/2"  # 2: crc32c per chunk, reads refuse missing chunks
 # Readable older formats (no chunk checksums). Their layout is otherwise the same.
@@ -80,7 +80,7 @@ class StoreMismatchError(ValueError):
 class StoreDataError(RuntimeError):
   """Committed chunks whose data is missing or fails its checksum; `bad` lists them."""
 
-  def __init__(self, message: str, bad: Sequence["BadChunk"]):
+  def __init__(self, message: str, bad: Sequence[BadChunk]):
     super().__init__(message)
     self.bad = list(bad)
 
@@ -121,7 +121,7 @@ class StoreMeta:
       raise ValueError(f"StoreMeta.dtype must be one of {_DTYPES} (config.store.dtype), got {self.dtype!r}.")
     if self.num_rows <= 0 or self.dim <= 0 or self.chunk_rows <= 0:
       raise ValueError(
-          f"StoreMeta needs num_rows, dim, chunk_rows > 0, got {self.num_rows}, {self.dim}, {self.chunk_rows}."
+        f"StoreMeta needs num_rows, dim, chunk_rows > 0, got {self.num_rows}, {self.dim}, {self.chunk_rows}."
       )
 
   def to_json(self) -> dict[str, Any]:
@@ -129,7 +129,7 @@ class StoreMeta:
     return json.loads(json.dumps({"format": FORMAT, **dataclasses.asdict(self)}, sort_keys=True))
 
   @classmethod
-  def from_json(cls, obj: Mapping[str, Any]) -> "StoreMeta":
+  def from_json(cls, obj: Mapping[str, Any]) -> StoreMeta:
     obj = dict(obj)
     fmt = obj.pop("format", None)
     if fmt != FORMAT and fmt not in _LEGACY_FORMATS:
@@ -176,8 +176,10 @@ def repair_command(url: str, workdir: str = "") -> str:
   """The commands that repair damaged chunks of the store at `url` (written from training workdir `workdir`)."""
   encode = "python -m launch.encode --config=<the config that wrote it>"
   encode += f" --workdir={workdir}" if workdir else " --workdir=<its training workdir>"
-  return (f"Repair: `python -m launch.verify_store --store={url} --repair` (unmarks every damaged chunk), "
-          f"then re-run `{encode}`: it re-encodes exactly those chunks.")
+  return (
+    f"Repair: `python -m launch.verify_store --store={url} --repair` (unmarks every damaged chunk), "
+    f"then re-run `{encode}`: it re-encodes exactly those chunks."
+  )
 
 
 def _reason(error: Exception) -> str:
@@ -192,8 +194,9 @@ def _reason(error: Exception) -> str:
 class EncodingStore:
   """An open encoding store. Create or open with `open_store`."""
 
-  def __init__(self, url: str, kv: ts.KvStore, meta: StoreMeta, phi: ts.TensorStore, ids: ts.TensorStore, *,
-               format: str = FORMAT):  # pylint: disable=redefined-builtin
+  def __init__(
+    self, url: str, kv: ts.KvStore, meta: StoreMeta, phi: ts.TensorStore, ids: ts.TensorStore, *, format: str = FORMAT
+  ):  # pylint: disable=redefined-builtin
     self.url, self.meta, self._kv, self.phi, self.ids, self.format = url, meta, kv, phi, ids, format
 
   @property
@@ -229,8 +232,9 @@ class EncodingStore:
   # --- progress -------------------------------------------------------------
 
   def _list(self, prefix: str) -> list[str]:
-    keys = self._kv.list(ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)),
-                         strip_prefix_length=len(prefix))
+    keys = self._kv.list(
+      ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)), strip_prefix_length=len(prefix)
+    )
     return [k.decode() for k in self._wait(keys, f"Listing {prefix}")]
 
   def marked_chunks(self) -> set[int]:
@@ -285,8 +289,8 @@ class EncodingStore:
       n = sum(b - a for a, b in missing)
       shown = ", ".join(f"[{a}, {b})" for a, b in missing[:10]) + (" ..." if len(missing) > 10 else "")
       raise IncompleteStoreError(
-          f"Encoding store {self.url} is incomplete: {n} of {self.num_rows} rows missing, rows {shown}. "
-          "Re-run launch/encode.py with the same config and --workdir to finish it."
+        f"Encoding store {self.url} is incomplete: {n} of {self.num_rows} rows missing, rows {shown}. "
+        "Re-run launch/encode.py with the same config and --workdir to finish it."
       )
 
   # --- integrity ------------------------------------------------------------
@@ -295,8 +299,10 @@ class EncodingStore:
     shown = "; ".join(f"chunk {b.chunk} (rows [{b.start}, {b.stop})): {b.reason}" for b in bad[:5])
     more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
     raise StoreDataError(
-        f"Encoding store {self.url} is damaged: {len(bad)} committed chunk(s) cannot be read: {shown}{more}. "
-        + repair_command(self.url, self.meta.checkpoint), bad)
+      f"Encoding store {self.url} is damaged: {len(bad)} committed chunk(s) cannot be read: {shown}{more}. "
+      + repair_command(self.url, self.meta.checkpoint),
+      bad,
+    )
 
   def _check_chunk(self, chunk: int) -> BadChunk | None:
     """Reads chunk `chunk` (phi and ids); a `BadChunk` if either is missing, truncated or fails its checksum."""
@@ -320,8 +326,9 @@ class EncodingStore:
       self._raise(bad)
       raise AssertionError("unreachable") from e
 
-  def verify(self, *, chunks: Sequence[int] | None = None, in_flight: int = 2, log_every_s: float = 30.0
-             ) -> list[BadChunk]:
+  def verify(
+    self, *, chunks: Sequence[int] | None = None, in_flight: int = 2, log_every_s: float = 30.0
+  ) -> list[BadChunk]:
     """Reads every committed chunk and checks it; returns the damaged ones (missing, truncated, corrupt).
 
     Args:
@@ -355,9 +362,12 @@ class EncodingStore:
       if prog.due(every_s=log_every_s) or prog.done == len(todo):
         logging.info("%s; %d damaged so far", prog.line(), len(bad))
     if not self.checksummed:
-      logging.warning("Encoding store %s is of format %s: its chunks have no checksums, so only missing or "
-                      "truncated chunks are found, not corrupted bytes. Re-encode into a new URL to add them.",
-                      self.url, self.format)
+      logging.warning(
+        "Encoding store %s is of format %s: its chunks have no checksums, so only missing or "
+        "truncated chunks are found, not corrupted bytes. Re-encode into a new URL to add them.",
+        self.url,
+        self.format,
+      )
     return bad
 
   def unmark(self, chunks: Sequence[int]) -> int:
@@ -394,14 +404,14 @@ class EncodingStore:
     stop = start + n
     if start % self.chunk_rows or not (stop % self.chunk_rows == 0 or stop == self.num_rows):
       raise ValueError(
-          f"Writes must be chunk-aligned (chunk_rows={self.chunk_rows}, num_rows={self.num_rows}); "
-          f"got rows [{start}, {stop})."
+        f"Writes must be chunk-aligned (chunk_rows={self.chunk_rows}, num_rows={self.num_rows}); "
+        f"got rows [{start}, {stop})."
       )
     if stop > self.num_rows or n <= 0:
       raise ValueError(f"Rows [{start}, {stop}) outside store of {self.num_rows} rows.")
     return stop
 
-  def write_rows(self, *, start: int, ids: np.ndarray, phi: np.ndarray) -> "PendingWrite":
+  def write_rows(self, *, start: int, ids: np.ndarray, phi: np.ndarray) -> PendingWrite:
     """Starts writing rows [start, start + len(ids)); returns before they commit.
 
     `PendingWrite.wait()` blocks until the data is committed and then writes the
@@ -414,8 +424,9 @@ class EncodingStore:
     stop = self._check_write(start, ids.shape[0])
     phi = np.asarray(phi, self.phi.dtype.numpy_dtype)  # no copy when already the store's dtype
     futures = [self.phi[start:stop].write(phi), self.ids[start:stop].write(ids)]
-    return PendingWrite(self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures,
-                        nbytes=phi.nbytes + ids.nbytes)
+    return PendingWrite(
+      self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures, nbytes=phi.nbytes + ids.nbytes
+    )
 
   def _mark_done(self, c0: int, c1: int) -> None:
     self._wait(self._kv.write(f"done/{c0:010d}-{c1:010d}", b""), "Writing a commit marker")
@@ -447,7 +458,7 @@ class EncodingStore:
     return out.reshape(rows.shape)
 
   def iter_chunks(
-      self, *, rows_per_chunk: int, process_index: int = 0, process_count: int = 1, prefetch: int = 2
+    self, *, rows_per_chunk: int, process_index: int = 0, process_count: int = 1, prefetch: int = 2
   ) -> Iterator[Chunk]:
     """Yields this host's read chunks: chunk j of [0, N) in steps of `rows_per_chunk` goes to host j % process_count.
 
@@ -481,8 +492,12 @@ class PendingWrite:
     if self._done:
       return
     for f in self._futures:  # WriteFutures.result() waits for the commit.
-      remote.wait(f, url=self._store.url, what=f"Writing chunks [{self.chunks[0]}, {self.chunks[1]}) of encoding store",
-                  nbytes=self._nbytes)
+      remote.wait(
+        f,
+        url=self._store.url,
+        what=f"Writing chunks [{self.chunks[0]}, {self.chunks[1]}) of encoding store",
+        nbytes=self._nbytes,
+      )
     self._store._mark_done(*self.chunks)  # pylint: disable=protected-access
     self._done = True
 
@@ -490,9 +505,9 @@ class PendingWrite:
 class AsyncWriter:
   """Keeps up to `max_pending` writes in flight; use as a context manager.
 
-    with AsyncWriter(store) as writer:
-      for c in store.pending_chunks(...):
-        writer.submit(start=..., ids=..., phi=...)   # returns while writing
+  with AsyncWriter(store) as writer:
+    for c in store.pending_chunks(...):
+      writer.submit(start=..., ids=..., phi=...)   # returns while writing
   """
 
   def __init__(self, store: EncodingStore, *, max_pending: int = 2):
@@ -508,7 +523,7 @@ class AsyncWriter:
     while self._pending:
       self._pending.popleft().wait()
 
-  def __enter__(self) -> "AsyncWriter":
+  def __enter__(self) -> AsyncWriter:
     return self
 
   def __exit__(self, exc_type, *unused) -> None:
@@ -524,17 +539,17 @@ _OPEN_OPTIONS = {"fill_missing_data_reads": False, "store_data_equal_to_fill_val
 
 def _array_spec(kv: Mapping[str, Any], shape: Sequence[int], chunk: Sequence[int], dtype: str) -> dict[str, Any]:
   return {
-      "driver": "zarr3",
-      "kvstore": dict(kv),
-      "metadata": {
-          "shape": list(shape),
-          "data_type": dtype,
-          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
-          "chunk_key_encoding": {"name": "default"},
-          "fill_value": -1 if dtype == "int64" else 0,
-          "codecs": _CODECS,
-      },
-      **_OPEN_OPTIONS,
+    "driver": "zarr3",
+    "kvstore": dict(kv),
+    "metadata": {
+      "shape": list(shape),
+      "data_type": dtype,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk)}},
+      "chunk_key_encoding": {"name": "default"},
+      "fill_value": -1 if dtype == "int64" else 0,
+      "codecs": _CODECS,
+    },
+    **_OPEN_OPTIONS,
   }
 
 
@@ -565,13 +580,17 @@ def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool
       diff = meta_differences(meta, expected_meta)
       if diff:
         raise StoreMismatchError(
-            f"Encoding store {url} was written with a different configuration; differing fields:\n  "
-            + "\n  ".join(diff)
-            + "\nUse another store URL (config.store.url) or delete the old store."
+          f"Encoding store {url} was written with a different configuration; differing fields:\n  "
+          + "\n  ".join(diff)
+          + "\nUse another store URL (config.store.url) or delete the old store."
         )
-    phi, ids = (wait(ts.open({"driver": "zarr3", "kvstore": _sub(kv_spec, f"{name}/"), **_OPEN_OPTIONS},
-                             context=CONTEXT, open=True), f"Opening {name}/ of the encoding store")
-                for name in ("phi", "ids"))
+    phi, ids = (
+      wait(
+        ts.open({"driver": "zarr3", "kvstore": _sub(kv_spec, f"{name}/"), **_OPEN_OPTIONS}, context=CONTEXT, open=True),
+        f"Opening {name}/ of the encoding store",
+      )
+      for name in ("phi", "ids")
+    )
     return EncodingStore(url, kv, meta, phi, ids, format=obj.get("format", FORMAT))
   if not create:
     raise FileNotFoundError(f"No encoding store at {url} (no meta.json). Run launch/encode.py first.")
@@ -579,12 +598,27 @@ def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool
     raise ValueError("open_store(create=True) needs expected_meta.")
   m = expected_meta
   wait(kv.delete_range(ts.KvStore.KeyRange("done/", "done0")), "Clearing markers")  # a deleted store's
-  phi = wait(ts.open(_array_spec(_sub(kv_spec, "phi/"), (m.num_rows, m.dim), (m.chunk_rows, m.dim), m.dtype),
-                     context=CONTEXT, create=True, delete_existing=True), "Creating phi/ of the encoding store")
-  ids = wait(ts.open(_array_spec(_sub(kv_spec, "ids/"), (m.num_rows,), (m.chunk_rows,), "int64"),
-                     context=CONTEXT, create=True, delete_existing=True), "Creating ids/ of the encoding store")
+  phi = wait(
+    ts.open(
+      _array_spec(_sub(kv_spec, "phi/"), (m.num_rows, m.dim), (m.chunk_rows, m.dim), m.dtype),
+      context=CONTEXT,
+      create=True,
+      delete_existing=True,
+    ),
+    "Creating phi/ of the encoding store",
+  )
+  ids = wait(
+    ts.open(
+      _array_spec(_sub(kv_spec, "ids/"), (m.num_rows,), (m.chunk_rows,), "int64"),
+      context=CONTEXT,
+      create=True,
+      delete_existing=True,
+    ),
+    "Creating ids/ of the encoding store",
+  )
   # meta.json last: its presence means the arrays exist.
   wait(kv.write("meta.json", json.dumps(m.to_json(), indent=1, sort_keys=True).encode()), "Writing meta.json")
-  logging.info("Created encoding store %s: %d rows x %d (%s), chunks of %d", url, m.num_rows, m.dim, m.dtype,
-               m.chunk_rows)
+  logging.info(
+    "Created encoding store %s: %d rows x %d (%s), chunks of %d", url, m.num_rows, m.dim, m.dtype, m.chunk_rows
+  )
   return EncodingStore(url, kv, m, phi, ids)

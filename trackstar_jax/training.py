@@ -9,10 +9,11 @@ The loop that uses them (checkpoints, metrics, evaluation) is the train job,
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 import functools
 import itertools
 import json
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +21,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from trackstar_jax import checkpointing
-from trackstar_jax import losses
+from trackstar_jax import checkpointing, losses, optim
 from trackstar_jax import mesh as mesh_lib
-from trackstar_jax import optim
 from trackstar_jax.data import batching
 
 TRAIN_KEYS = ("inputs", "targets", "loss_mask", "pad_mask")
@@ -84,8 +83,9 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), tokens=jnp.sum(batch["loss_mask"]))
     return params, opt_state, metrics
 
-  return jax.jit(train_step, in_shardings=(repl, repl, batch_sharding), out_shardings=(repl, repl, repl),
-                 donate_argnums=(0, 1))
+  return jax.jit(
+    train_step, in_shardings=(repl, repl, batch_sharding), out_shardings=(repl, repl, repl), donate_argnums=(0, 1)
+  )
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -106,14 +106,14 @@ def train_batches(examples, *, batch_size: int, seed: int, start_step: int) -> I
   epoch, skip = divmod(int(start_step), per_epoch)
   while True:
     it = batching.iterate_batches(
-        examples,
-        batch_size=batch_size,
-        shuffle=True,
-        seed=epoch_seed(seed, epoch),
-        epochs=1,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        pad_last=True,
+      examples,
+      batch_size=batch_size,
+      shuffle=True,
+      seed=epoch_seed(seed, epoch),
+      epochs=1,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      pad_last=True,
     )
     yield from itertools.islice(it, skip, None)
     epoch, skip = epoch + 1, 0

@@ -1,27 +1,27 @@
 """Fact datasets (synthetic world, LAMA T-REx), tokenizer and batching.
 
-  ds = load_dataset(config)          # generates/reads once, then reuses
-  ds.corpus[i]   -> {sentence_id, text, fact_ids}
-  ds.queries[j]  -> {query_id, fact_id, relation, prompt, target, answers,
-                     gold_sentence_ids, frequency}
-  tok = tokenizer.get_tokenizer(ds, config, path=...)
-  ex = batching.tokenize_corpus(tok, ds.corpus, seq_len=config.seq_len)
+ds = load_dataset(config)          # generates/reads once, then reuses
+ds.corpus[i]   -> {sentence_id, text, fact_ids}
+ds.queries[j]  -> {query_id, fact_id, relation, prompt, target, answers,
+                   gold_sentence_ids, frequency}
+tok = tokenizer.get_tokenizer(ds, config, path=...)
+ex = batching.tokenize_corpus(tok, ds.corpus, seq_len=config.seq_len)
 """
 
 from __future__ import annotations
 
 import collections.abc
+from collections.abc import Iterator
 import contextlib
 import dataclasses
 import fcntl
+import importlib.util
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from absl import logging
 
-from trackstar_jax.data import lama
-from trackstar_jax.data import records
-from trackstar_jax.data import world
+from trackstar_jax.data import lama, records, world
 from trackstar_jax.data.records import FactData
 
 # `builders` (TFDS) is imported where used: the generators, tokenizer and
@@ -60,11 +60,13 @@ class RecordSequence(collections.abc.Sequence):
     if self._cache is not None:
       return self._cache[i]
     from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
+
     return builders.decode(self._source[i], self._split)
 
   def take(self, indices) -> list[dict[str, Any]]:
     """Records at `indices` (one batched read)."""
     from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
+
     indices = [int(i) for i in indices]
     if self._cache is not None:
       return [self._cache[i] for i in indices]
@@ -83,7 +85,7 @@ class RecordSequence(collections.abc.Sequence):
       return iter(self._cache)
     return self._iter_source()
 
-  def cache(self) -> "RecordSequence":
+  def cache(self) -> RecordSequence:
     """Decodes every record once and serves later reads from memory."""
     if self._cache is None:
       self._cache = list(self._iter_source())
@@ -118,16 +120,14 @@ def load_in_memory(config) -> FactDataset:
     name = f"lama_trex/{lama.config_name(rels)}/{records.DATASET_VERSION}"
   else:
     raise ValueError(f"Unknown config.dataset={config.dataset!r}; known: {DATASETS}.")
-  return FactDataset(name=name, fingerprint=data.fingerprint(), corpus=data.corpus,
-                     queries=data.queries)
+  return FactDataset(name=name, fingerprint=data.fingerprint(), corpus=data.corpus, queries=data.queries)
 
 
 def default_data_dir(config=None) -> str:
   """config.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
   if config is not None and config.get("data_dir"):
     return os.path.abspath(os.path.expanduser(config.data_dir))
-  return os.path.abspath(os.path.expanduser(
-      os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"))
+  return os.path.abspath(os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"))
 
 
 @contextlib.contextmanager
@@ -152,24 +152,36 @@ def _builder(cls, cfg, data_dir: str):
 def _sole_lama_build(data_dir: str, rels, manual_dir: str) -> str:
   """The source key of the only prepared lama_trex build of `rels` under data_dir ("" if none); else an error."""
   from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
+
   prefix = lama.config_name(rels) + builders.SOURCE_SEP
   root = os.path.join(data_dir, "lama_trex")
-  found = sorted(n for n in (os.listdir(root) if os.path.isdir(root) else ()) if n.startswith(prefix) and any(
-      os.path.exists(os.path.join(root, n, v, "dataset_info.json")) for v in os.listdir(os.path.join(root, n))))
+  found = sorted(
+    n
+    for n in (os.listdir(root) if os.path.isdir(root) else ())
+    if n.startswith(prefix)
+    and any(os.path.exists(os.path.join(root, n, v, "dataset_info.json")) for v in os.listdir(os.path.join(root, n)))
+  )
   what = f"{lama.MANUAL_DIR_FLAG}={manual_dir} does not exist" if manual_dir else f"no {lama.MANUAL_DIR_FLAG}"
   if len(found) > 1:
-    raise ValueError(f"{what}, and {root} holds {len(found)} builds of these relations from different files: "
-                     f"{found}. Set {lama.MANUAL_DIR_FLAG} to the folder to use: builds are keyed by its content.")
+    raise ValueError(
+      f"{what}, and {root} holds {len(found)} builds of these relations from different files: "
+      f"{found}. Set {lama.MANUAL_DIR_FLAG} to the folder to use: builds are keyed by its content."
+    )
   if found:
-    logging.warning("%s: using the only LAMA build of these relations, %s (built from other files cannot be "
-                    "told apart without them).", what, os.path.join(root, found[0]))
-    return found[0][len(prefix):]
+    logging.warning(
+      "%s: using the only LAMA build of these relations, %s (built from other files cannot be "
+      "told apart without them).",
+      what,
+      os.path.join(root, found[0]),
+    )
+    return found[0][len(prefix) :]
   return ""
 
 
 def make_builder(config, *, data_dir: str | None = None):
   """The TFDS builder (not yet prepared) that `config.dataset` names."""
   from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
+
   data_dir = data_dir or default_data_dir(config)
   name = config.dataset
   if name == "synthetic_facts":
@@ -186,8 +198,10 @@ def make_builder(config, *, data_dir: str | None = None):
     if not source:  # never open an unkeyed build (made before builds were keyed by content)
       if manual_dir:
         lama.available_relations(manual_dir)  # raises: names the flag and the expected files
-      raise ValueError(f"config.dataset='lama_trex' is not prepared yet and needs {lama.MANUAL_DIR_FLAG}: "
-                       f"{builders.LamaTrex.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+      raise ValueError(
+        f"config.dataset='lama_trex' is not prepared yet and needs {lama.MANUAL_DIR_FLAG}: "
+        f"{builders.LamaTrex.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+      )
     cfg = builders.LamaTrexConfig.from_relations(rels, source=source)
     return _builder(builders.LamaTrex, cfg, data_dir)
   raise ValueError(f"Unknown config.dataset={name!r}; known: {DATASETS}.")
@@ -205,17 +219,17 @@ def load_dataset(config, *, data_dir: str | None = None, cache: bool = True) -> 
   Returns:
     FactDataset reading records lazily from the array_record files.
   """
-  try:
-    import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
-    import array_record  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError as e:
+  missing = [m for m in ("tensorflow_datasets", "array_record") if importlib.util.find_spec(m) is None]
+  if missing:
     logging.warning(
-        "%s: building %s in memory instead of as a TFDS dataset (pip install"
-        " tensorflow-datasets array-record to store it once).", e, config.dataset)
+      "%s not installed: building %s in memory instead of as a TFDS dataset (pip install"
+      " 'trackstar_jax[data]' to store it once).",
+      missing,
+      config.dataset,
+    )
     return load_in_memory(config)
   builder = make_builder(config, data_dir=data_dir)
-  lock = os.path.join(os.path.dirname(os.path.dirname(str(builder.data_dir))),
-                      f".{builder.builder_config.name}.lock")
+  lock = os.path.join(os.path.dirname(os.path.dirname(str(builder.data_dir))), f".{builder.builder_config.name}.lock")
   with _file_lock(lock):
     if not builder.is_prepared():
       download_config = None
@@ -223,12 +237,14 @@ def load_dataset(config, *, data_dir: str | None = None, cache: bool = True) -> 
         manual_dir = config.get("manual_dir", "")
         if not manual_dir:
           raise ValueError(
-              "config.dataset='lama_trex' is not prepared yet and needs"
-              f" {lama.MANUAL_DIR_FLAG}: {type(builder).MANUAL_DOWNLOAD_INSTRUCTIONS}")
+            "config.dataset='lama_trex' is not prepared yet and needs"
+            f" {lama.MANUAL_DIR_FLAG}: {type(builder).MANUAL_DOWNLOAD_INSTRUCTIONS}"
+          )
         manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
         lama.available_relations(manual_dir)  # actionable error before TFDS's own
         lama.read_templates(manual_dir)
         import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
       logging.info("Preparing %s in %s.", builder.builder_config.name, builder.data_dir)
       builder.download_and_prepare(download_config=download_config)
@@ -237,12 +253,11 @@ def load_dataset(config, *, data_dir: str | None = None, cache: bool = True) -> 
   name = f"{builder.name}/{builder.builder_config.name}/{info.version}"
   fingerprint = info.metadata.get("fingerprint") if info.metadata else None
   if not fingerprint:
-    raise ValueError(
-        f"{builder.data_dir} has no fingerprint in its metadata: delete it to regenerate.")
+    raise ValueError(f"{builder.data_dir} has no fingerprint in its metadata: delete it to regenerate.")
   return FactDataset(
-      name=name,
-      fingerprint=fingerprint,
-      corpus=RecordSequence(sources["corpus"], "corpus", cache=cache),
-      queries=RecordSequence(sources["queries"], "queries", cache=cache),
-      data_dir=str(builder.data_dir),
+    name=name,
+    fingerprint=fingerprint,
+    corpus=RecordSequence(sources["corpus"], "corpus", cache=cache),
+    queries=RecordSequence(sources["queries"], "queries", cache=cache),
+    data_dir=str(builder.data_dir),
   )

@@ -17,14 +17,14 @@ ids [B] int64 (-1 on padding rows).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import dataclasses
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import numpy as np
 
-from trackstar_jax.batch import BATCH_KEYS
-from trackstar_jax.batch import pad_rows
+from trackstar_jax.batch import BATCH_KEYS, pad_rows
 
 
 @dataclasses.dataclass
@@ -50,18 +50,18 @@ class Examples:
     """Real (non-padding) input tokens."""
     return int(self.pad_mask.sum())
 
-  def select(self, index) -> "Examples":
+  def select(self, index) -> Examples:
     """Rows `index` (an int array, slice or boolean mask) as new Examples."""
-    return Examples(**{
+    return Examples(
+      **{
         f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index]
         for f in dataclasses.fields(self)
-    })
+      }
+    )
 
   def batch(self, index) -> dict[str, np.ndarray]:
     """The batch dict of rows `index`."""
     return {k: getattr(self, k)[index] for k in BATCH_KEYS}
-
-
 
 
 def _pack(seqs: Sequence[Sequence[int]], loss_ranges, ids, *, seq_len: int) -> Examples:
@@ -80,7 +80,7 @@ def _pack(seqs: Sequence[Sequence[int]], loss_ranges, ids, *, seq_len: int) -> E
 
 
 def tokenize_corpus(
-    tokenizer, records: Sequence[dict[str, Any]], *, seq_len: int, overflow: str = "truncate"
+  tokenizer, records: Sequence[dict[str, Any]], *, seq_len: int, overflow: str = "truncate"
 ) -> Examples:
   """Corpus records -> Examples, loss on every token (and EOS).
 
@@ -105,8 +105,10 @@ def tokenize_corpus(
       s = s[: seq_len + 1]
     seqs.append(s)
   if too_long:
-    msg = (f"{len(too_long)} of {len(records)} corpus sentences exceed seq_len={seq_len}"
-           f" (+BOS/EOS), e.g. sentence ids {too_long[:5]}")
+    msg = (
+      f"{len(too_long)} of {len(records)} corpus sentences exceed seq_len={seq_len}"
+      f" (+BOS/EOS), e.g. sentence ids {too_long[:5]}"
+    )
     if overflow == "error":
       raise ValueError(msg + "; raise config.seq_len or use overflow='truncate'.")
     logging.warning("%s: truncated.", msg)
@@ -114,7 +116,7 @@ def tokenize_corpus(
 
 
 def tokenize_queries(
-    tokenizer, records: Sequence[dict[str, Any]], *, seq_len: int, overflow: str = "error"
+  tokenizer, records: Sequence[dict[str, Any]], *, seq_len: int, overflow: str = "error"
 ) -> Examples:
   """Query records -> Examples with the loss on the target tokens only.
 
@@ -144,10 +146,11 @@ def tokenize_queries(
     if need > seq_len + 1:
       if overflow == "error" or len(t) >= seq_len:
         raise ValueError(
-            f"Query {qid} needs {need} tokens (BOS + prompt {len(p)} + target {len(t)}),"
-            f" more than seq_len + 1 = {seq_len + 1}: raise config.seq_len"
-            + (" or use overflow='truncate_prompt'." if len(t) < seq_len else "."))
-      p = p[need - (seq_len + 1):]
+          f"Query {qid} needs {need} tokens (BOS + prompt {len(p)} + target {len(t)}),"
+          f" more than seq_len + 1 = {seq_len + 1}: raise config.seq_len"
+          + (" or use overflow='truncate_prompt'." if len(t) < seq_len else ".")
+        )
+      p = p[need - (seq_len + 1) :]
       cut.append(qid)
     s = [tokenizer.bos_id] + list(p) + list(t)
     seqs.append(s)
@@ -155,8 +158,13 @@ def tokenize_queries(
     plen.append(1 + len(p))
     tlen.append(len(t))
   if cut:
-    logging.warning("%d of %d queries exceed seq_len=%d: prompts cut from the left (query ids"
-                    " %s).", len(cut), len(records), seq_len, cut[:10])
+    logging.warning(
+      "%d of %d queries exceed seq_len=%d: prompts cut from the left (query ids %s).",
+      len(cut),
+      len(records),
+      seq_len,
+      cut[:10],
+    )
   ex = _pack(seqs, ranges, ids, seq_len=seq_len)
   ex.prompt_len = np.asarray(plen, np.int32)
   ex.target_len = np.asarray(tlen, np.int32)
@@ -169,15 +177,15 @@ def num_batches(n: int, *, batch_size: int, pad_last: bool = True) -> int:
 
 
 def iterate_batches(
-    examples: Examples,
-    *,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    epochs: int | None = 1,
-    process_index: int = 0,
-    process_count: int = 1,
-    pad_last: bool = True,
+  examples: Examples,
+  *,
+  batch_size: int,
+  shuffle: bool = False,
+  seed: int = 0,
+  epochs: int | None = 1,
+  process_index: int = 0,
+  process_count: int = 1,
+  pad_last: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
   """Yields this process's rows of each global batch.
 
@@ -194,8 +202,7 @@ def iterate_batches(
       zero masks) instead of dropping it.
   """
   if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(
-        f"batch_size={batch_size} must be a positive multiple of process_count={process_count}.")
+    raise ValueError(f"batch_size={batch_size} must be a positive multiple of process_count={process_count}.")
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
   n = len(examples)
@@ -208,9 +215,8 @@ def iterate_batches(
     else:
       order = np.arange(n)
     for b in range(num_batches(n, batch_size=batch_size, pad_last=pad_last)):
-      rows = order[b * batch_size:(b + 1) * batch_size][lo:hi]
+      rows = order[b * batch_size : (b + 1) * batch_size][lo:hi]
       yield pad_rows(examples.batch(rows), per_host)
-    if n == 0 or (not pad_last and n < batch_size):
-      if epochs is None:
-        raise ValueError(f"{n} examples make no batch of {batch_size}: nothing to iterate.")
+    if (n == 0 or (not pad_last and n < batch_size)) and epochs is None:
+      raise ValueError(f"{n} examples make no batch of {batch_size}: nothing to iterate.")
     epoch += 1

@@ -18,15 +18,14 @@ keeps the split's own fields and turns bytes into str.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from trackstar_jax.data import lama
-from trackstar_jax.data import records
-from trackstar_jax.data import world
+from trackstar_jax.data import lama, records, world
 
 _TEXT_KEYS = ("text", "fact_id", "relation", "prompt", "target")
 _TEXT_LIST_KEYS = ("fact_ids", "answers")
@@ -39,16 +38,16 @@ def _features() -> tfds.features.FeaturesDict:
   feats: dict[str, Any] = {}
   feats.update({k: tfds.features.Text() for k in _TEXT_KEYS})
   feats.update({k: tfds.features.Sequence(tfds.features.Text()) for k in _TEXT_LIST_KEYS})
-  feats.update({k: np.int64 for k in _INT_KEYS})
+  feats.update(dict.fromkeys(_INT_KEYS, np.int64))
   feats.update({k: tfds.features.Sequence(np.int64) for k in _INT_LIST_KEYS})
   return tfds.features.FeaturesDict(feats)
 
 
 def _encode(rec: dict[str, Any]) -> dict[str, Any]:
   """A corpus or query record with the other split's fields left empty."""
-  out: dict[str, Any] = {k: "" for k in _TEXT_KEYS}
+  out: dict[str, Any] = dict.fromkeys(_TEXT_KEYS, "")
   out.update({k: [] for k in _TEXT_LIST_KEYS + _INT_LIST_KEYS})
-  out.update({k: -1 for k in _INT_KEYS})
+  out.update(dict.fromkeys(_INT_KEYS, -1))
   out.update(rec)
   return out
 
@@ -74,8 +73,8 @@ def _split_generators(builder, data: records.FactData):
   builder.info.metadata["num_corpus"] = len(data.corpus)
   builder.info.metadata["num_queries"] = len(data.queries)
   return {
-      "corpus": builder._generate_examples(data.corpus, "sentence_id"),
-      "queries": builder._generate_examples(data.queries, "query_id"),
+    "corpus": builder._generate_examples(data.corpus, "sentence_id"),
+    "queries": builder._generate_examples(data.queries, "query_id"),
   }
 
 
@@ -91,27 +90,31 @@ class SyntheticFactsConfig(tfds.core.BuilderConfig):
   params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def from_params(cls, params: dict[str, Any]) -> "SyntheticFactsConfig":
+  def from_params(cls, params: dict[str, Any]) -> SyntheticFactsConfig:
     params = dict(params)
     h = world.params_hash(params)
-    return cls(name=f"world_{h}", description=f"generate_world({params}), generator"
-               f" v{world.GENERATOR_VERSION}", params=params)
+    return cls(
+      name=f"world_{h}", description=f"generate_world({params}), generator v{world.GENERATOR_VERSION}", params=params
+    )
 
 
 class SyntheticFacts(tfds.core.GeneratorBasedBuilder):
   """The synthetic fact world (trackstar_jax.data.world)."""
 
   VERSION = tfds.core.Version(records.DATASET_VERSION)
-  BUILDER_CONFIGS = [SyntheticFactsConfig.from_params(dict(
-      seed=0, n_entities=400, n_facts=600, max_frequency=200, zipf_a=1.3, n_distractors=2000))]
+  BUILDER_CONFIGS = [
+    SyntheticFactsConfig.from_params(
+      dict(seed=0, n_entities=400, n_facts=600, max_frequency=200, zipf_a=1.3, n_distractors=2000)
+    )
+  ]
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Synthetic facts: corpus sentences with exact fact ids, and queries.",
-        features=_features(),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(params=dict(self.builder_config.params)),
+      builder=self,
+      description="Synthetic facts: corpus sentences with exact fact ids, and queries.",
+      features=_features(),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(params=dict(self.builder_config.params)),
     )
 
   def _split_generators(self, dl_manager):
@@ -133,11 +136,15 @@ class LamaTrexConfig(tfds.core.BuilderConfig):
   source: str = ""  # lama.source_fingerprint of the manual dir ("" = unkeyed)
 
   @classmethod
-  def from_relations(cls, relations: Sequence[str] | None, *, source: str = "") -> "LamaTrexConfig":
+  def from_relations(cls, relations: Sequence[str] | None, *, source: str = "") -> LamaTrexConfig:
     rels = tuple(relations or ())
     name = lama.config_name(rels) + (f"{SOURCE_SEP}{source}" if source else "")
-    return cls(name=name, description=f"relations: {list(rels) or 'all present'}; source files: {source or '?'}",
-               relations=rels, source=source)
+    return cls(
+      name=name,
+      description=f"relations: {list(rels) or 'all present'}; source files: {source or '?'}",
+      relations=rels,
+      source=source,
+    )
 
 
 class LamaTrex(tfds.core.GeneratorBasedBuilder):
@@ -146,17 +153,17 @@ class LamaTrex(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version(records.DATASET_VERSION)
   BUILDER_CONFIGS = [LamaTrexConfig.from_relations(None)]
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Pass {lama.MANUAL_DIR_FLAG}=<dir> holding {lama.EVIDENCE_DIR}/P*.jsonl and"
-      f" {lama.TEMPLATES_FILE} (e.g. ../shared/data/lama_trex).")
+    f"Pass {lama.MANUAL_DIR_FLAG}=<dir> holding {lama.EVIDENCE_DIR}/P*.jsonl and"
+    f" {lama.TEMPLATES_FILE} (e.g. ../shared/data/lama_trex)."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="LAMA T-REx: deduplicated evidence sentences and relation queries.",
-        features=_features(),
-        disable_shuffling=True,
-        metadata=tfds.core.MetadataDict(relations=list(self.builder_config.relations),
-                                        source=self.builder_config.source),
+      builder=self,
+      description="LAMA T-REx: deduplicated evidence sentences and relation queries.",
+      features=_features(),
+      disable_shuffling=True,
+      metadata=tfds.core.MetadataDict(relations=list(self.builder_config.relations), source=self.builder_config.source),
     )
 
   def _split_generators(self, dl_manager):

@@ -17,11 +17,12 @@ order), `answers` all objects of that (subject, relation).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 import hashlib
 import json
 import os
 import re
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from absl import logging
 
@@ -34,11 +35,11 @@ TEMPLATES_FILE = os.path.join("lama_templates", "relations.jsonl")
 # LAMA templates that do not end in [Y] cannot prompt a left-to-right LM; these
 # ParaRel patterns of the same relations do (the data README's choices).
 PARAREL_TEMPLATES = {
-    "P106": "[X] works as [Y].",
-    "P27": "[X] is a citizen of [Y].",
-    "P136": "[X] plays [Y].",
-    "P140": "[X] is follower of [Y].",
-    "P413": "[X] plays in the position of [Y].",
+  "P106": "[X] works as [Y].",
+  "P27": "[X] is a citizen of [Y].",
+  "P136": "[X] plays [Y].",
+  "P140": "[X] is follower of [Y].",
+  "P413": "[X] plays in the position of [Y].",
 }
 
 
@@ -76,9 +77,10 @@ def source_fingerprint(manual_dir: str, *, relations: Sequence[str] | None = Non
 
 def _expected_files_message(manual_dir: str) -> str:
   return (
-      f"Point {MANUAL_DIR_FLAG} at the LAMA T-REx folder that holds"
-      f" {EVIDENCE_DIR}/P*.jsonl (one fact per line) and {TEMPLATES_FILE};"
-      f" got {manual_dir!r} (absolute: {os.path.abspath(manual_dir)!r}).")
+    f"Point {MANUAL_DIR_FLAG} at the LAMA T-REx folder that holds"
+    f" {EVIDENCE_DIR}/P*.jsonl (one fact per line) and {TEMPLATES_FILE};"
+    f" got {manual_dir!r} (absolute: {os.path.abspath(manual_dir)!r})."
+  )
 
 
 def _read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -106,10 +108,9 @@ def available_relations(manual_dir: str) -> list[str]:
   ev_dir = os.path.join(manual_dir, EVIDENCE_DIR)
   if not os.path.isdir(ev_dir):
     raise FileNotFoundError(f"Missing directory {ev_dir}. " + _expected_files_message(manual_dir))
-  rels = [f[:-len(".jsonl")] for f in os.listdir(ev_dir) if re.fullmatch(r"P\d+\.jsonl", f)]
+  rels = [f[: -len(".jsonl")] for f in os.listdir(ev_dir) if re.fullmatch(r"P\d+\.jsonl", f)]
   if not rels:
-    raise FileNotFoundError(
-        f"No P*.jsonl files in {ev_dir}. " + _expected_files_message(manual_dir))
+    raise FileNotFoundError(f"No P*.jsonl files in {ev_dir}. " + _expected_files_message(manual_dir))
   return sorted(rels, key=lambda r: int(r[1:]))
 
 
@@ -129,12 +130,13 @@ def read_templates(manual_dir: str) -> dict[str, str]:
 
 
 def prompt_from_template(template: str, subject: str, *, relation: str = "?") -> str:
-  """"[X] died in [Y] ." -> "<subject> died in"."""
+  """ "[X] died in [Y] ." -> "<subject> died in"."""
   head, sep, tail = template.partition("[Y]")
   if not sep or tail.strip() not in ("", "."):
     raise ValueError(
-        f"Template {template!r} of relation {relation} does not end in [Y]; add a"
-        " ParaRel pattern for it to lama.PARAREL_TEMPLATES.")
+      f"Template {template!r} of relation {relation} does not end in [Y]; add a"
+      " ParaRel pattern for it to lama.PARAREL_TEMPLATES."
+    )
   if "[X]" not in head:
     raise ValueError(f"Template {template!r} of relation {relation} has no [X] before [Y].")
   return head.replace("[X]", subject).rstrip()
@@ -160,13 +162,13 @@ def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None) -> rec
   missing = [r for r in relations if r not in present]
   if missing:
     raise FileNotFoundError(
-        f"No evidence file for relations {missing} in {os.path.join(manual_dir, EVIDENCE_DIR)}"
-        f" (present: {present}). " + _expected_files_message(manual_dir))
+      f"No evidence file for relations {missing} in {os.path.join(manual_dir, EVIDENCE_DIR)}"
+      f" (present: {present}). " + _expected_files_message(manual_dir)
+    )
   templates = read_templates(manual_dir)
   no_template = [r for r in relations if r not in templates]
   if no_template:
-    raise ValueError(
-        f"Relations {no_template} have no template in {os.path.join(manual_dir, TEMPLATES_FILE)}.")
+    raise ValueError(f"Relations {no_template} have no template in {os.path.join(manual_dir, TEMPLATES_FILE)}.")
 
   dedup = records.SentenceDeduper()
   facts: dict[str, dict[str, Any]] = {}  # fact id -> query fields, in first-seen order
@@ -184,17 +186,19 @@ def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None) -> rec
       fact = facts.get(fid)
       if fact is None:
         fact = facts[fid] = dict(
-            fact_id=fid, relation=rel,
-            prompt=prompt_from_template(templates[rel], sub_label, relation=rel),
-            target=" " + obj_label, answers=[])
+          fact_id=fid,
+          relation=rel,
+          prompt=prompt_from_template(templates[rel], sub_label, relation=rel),
+          target=" " + obj_label,
+          answers=[],
+        )
       if obj_label not in fact["answers"]:
         fact["answers"].append(obj_label)
       for ev in _field(obj, "evidences", path, lineno):
         masked = ev.get("masked_sentence")
         surface = ev.get("obj_surface")
         if not isinstance(masked, str) or not isinstance(surface, str):
-          raise ValueError(
-              f"{path}, line {lineno}: evidence without masked_sentence/obj_surface strings.")
+          raise ValueError(f"{path}, line {lineno}: evidence without masked_sentence/obj_surface strings.")
         text = masked.replace("[MASK]", surface).strip()
         if text:
           dedup.add(text, fid)
@@ -207,7 +211,12 @@ def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None) -> rec
     ids = gold.get(fact["fact_id"], [])
     queries.append(dict(query_id=qid, **fact, gold_sentence_ids=ids, frequency=len(ids)))
   logging.info(
-      "LAMA T-REx from %s: %d relations, %d queries (%d with several objects), %d evidences,"
-      " %d unique sentences.", manual_dir, len(relations), len(queries),
-      sum(len(q["answers"]) > 1 for q in queries), n_evidences, len(corpus))
+    "LAMA T-REx from %s: %d relations, %d queries (%d with several objects), %d evidences, %d unique sentences.",
+    manual_dir,
+    len(relations),
+    len(queries),
+    sum(len(q["answers"]) > 1 for q in queries),
+    n_evidences,
+    len(corpus),
+  )
   return records.FactData(corpus=corpus, queries=queries)

@@ -16,23 +16,24 @@ A fact dataset is two lists of plain dicts:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import dataclasses
 import hashlib
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 # TFDS version of the builders; bump when the stored records change.
 DATASET_VERSION = "1.0.0"
 
 CORPUS_KEYS = ("sentence_id", "text", "fact_ids")
 QUERY_KEYS = (
-    "query_id",
-    "fact_id",
-    "relation",
-    "prompt",
-    "target",
-    "answers",
-    "gold_sentence_ids",
-    "frequency",
+  "query_id",
+  "fact_id",
+  "relation",
+  "prompt",
+  "target",
+  "answers",
+  "gold_sentence_ids",
+  "frequency",
 )
 
 
@@ -81,8 +82,7 @@ class SentenceDeduper:
     """Corpus records; `order` (a permutation of old ids) renumbers them."""
     order = range(len(self._texts)) if order is None else order
     return [
-        dict(sentence_id=new, text=self._texts[old], fact_ids=list(self._facts[old]))
-        for new, old in enumerate(order)
+      dict(sentence_id=new, text=self._texts[old], fact_ids=list(self._facts[old])) for new, old in enumerate(order)
     ]
 
 
@@ -104,4 +104,3 @@ def corpus_fingerprint(corpus: Iterable[dict[str, Any]]) -> str:
     h.update(rec["text"].encode("utf-8"))
     h.update(b"\n")
   return h.hexdigest()
-

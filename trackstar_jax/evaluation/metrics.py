@@ -23,9 +23,10 @@ size) either as a header line `{"metadata": {...}}` or in a side file
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable, Mapping, Sequence
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from trackstar_jax.results import load_results
 
@@ -58,10 +59,16 @@ def frequency_bucket(frequency: int, edges: Sequence[int] = DEFAULT_FREQUENCY_ED
   return f">={lo}"
 
 
-def check_results(records: Sequence[Mapping], *, metadata: Mapping | None = None,
-                  num_examples: int | None = None, corpus_ids: Iterable[int] | None = None,
-                  fingerprint: str | None = None, dataset_name: str | None = None,
-                  source: str = "results") -> None:
+def check_results(
+  records: Sequence[Mapping],
+  *,
+  metadata: Mapping | None = None,
+  num_examples: int | None = None,
+  corpus_ids: Iterable[int] | None = None,
+  fingerprint: str | None = None,
+  dataset_name: str | None = None,
+  source: str = "results",
+) -> None:
   """Raises ValueError when results do not belong to this dataset/corpus.
 
   Args:
@@ -76,12 +83,12 @@ def check_results(records: Sequence[Mapping], *, metadata: Mapping | None = None
   metadata = metadata or {}
   if fingerprint and metadata.get("fingerprint") and metadata["fingerprint"] != fingerprint:
     raise ValueError(
-        f"{source}: corpus fingerprint {metadata['fingerprint'][:12]}... does not "
-        f"match the dataset's {fingerprint[:12]}...: these results were computed "
-        "on a different corpus (check --config.dataset / --config.data_dir).")
+      f"{source}: corpus fingerprint {metadata['fingerprint'][:12]}... does not "
+      f"match the dataset's {fingerprint[:12]}...: these results were computed "
+      "on a different corpus (check --config.dataset / --config.data_dir)."
+    )
   if dataset_name and metadata.get("dataset") and metadata["dataset"] != dataset_name:
-    raise ValueError(f"{source}: results are for dataset {metadata['dataset']!r}, "
-                     f"not {dataset_name!r}.")
+    raise ValueError(f"{source}: results are for dataset {metadata['dataset']!r}, not {dataset_name!r}.")
   if num_examples is None and metadata.get("num_examples") is not None and corpus_ids is None:
     num_examples = int(metadata["num_examples"])
   valid = set(corpus_ids) if corpus_ids is not None else None
@@ -90,12 +97,14 @@ def check_results(records: Sequence[Mapping], *, metadata: Mapping | None = None
       for i in rec.get(field, ()):
         i = _key(i)
         bad = (valid is not None and i not in valid) or (
-            num_examples is not None and not (isinstance(i, int) and 0 <= i < num_examples))
+          num_examples is not None and not (isinstance(i, int) and 0 <= i < num_examples)
+        )
         if bad:
           limit = f"[0, {num_examples})" if num_examples is not None else "the corpus ids"
           raise ValueError(
-              f"{source}: query {rec['example_id']!r} has {field} entry {i!r} outside "
-              f"{limit}: the results do not belong to this corpus.")
+            f"{source}: query {rec['example_id']!r} has {field} entry {i!r} outside "
+            f"{limit}: the results do not belong to this corpus."
+          )
 
 
 def match_queries(records, queries, source):
@@ -106,16 +115,17 @@ def match_queries(records, queries, source):
     q = by_id.get(qid)
     if q is None:
       raise ValueError(
-          f"{source}: query example_id={rec['example_id']!r} has no ground truth in the "
-          f"given query set ({len(by_id)} queries): wrong dataset or query split?")
+        f"{source}: query example_id={rec['example_id']!r} has no ground truth in the "
+        f"given query set ({len(by_id)} queries): wrong dataset or query split?"
+      )
     if not q.get("gold_sentence_ids"):
-      raise ValueError(f"{source}: query {qid} (fact {q.get('fact_id')!r}) has no "
-                       "gold_sentence_ids: cannot score it.")
+      raise ValueError(f"{source}: query {qid} (fact {q.get('fact_id')!r}) has no gold_sentence_ids: cannot score it.")
     for field in ("fact_id", "relation"):
       if field in rec and rec[field] is not None and rec[field] != q.get(field):
         raise ValueError(
-            f"{source}: query {qid} has {field}={rec[field]!r} in the results but "
-            f"{q.get(field)!r} in the ground truth: results for a different query set.")
+          f"{source}: query {qid} has {field}={rec[field]!r} in the results but "
+          f"{q.get(field)!r} in the ground truth: results for a different query set."
+        )
     out.append((rec, q))
   return out
 
@@ -150,11 +160,16 @@ def _mean(rows: list[dict]) -> dict:
   return out
 
 
-def compute_metrics(results: str | Sequence[Mapping], queries: Sequence[Mapping], *,
-                    model_correct: Mapping[Any, bool] | None = None,
-                    num_examples: int | None = None, fingerprint: str | None = None,
-                    dataset_name: str | None = None,
-                    frequency_edges: Sequence[int] = DEFAULT_FREQUENCY_EDGES) -> dict:
+def compute_metrics(
+  results: str | Sequence[Mapping],
+  queries: Sequence[Mapping],
+  *,
+  model_correct: Mapping[Any, bool] | None = None,
+  num_examples: int | None = None,
+  fingerprint: str | None = None,
+  dataset_name: str | None = None,
+  frequency_edges: Sequence[int] = DEFAULT_FREQUENCY_EDGES,
+) -> dict:
   """Fact-tracing metrics of one method's results.
 
   Args:
@@ -177,8 +192,9 @@ def compute_metrics(results: str | Sequence[Mapping], queries: Sequence[Mapping]
   records, meta = as_records(results)
   if not records:
     raise ValueError(f"{source}: no result records.")
-  check_results(records, metadata=meta, num_examples=num_examples, fingerprint=fingerprint,
-                dataset_name=dataset_name, source=source)
+  check_results(
+    records, metadata=meta, num_examples=num_examples, fingerprint=fingerprint, dataset_name=dataset_name, source=source
+  )
   correct_map = {_key(k): bool(v) for k, v in (model_correct or {}).items()}
   rows = []
   for rec, q in match_queries(records, queries, source):
@@ -199,10 +215,10 @@ def compute_metrics(results: str | Sequence[Mapping], queries: Sequence[Mapping]
   order = [frequency_bucket(e, frequency_edges) for e in (1, *frequency_edges)]
   by_freq = {b: by_freq[b] for b in order if b in by_freq}
   return {
-      "overall": _mean(rows),
-      "by_relation": group("relation"),
-      "by_frequency": by_freq,
-      "model_correct": _mean([r for r in rows if r["correct"] is True]),
-      "model_incorrect": _mean([r for r in rows if r["correct"] is False]),
-      "n_unknown_correctness": sum(r["correct"] is None for r in rows),
+    "overall": _mean(rows),
+    "by_relation": group("relation"),
+    "by_frequency": by_freq,
+    "model_correct": _mean([r for r in rows if r["correct"] is True]),
+    "model_incorrect": _mean([r for r in rows if r["correct"] is False]),
+    "n_unknown_correctness": sum(r["correct"] is None for r in rows),
   }

@@ -33,12 +33,12 @@ optax optimizer and its state.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 import functools
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -59,8 +59,9 @@ def target_log_prob(apply_fn: ApplyFn, params, query: Mapping[str, jax.Array]) -
   return -losses.example_losses(apply_fn(params, q["inputs"], q["pad_mask"]), q)[0]
 
 
-def patched_params(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, params,
-                   opt_state, example: Mapping[str, jax.Array]):
+def patched_params(
+  apply_fn: ApplyFn, optimizer: optax.GradientTransformation, params, opt_state, example: Mapping[str, jax.Array]
+):
   """θ' after one optimizer step on `example` alone ([T] arrays)."""
   z = _one(example)
 
@@ -77,8 +78,7 @@ def query_tail_patch(apply_fn: ApplyFn, optimizer, params, opt_state, query, pro
   logp0 = target_log_prob(apply_fn, params, query)
 
   def after(z):
-    return target_log_prob(apply_fn, patched_params(apply_fn, optimizer, params, opt_state, z),
-                           query)
+    return target_log_prob(apply_fn, patched_params(apply_fn, optimizer, params, opt_state, z), query)
 
   return logp0, jax.vmap(after)(proponents)
 
@@ -96,8 +96,7 @@ def make_tail_patch_fn(*, apply_fn: ApplyFn, optimizer: optax.GradientTransforma
 
 def _rows(examples, name: str) -> dict[str, np.ndarray]:
   """Examples dataclass or dict -> dict of numpy arrays with the batch keys + ids."""
-  get = (lambda k: examples[k]) if isinstance(examples, Mapping) else (
-      lambda k: getattr(examples, k))
+  get = (lambda k: examples[k]) if isinstance(examples, Mapping) else (lambda k: getattr(examples, k))
   try:
     out = {k: np.asarray(get(k)) for k in (*BATCH_KEYS, "ids")}
   except (KeyError, AttributeError) as e:
@@ -105,9 +104,18 @@ def _rows(examples, name: str) -> dict[str, np.ndarray]:
   return out
 
 
-def tail_patch(*, apply_fn: ApplyFn, params, opt_state, optimizer: optax.GradientTransformation,
-               query_examples, corpus_examples, results: Sequence[Mapping], k: int = 10,
-               query_chunk: int = 8) -> dict[str, np.ndarray]:
+def tail_patch(
+  *,
+  apply_fn: ApplyFn,
+  params,
+  opt_state,
+  optimizer: optax.GradientTransformation,
+  query_examples,
+  corpus_examples,
+  results: Sequence[Mapping],
+  k: int = 10,
+  query_chunk: int = 8,
+) -> dict[str, np.ndarray]:
   """Tail-patch scores of every query's top-k proponents.
 
   Args:
@@ -152,22 +160,23 @@ def tail_patch(*, apply_fn: ApplyFn, params, opt_state, optimizer: optax.Gradien
     qb = {key: qx[key][q_idx[pad]] for key in BATCH_KEYS}
     pb = {key: cx[key][p_idx[pad]] for key in BATCH_KEYS}
     a, b = jax.device_get(fn(params, opt_state, qb, pb))
-    logp0[sl], logp1[sl] = a[:len(sl)], b[:len(sl)]
+    logp0[sl], logp1[sl] = a[: len(sl)], b[: len(sl)]
     logging.log_every_n_seconds(logging.INFO, "tail-patch: %d/%d queries", 30, sl[-1] + 1, n)
 
   rel = np.expm1(logp1 - logp0[:, None])
   p0 = np.exp(logp0)
   return {
-      "query_ids": np.asarray([int(r["example_id"]) for r in results]),
-      "p0": p0,
-      "delta_p": np.where(valid, p0[:, None] * rel, np.nan),
-      "rel_delta_p": np.where(valid, rel, np.nan),
-      "valid": valid,
+    "query_ids": np.asarray([int(r["example_id"]) for r in results]),
+    "p0": p0,
+    "delta_p": np.where(valid, p0[:, None] * rel, np.nan),
+    "rel_delta_p": np.where(valid, rel, np.nan),
+    "valid": valid,
   }
 
 
-def summarize(scores: Mapping[str, np.ndarray], *, ks: Sequence[int] = (1, 10),
-              mask: np.ndarray | None = None) -> dict[str, float]:
+def summarize(
+  scores: Mapping[str, np.ndarray], *, ks: Sequence[int] = (1, 10), mask: np.ndarray | None = None
+) -> dict[str, float]:
   """Mean Δp over the top-k proponents, then over queries, for each k.
 
   Args:

@@ -1,29 +1,26 @@
 """What every absl launcher in `launch/` shares: the config / workdir / distributed flags and start-up.
 
-  CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="...")
+CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(workdir_help="...")
 
-  def main(argv):
-    config = cli.start(argv, CONFIG, DISTRIBUTED)     # multi-host init, quiet Orbax
-    ... = jobs.<job>.run(config, WORKDIR.value)
-    cli.finish(config, WORKDIR.value, "<job>")         # <workdir>/<job>_config.json, on success only
+def main(argv):
+  config = cli.start(argv, CONFIG, DISTRIBUTED)     # multi-host init, quiet Orbax
+  ... = jobs.<job>.run(config, WORKDIR.value)
+  cli.finish(config, WORKDIR.value, "<job>")         # <workdir>/<job>_config.json, on success only
 
-  if __name__ == "__main__":
-    cli.run(main)                                      # strict --config.x.y overrides, then app.run
+if __name__ == "__main__":
+  cli.run(main)                                      # strict --config.x.y overrides, then app.run
 """
 
 from __future__ import annotations
 
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-from trackstar_jax import checkpointing
-from trackstar_jax import configs
+from trackstar_jax import checkpointing, configs
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax.jobs import workdir as workdir_lib
-
 
 DEFAULT_CONFIG = "configs/synthetic.py"
 
@@ -32,11 +29,19 @@ def define_flags(*, workdir_help: str, default_config: str = DEFAULT_CONFIG):
   """--config (an ml_collections config file; `file.py:arg` and `--config.x.y=v` overrides),
   --workdir (required) and --distributed."""
   config = config_flags.DEFINE_config_file(
-      "config", default_config, "Experiment config file (configs/*.py); `path.py:key=value,...` selects variants, "
-      "`--config.section.field=value` overrides a field (tuples, not lists).", lock_config=True)
+    "config",
+    default_config,
+    "Experiment config file (configs/*.py); `path.py:key=value,...` selects variants, "
+    "`--config.section.field=value` overrides a field (tuples, not lists).",
+    lock_config=True,
+  )
   workdir = flags.DEFINE_string("workdir", None, workdir_help, required=True)
-  distributed = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host; also "
-                                  "started when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set).")
+  distributed = flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() (multi-host; also "
+    "started when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set).",
+  )
   return config, workdir, distributed
 
 

@@ -22,16 +22,26 @@ from trackstar_jax.jobs import workdir as workdir_lib
 
 def provenance(config, workdir: str, *, step: int, dataset) -> dict[str, Any]:
   """What an encoding of this run is made from, recorded in (and checked against) the store."""
-  return dict(checkpoint=os.path.abspath(workdir), step=int(step), corpus_fingerprint=str(dataset.fingerprint),
-              extra=dict(dataset=dataset.name, seq_len=int(config.seq_len)))
+  return dict(
+    checkpoint=os.path.abspath(workdir),
+    step=int(step),
+    corpus_fingerprint=str(dataset.fingerprint),
+    extra=dict(dataset=dataset.name, seq_len=int(config.seq_len)),
+  )
 
 
 def run(config, workdir: str, *, dataset=None) -> store_lib.EncodingStore:
   rd = workdir_lib.load_data(config, workdir, dataset=dataset)
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
   url = workdir_lib.store_url(config, workdir)
-  store = api.encode(encoder, rd.corpus, store=url, batch_size=int(config.encoder.batch_size),
-                     dtype=config.store.dtype, chunk_rows=int(config.store.chunk_rows),
-                     provenance=provenance(config, workdir, step=step, dataset=rd.dataset))
+  store = api.encode(
+    encoder,
+    rd.corpus,
+    store=url,
+    batch_size=int(config.encoder.batch_size),
+    dtype=config.store.dtype,
+    chunk_rows=int(config.store.chunk_rows),
+    provenance=provenance(config, workdir, step=step, dataset=rd.dataset),
+  )
   logging.info("encode: %d x %d encodings in %s", store.num_rows, store.dim, store.url)
   return store

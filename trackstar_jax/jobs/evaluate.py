@@ -30,20 +30,17 @@ pipeline adding one method) only patches what changed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import hashlib
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
 
 from absl import logging
 import jax
 import numpy as np
 
-from trackstar_jax import checkpointing
-from trackstar_jax import fileio
-from trackstar_jax import lm_eval
-from trackstar_jax import optim
+from trackstar_jax import checkpointing, fileio, lm_eval, optim
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.evaluation import ablation
@@ -79,9 +76,10 @@ def check_checkpoint(*, ckpt_meta: Mapping, dataset, workdir: str) -> None:
   fp = ckpt_meta.get("dataset", {}).get("fingerprint", "")
   if fp and fp != dataset.fingerprint:
     raise EvaluationInputError(
-        f"Checkpoint in {workdir!r} (step {ckpt_meta.get('step')}) was trained on corpus {fp[:12]}..., "
-        f"but --config gives dataset {dataset.name!r} with corpus {dataset.fingerprint[:12]}...: "
-        "pass the config the model was trained with (or its --workdir).")
+      f"Checkpoint in {workdir!r} (step {ckpt_meta.get('step')}) was trained on corpus {fp[:12]}..., "
+      f"but --config gives dataset {dataset.name!r} with corpus {dataset.fingerprint[:12]}...: "
+      "pass the config the model was trained with (or its --workdir)."
+    )
 
 
 def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step: int, dataset) -> None:
@@ -89,8 +87,9 @@ def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step:
   rstep = meta.get("step")
   if rstep is not None and int(rstep) != step:
     raise EvaluationInputError(
-        f"Results {name!r} ({path}) were retrieved with checkpoint step {rstep}, but the evaluated "
-        f"checkpoint is step {step} of {workdir!r}: set --config.encoder.step={rstep} or re-run retrieve.")
+      f"Results {name!r} ({path}) were retrieved with checkpoint step {rstep}, but the evaluated "
+      f"checkpoint is step {step} of {workdir!r}: set --config.encoder.step={rstep} or re-run retrieve."
+    )
   url = meta.get("store")
   if not url:
     return
@@ -109,9 +108,10 @@ def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step:
     problems.append(f"store corpus {sm.corpus_fingerprint[:12]}... != dataset corpus {dataset.fingerprint[:12]}...")
   if problems:
     raise EvaluationInputError(
-        f"Results {name!r} ({path}) come from encoding store {url}, which does not match the evaluated "
-        "checkpoint: " + "; ".join(problems) + ". Evaluate with the --workdir/--config.encoder.step that "
-        "produced the store, or re-run encode and retrieve for this checkpoint.")
+      f"Results {name!r} ({path}) come from encoding store {url}, which does not match the evaluated "
+      "checkpoint: " + "; ".join(problems) + ". Evaluate with the --workdir/--config.encoder.step that "
+      "produced the store, or re-run encode and retrieve for this checkpoint."
+    )
 
 
 def load_checked(results: Mapping[str, str], *, dataset, workdir: str, step: int) -> dict[str, list[dict]]:
@@ -123,8 +123,14 @@ def load_checked(results: Mapping[str, str], *, dataset, workdir: str, step: int
     if not records:
       raise EvaluationInputError(f"Results {name!r} ({path}) have no records.")
     try:
-      metrics_lib.check_results(records, metadata=meta, num_examples=len(dataset.corpus),
-                                fingerprint=dataset.fingerprint, dataset_name=dataset.name, source=path)
+      metrics_lib.check_results(
+        records,
+        metadata=meta,
+        num_examples=len(dataset.corpus),
+        fingerprint=dataset.fingerprint,
+        dataset_name=dataset.name,
+        source=path,
+      )
       metrics_lib.match_queries(records, queries, path)
     except ValueError as e:
       raise EvaluationInputError(f"Results {name!r}: {e}") from e
@@ -138,8 +144,13 @@ def _sha256(path: str) -> str:
 
 
 def _cache_key(path: str, *, step: int, k: int, subset_ids: Sequence[int], config) -> str:
-  parts = dict(results=_sha256(path), step=step, k=k, queries=sorted(int(i) for i in subset_ids),
-               train=checkpointing.config_to_dict(config.train))
+  parts = dict(
+    results=_sha256(path),
+    step=step,
+    k=k,
+    queries=sorted(int(i) for i in subset_ids),
+    train=checkpointing.config_to_dict(config.train),
+  )
   return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -151,8 +162,16 @@ def file_slug(name: str) -> str:
   return out.strip("_") or "method"
 
 
-def run(config, workdir: str, *, results: Mapping[str, str], output_prefix: str | None = None, dataset=None,
-        skipped: Mapping[str, str] | None = None, tail_patch: bool = True) -> dict:
+def run(
+  config,
+  workdir: str,
+  *,
+  results: Mapping[str, str],
+  output_prefix: str | None = None,
+  dataset=None,
+  skipped: Mapping[str, str] | None = None,
+  tail_patch: bool = True,
+) -> dict:
   """Metrics + tail-patch of every results file; writes `<prefix>.json/.md`.
 
   Args:
@@ -185,11 +204,21 @@ def run(config, workdir: str, *, results: Mapping[str, str], output_prefix: str 
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device)
   optimizer = optim.make_optimizer(config.train, learning_rate=optim.final_learning_rate(config.train))
-  acc = lm_eval.query_accuracy(lm.model.apply, lm.params, query_ex, batch_size=int(config.train.eval_batch_size),
-                               frequencies=np.asarray([int(q["frequency"]) for q in queries]))
+  acc = lm_eval.query_accuracy(
+    lm.model.apply,
+    lm.params,
+    query_ex,
+    batch_size=int(config.train.eval_batch_size),
+    frequencies=np.asarray([int(q["frequency"]) for q in queries]),
+  )
   correct = {int(i): bool(c) for i, c in zip(acc["ids"], acc["correct"])}
-  logging.info("evaluate: step %d, model answers %d of %d queries correctly (%.3f)", step,
-               sum(correct.values()), len(correct), acc["accuracy"])
+  logging.info(
+    "evaluate: step %d, model answers %d of %d queries correctly (%.3f)",
+    step,
+    sum(correct.values()),
+    len(correct),
+    acc["accuracy"],
+  )
 
   subset = str(ec.subset)
   k = int(ec.tail_patch_k)
@@ -211,21 +240,45 @@ def run(config, workdir: str, *, results: Mapping[str, str], output_prefix: str 
           continue
       logging.info("evaluate: tail-patching %r: %d queries x top-%d proponents.", name, len(recs), k)
       scores = tail_patch_lib.tail_patch(
-          apply_fn=lm.model.apply, params=lm.params, opt_state=lm.opt_state, optimizer=optimizer,
-          query_examples=query_ex, corpus_examples=corpus_ex, results=recs, k=k, query_chunk=int(ec.query_chunk))
+        apply_fn=lm.model.apply,
+        params=lm.params,
+        opt_state=lm.opt_state,
+        optimizer=optimizer,
+        query_examples=query_ex,
+        corpus_examples=corpus_ex,
+        results=recs,
+        k=k,
+        query_chunk=int(ec.query_chunk),
+      )
       tp[name] = tail_patch_lib.summarize(scores, ks=tuple(x for x in TAIL_PATCH_KS if x <= k))
       fileio.write_json(cache, dict(key=key, summary=tp[name]))
 
-  table = ablation.ablation_table(methods=records, queries=queries, tail_patch=tp, subset=subset,
-                                  model_correct=correct, num_examples=len(dataset.corpus),
-                                  fingerprint=dataset.fingerprint, dataset_name=dataset.name)
+  table = ablation.ablation_table(
+    methods=records,
+    queries=queries,
+    tail_patch=tp,
+    subset=subset,
+    model_correct=correct,
+    num_examples=len(dataset.corpus),
+    fingerprint=dataset.fingerprint,
+    dataset_name=dataset.name,
+  )
   for name, reason in (skipped or {}).items():
-    row = {"method": name, "n": 0, **{c: math.nan for c in table["columns"]}, "skipped": reason}
+    row = {"method": name, "n": 0, **dict.fromkeys(table["columns"], math.nan), "skipped": reason}
     table["rows"].append(row)
-  table.update(step=step, dataset=dataset.name, skipped=dict(skipped or {}), tail_patch=tp,
-               results={n: os.path.abspath(p) for n, p in results.items()},
-               model_accuracy={"accuracy": acc["accuracy"], "n": acc["n"], "n_correct": int(sum(correct.values())),
-                               "by_frequency": acc.get("by_frequency", {})})
+  table.update(
+    step=step,
+    dataset=dataset.name,
+    skipped=dict(skipped or {}),
+    tail_patch=tp,
+    results={n: os.path.abspath(p) for n, p in results.items()},
+    model_accuracy={
+      "accuracy": acc["accuracy"],
+      "n": acc["n"],
+      "n_correct": int(sum(correct.values())),
+      "by_frequency": acc.get("by_frequency", {}),
+    },
+  )
   ablation.write_table(table, prefix)
   logging.info("evaluate: wrote %s.{md,json}", prefix)
   return table

@@ -14,8 +14,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
-from trackstar_jax import api
-from trackstar_jax import encoding
+from trackstar_jax import api, encoding
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax.jobs import encode as encode_job
@@ -24,8 +23,9 @@ from trackstar_jax.jobs import workdir as workdir_lib
 
 def producer(config, workdir: str, encoder, *, step: int, dataset, num_rows: int) -> dict[str, Any]:
   """The fields of an encoding that a Hessian depends on (not the store layout)."""
-  meta = encoding.store_meta(encoder, num_rows=num_rows, **encode_job.provenance(config, workdir, step=step,
-                                                                                  dataset=dataset))
+  meta = encoding.store_meta(
+    encoder, num_rows=num_rows, **encode_job.provenance(config, workdir, step=step, dataset=dataset)
+  )
   d = meta.to_json()
   return {k: d[k] for k in ("dim", "checkpoint", "step", "projection_seed", "blocks", "correction", "extra")}
 
@@ -35,13 +35,23 @@ def run(config, workdir: str, *, dataset=None) -> hessian_lib.Hessian:
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
   n = min(int(config.hessian.train_sample), len(rd.corpus))
   rows = np.sort(np.random.default_rng(int(config.hessian.seed)).choice(len(rd.corpus), n, replace=False))
-  h = api.fit_hessian(encoder=encoder, train=rd.corpus.select(rows), queries=rd.queries,
-                      batch_size=int(config.encoder.batch_size), config=config.hessian)
+  h = api.fit_hessian(
+    encoder=encoder,
+    train=rd.corpus.select(rows),
+    queries=rd.queries,
+    batch_size=int(config.encoder.batch_size),
+    config=config.hessian,
+  )
   h.meta["encoding"] = producer(config, workdir, encoder, step=step, dataset=rd.dataset, num_rows=len(rd.corpus))
   path = workdir_lib.hessian_path(config, workdir)
   if mesh_lib.is_chief():
     h.save(path)
-    logging.info("fit_hessian: lambda=%.4f from %d corpus examples and %d queries -> %s", h.lam,
-                 h.meta["n_train"], h.meta["n_eval"], path)
+    logging.info(
+      "fit_hessian: lambda=%.4f from %d corpus examples and %d queries -> %s",
+      h.lam,
+      h.meta["n_train"],
+      h.meta["n_eval"],
+      path,
+    )
   mesh_lib.sync("fit_hessian:saved")
   return h

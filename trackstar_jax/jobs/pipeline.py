@@ -34,22 +34,21 @@ the inputs of each finished stage output.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from absl import logging
 
-from trackstar_jax import checkpointing
-from trackstar_jax import fileio
+from trackstar_jax import checkpointing, fileio
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import results as results_lib
-from trackstar_jax.evaluation import ablation
-from trackstar_jax.evaluation import baselines
+from trackstar_jax.evaluation import ablation, baselines
 from trackstar_jax.jobs import encode as encode_job
 from trackstar_jax.jobs import evaluate as evaluate_job
 from trackstar_jax.jobs import fit_hessian as fit_hessian_job
@@ -91,22 +90,21 @@ def ladder(config) -> tuple[list[Variant], list[Method]]:
   half = Variant(f"{corr}_half", corr, max(1, d_in // 2), max(1, d_out // 2))
   variants = [Variant("none", "none", d_in, d_out), Variant(corr, corr, d_in, d_out)]
   methods = [
-      Method("gradient dot product", variant="none", normalize=False),
-      Method("+ unit norm (cosine)", variant="none"),
-      Method(f"+ optimizer correction ({corr})", variant=corr),
-      Method("+ R_train", variant=corr, hessian="train"),
-      Method("+ R_mixed = TrackStar", variant=corr, hessian="mixed"),
+    Method("gradient dot product", variant="none", normalize=False),
+    Method("+ unit norm (cosine)", variant="none"),
+    Method(f"+ optimizer correction ({corr})", variant=corr),
+    Method("+ R_train", variant=corr, hessian="train"),
+    Method("+ R_mixed = TrackStar", variant=corr, hessian="mixed"),
   ]
   if corr == "adam":
     variants.append(Variant("adam_rank1", "adam_rank1", d_in, d_out))
     methods.append(Method("TrackStar, Adam rank-1", variant="adam_rank1", hessian="mixed"))
   variants.append(half)
   methods += [
-      Method(f"TrackStar, {half.d_in}x{half.d_out}/block (not {d_in}x{d_out})", variant=half.name,
-             hessian="mixed"),
-      Method("BM25", kind="bm25"),
-      Method("dense (MiniLM)", kind="dense"),
-      Method("random", kind="random"),
+    Method(f"TrackStar, {half.d_in}x{half.d_out}/block (not {d_in}x{d_out})", variant=half.name, hessian="mixed"),
+    Method("BM25", kind="bm25"),
+    Method("dense (MiniLM)", kind="dense"),
+    Method("random", kind="random"),
   ]
   return variants, methods
 
@@ -214,13 +212,16 @@ def select_methods(methods: Sequence[Method], only: Sequence[str] | None) -> lis
   known = {m.name.lower() for m in methods} | {m.kind for m in methods}
   unknown = sorted(wanted - known)
   if unknown:
-    raise ValueError(f"--methods {unknown} match no ladder method; known: kinds gradient/bm25/dense/random or "
-                     f"names {[m.name for m in methods]}.")
+    raise ValueError(
+      f"--methods {unknown} match no ladder method; known: kinds gradient/bm25/dense/random or "
+      f"names {[m.name for m in methods]}."
+    )
   return chosen
 
 
-def run(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
-        only: Sequence[str] | None = None) -> dict[str, Any]:
+def run(
+  config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None, only: Sequence[str] | None = None
+) -> dict[str, Any]:
   """Runs the ablation ladder; returns the evaluation table (None without the evaluate stage).
 
   `only` restricts every stage to some methods (see `select_methods`), e.g.
@@ -239,8 +240,13 @@ def run(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
   by_name = {v.name: v for v in variants}
   hess = sorted({(m.variant, m.hessian) for m in methods if m.hessian})
   used = [v for v in variants if any(m.variant == v.name for m in methods)]
-  total = (len(hess) if "hessian" in stages else 0) + (len(used) if "encode" in stages else 0) + (
-      len(methods) if "retrieve" in stages else 0) + ("train" in stages) + ("evaluate" in stages)
+  total = (
+    (len(hess) if "hessian" in stages else 0)
+    + (len(used) if "encode" in stages else 0)
+    + (len(methods) if "retrieve" in stages else 0)
+    + ("train" in stages)
+    + ("evaluate" in stages)
+  )
   log = _Log(total)
   if dataset is None:
     from trackstar_jax import data  # pylint: disable=g-import-not-at-top
@@ -251,10 +257,15 @@ def run(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
     step = checkpointing.latest_step(workdir)
     done = step is not None and step >= int(config.train.num_steps)
     if done:
-      checkpointing.check_compatible(checkpointing.load_meta(workdir, step=step), config, workdir=workdir,
-                                     dataset_fingerprint=dataset.fingerprint)
-    log.run("train", lambda: train_job.run(config, workdir, dataset=dataset), skip=done,
-            why=f"checkpoint at step {step} >= train.num_steps")
+      checkpointing.check_compatible(
+        checkpointing.load_meta(workdir, step=step), config, workdir=workdir, dataset_fingerprint=dataset.fingerprint
+      )
+    log.run(
+      "train",
+      lambda: train_job.run(config, workdir, dataset=dataset),
+      skip=done,
+      why=f"checkpoint at step {step} >= train.num_steps",
+    )
   needs_model = bool(used) and bool({"hessian", "encode", "retrieve"} & set(stages)) or "evaluate" in stages
   step = workdir_lib.checkpoint_step(config, workdir) if needs_model else None
   base = dict(step=step, workdir=workdir, corpus=dataset.fingerprint)
@@ -302,8 +313,9 @@ def run(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
   if "retrieve" in stages or "evaluate" in stages:
     wanted = tuple(config.evaluate.baselines)
     # Text baselines depend on the corpus and queries alone (not the checkpoint or the workdir).
-    text_key = lambda m: _key(corpus=dataset.fingerprint, kind=m.kind, k=int(config.retrieve.k),
-                              seed=int(config.evaluate.seed))
+    text_key = lambda m: _key(
+      corpus=dataset.fingerprint, kind=m.kind, k=int(config.retrieve.k), seed=int(config.evaluate.seed)
+    )
     for m in methods:
       out = results_file(workdir, m)
       if m.kind != "gradient" and m.kind not in wanted:
@@ -338,8 +350,12 @@ def run(config, workdir: str, *, stages: Sequence[str] = STAGES, dataset=None,
   table = None
   if "evaluate" in stages:
     prefix = os.path.join(workdir, "ablation")
-    table = log.run("evaluate", lambda: evaluate_job.run(config, workdir, results=results, output_prefix=prefix,
-                                                         dataset=dataset, skipped=skipped))
+    table = log.run(
+      "evaluate",
+      lambda: evaluate_job.run(
+        config, workdir, results=results, output_prefix=prefix, dataset=dataset, skipped=skipped
+      ),
+    )
     table["stage_seconds"] = log.times
     ablation.write_table(table, prefix)  # again, with the stage wall times (the evaluate stage's included)
     print(ablation.report_markdown(table), flush=True)
@@ -361,5 +377,8 @@ def _baseline(m: Method, out: str, *, config, dataset) -> None:
     raise ValueError(f"Unknown baseline kind {m.kind!r}.")
   if not mesh_lib.is_chief():
     return
-  results_lib.write_results(out, lines, metadata=dict(dataset=dataset.name, fingerprint=dataset.fingerprint,
-                                                      num_examples=len(corpus), method=m.name, k=k))
+  results_lib.write_results(
+    out,
+    lines,
+    metadata=dict(dataset=dataset.name, fingerprint=dataset.fingerprint, num_examples=len(corpus), method=m.name, k=k),
+  )

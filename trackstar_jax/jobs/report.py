@@ -11,14 +11,14 @@ bad input leaves no partial page behind, and an existing page stays as it was.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import os
 import time
-from typing import Any, Sequence
+from typing import Any
 
 from absl import logging
 
 from trackstar_jax import fileio
-from trackstar_jax import results as results_lib
 from trackstar_jax.report import data as data_lib
 from trackstar_jax.report import page as page_lib
 from trackstar_jax.report import payload as payload_lib

@@ -15,9 +15,7 @@ import dataclasses
 from absl import logging
 import numpy as np
 
-from trackstar_jax import api
-from trackstar_jax import encoding
-from trackstar_jax import fileio
+from trackstar_jax import api, encoding, fileio
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import store as store_lib
@@ -31,15 +29,20 @@ def run(config, workdir: str, *, dataset=None) -> str:
   rd = workdir_lib.load_data(config, workdir, dataset=dataset)
   corpus = rd.corpus
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
-  meta = encoding.store_meta(encoder, num_rows=len(corpus),
-                             **encode_job.provenance(config, workdir, step=step, dataset=rd.dataset))
+  meta = encoding.store_meta(
+    encoder, num_rows=len(corpus), **encode_job.provenance(config, workdir, step=step, dataset=rd.dataset)
+  )
   store = store_lib.open_store(workdir_lib.store_url(config, workdir))
   # The store's layout (dtype, chunk_rows) may differ from this config; what produced it may not.
-  diff = store_lib.meta_differences(store.meta, dataclasses.replace(meta, dtype=store.meta.dtype,
-                                                                    chunk_rows=store.meta.chunk_rows))
+  diff = store_lib.meta_differences(
+    store.meta, dataclasses.replace(meta, dtype=store.meta.dtype, chunk_rows=store.meta.chunk_rows)
+  )
   if diff:
-    raise store_lib.StoreMismatchError(f"Encoding store {store.url} does not match this config/checkpoint:\n  "
-                                       + "\n  ".join(diff) + "\nRe-run launch/encode.py (another store URL).")
+    raise store_lib.StoreMismatchError(
+      f"Encoding store {store.url} does not match this config/checkpoint:\n  "
+      + "\n  ".join(diff)
+      + "\nRe-run launch/encode.py (another store URL)."
+    )
   store.require_complete()
   h = None
   if rc.use_hessian:
@@ -54,9 +57,17 @@ def run(config, workdir: str, *, dataset=None) -> str:
   if k > store.num_rows:
     logging.warning("retrieve.k=%d > %d corpus rows: k is clamped to %d.", k, store.num_rows, store.num_rows)
     k = store.num_rows
-  result = api.retrieve(encoder=encoder, queries=rd.queries, store=store, hessian=h, k=k,
-                        normalize=bool(rc.normalize), matmul_dtype=str(rc.matmul_dtype),
-                        chunk_rows=int(rc.chunk_rows), batch_size=int(config.encoder.batch_size))
+  result = api.retrieve(
+    encoder=encoder,
+    queries=rd.queries,
+    store=store,
+    hessian=h,
+    k=k,
+    normalize=bool(rc.normalize),
+    matmul_dtype=str(rc.matmul_dtype),
+    chunk_rows=int(rc.chunk_rows),
+    batch_size=int(config.encoder.batch_size),
+  )
   out = workdir_lib.results_path(config, workdir)
   if mesh_lib.is_chief():
     texts = {}
@@ -65,14 +76,27 @@ def run(config, workdir: str, *, dataset=None) -> str:
       if row >= 0:
         rec = rd.dataset.corpus[int(row)]
         if int(rec["sentence_id"]) != int(ids[row]):
-          raise ValueError(f"Corpus order changed: row {row} is sentence {rec['sentence_id']}, the store has "
-                           f"{ids[row]}.")
+          raise ValueError(
+            f"Corpus order changed: row {row} is sentence {rec['sentence_id']}, the store has {ids[row]}."
+          )
         texts[int(rec["sentence_id"])] = rec["text"]
     method = rc.method or ("trackstar" if h is not None and rc.normalize else "gradient")
-    result.write_jsonl(out, queries=rd.query_records, text_of=texts, metadata=dict(
-        dataset=rd.dataset.name, fingerprint=rd.dataset.fingerprint, num_examples=len(corpus), method=method,
-        step=int(step), store=store.url, normalize=bool(rc.normalize),
-        hessian_lambda=None if h is None else float(h.lam), correction=meta.correction))
+    result.write_jsonl(
+      out,
+      queries=rd.query_records,
+      text_of=texts,
+      metadata=dict(
+        dataset=rd.dataset.name,
+        fingerprint=rd.dataset.fingerprint,
+        num_examples=len(corpus),
+        method=method,
+        step=int(step),
+        store=store.url,
+        normalize=bool(rc.normalize),
+        hessian_lambda=None if h is None else float(h.lam),
+        correction=meta.correction,
+      ),
+    )
     logging.info("retrieve: %d queries, k=%d -> %s", result.num_queries, k, out)
   mesh_lib.sync("retrieve:written")
   return out

@@ -1,17 +1,17 @@
 """The train job: trains (or resumes) the fact LM, with checkpoints of params and optimizer state.
 
-  metrics = run(config, workdir)
+metrics = run(config, workdir)
 
-  1. load the fact dataset (TFDS) and the corpus-trained tokenizer
-     (trained once and saved in the workdir), tokenize corpus and queries;
-  2. train `DecoderLM` with `optim.make_optimizer(config.train)` under
-     `jax.jit` on `make_mesh(config.mesh)` (batch split over "data", params and
-     optimizer state replicated; `training.make_train_step`);
-  3. log loss / tokens/s / ETA, write `<workdir>/metrics.jsonl`, evaluate query
-     accuracy every `eval_every` steps and at the end (`lm_eval`);
-  4. checkpoint params + optimizer state every `checkpoint_every` steps and at
-     the end; restarted, it resumes from the latest checkpoint and sees the same
-     batches as an uninterrupted run (epoch and position derive from the step).
+1. load the fact dataset (TFDS) and the corpus-trained tokenizer
+   (trained once and saved in the workdir), tokenize corpus and queries;
+2. train `DecoderLM` with `optim.make_optimizer(config.train)` under
+   `jax.jit` on `make_mesh(config.mesh)` (batch split over "data", params and
+   optimizer state replicated; `training.make_train_step`);
+3. log loss / tokens/s / ETA, write `<workdir>/metrics.jsonl`, evaluate query
+   accuracy every `eval_every` steps and at the end (`lm_eval`);
+4. checkpoint params + optimizer state every `checkpoint_every` steps and at
+   the end; restarted, it resumes from the latest checkpoint and sees the same
+   batches as an uninterrupted run (epoch and position derive from the step).
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ from absl import logging
 import jax
 import numpy as np
 
-from trackstar_jax import checkpointing
-from trackstar_jax import lm_eval
+from trackstar_jax import checkpointing, lm_eval, optim, training
 from trackstar_jax import mesh as mesh_lib
-from trackstar_jax import optim
-from trackstar_jax import training
 from trackstar_jax.jobs import workdir as workdir_lib
 from trackstar_jax.progress import Progress
 
@@ -64,8 +61,8 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
   n_data = mesh.shape["data"]
   if tc.batch_size % n_data or tc.batch_size % jax.process_count():
     raise ValueError(
-        f"train.batch_size={tc.batch_size} must be divisible by the data-parallel mesh size {n_data}"
-        f" and the process count {jax.process_count()}."
+      f"train.batch_size={tc.batch_size} must be divisible by the data-parallel mesh size {n_data}"
+      f" and the process count {jax.process_count()}."
     )
   repl = mesh_lib.replicated(mesh)
 
@@ -79,21 +76,32 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
   rd = workdir_lib.load_data(config, workdir, dataset=dataset)
   corpus, query_ex, tokenizer = rd.corpus, rd.queries, rd.tokenizer
   frequencies = np.asarray([int(q["frequency"]) for q in dataset.queries])
-  logging.info("corpus: %d examples, queries: %d, vocab %d", len(corpus.inputs), len(query_ex.inputs),
-               tokenizer.vocab_size)
+  logging.info(
+    "corpus: %d examples, queries: %d, vocab %d", len(corpus.inputs), len(query_ex.inputs), tokenizer.vocab_size
+  )
 
   model = workdir_lib.build_model(config, tokenizer)
   optimizer = training.optimizer_for(tc)
-  meta = checkpointing.make_meta(step=0, config=config, dataset_name=dataset.name,
-                                 dataset_fingerprint=dataset.fingerprint, tokenizer_path=rd.tokenizer_path)
+  meta = checkpointing.make_meta(
+    step=0,
+    config=config,
+    dataset_name=dataset.name,
+    dataset_fingerprint=dataset.fingerprint,
+    tokenizer_path=rd.tokenizer_path,
+  )
   if start_step is None:
     params = training.init_params(model, seq_len=config.seq_len, seed=tc.seed, sharding=repl)
     opt_state = training.init_opt_state(optimizer, params, sharding=repl)
     start_step = 0
   else:
     abstract_params = jax.eval_shape(lambda: training.init_params(model, seq_len=config.seq_len, seed=tc.seed))
-    ckpt = checkpointing.restore(workdir, step=start_step, abstract_params=abstract_params,
-                                 abstract_opt_state=jax.eval_shape(optimizer.init, abstract_params), sharding=repl)
+    ckpt = checkpointing.restore(
+      workdir,
+      step=start_step,
+      abstract_params=abstract_params,
+      abstract_opt_state=jax.eval_shape(optimizer.init, abstract_params),
+      sharding=repl,
+    )
     params, opt_state = ckpt.params, ckpt.opt_state
     logging.info("Resuming from step %d", start_step)
   checkpointing.write_config(config, workdir)
@@ -106,8 +114,9 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
   progress = Progress(total=num_steps, start=start_step, name="train")
 
   def evaluate(step):
-    res = lm_eval.query_accuracy(model.apply, params, query_ex, batch_size=int(tc.eval_batch_size),
-                                 frequencies=frequencies)
+    res = lm_eval.query_accuracy(
+      model.apply, params, query_ex, batch_size=int(tc.eval_batch_size), frequencies=frequencies
+    )
     m = lm_eval.accuracy_metrics(res)
     writer.write(step, **m)
     logging.info("step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in m.items()))
@@ -133,8 +142,13 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
       pending = []
       progress.update(done, items=int(tokens))
       steps_s, tokens_s = progress.rates()
-      last = dict(loss=float(fetched[-1]["loss"]), grad_norm=float(fetched[-1]["grad_norm"]),
-                  learning_rate=float(schedule(step)), steps_per_s=steps_s, tokens_per_s=tokens_s)
+      last = dict(
+        loss=float(fetched[-1]["loss"]),
+        grad_norm=float(fetched[-1]["grad_norm"]),
+        learning_rate=float(schedule(step)),
+        steps_per_s=steps_s,
+        tokens_per_s=tokens_s,
+      )
       writer.write(done, **last)
       logging.info("%s, loss %.4f, lr %.2e", progress.line(), last["loss"], last["learning_rate"])
     if done % tc.checkpoint_every == 0 or done == num_steps:
@@ -148,8 +162,9 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
   res, acc = evaluate(final_step)
   if start_step >= num_steps:
     logging.info("Checkpoint at step %d already reaches num_steps=%d: evaluated only.", start_step, num_steps)
-  samples = lm_eval.sample_answers(model.apply, params, tokenizer, dataset.queries, max_len=int(config.model.max_len),
-                                   n=int(tc.num_sample_answers))
+  samples = lm_eval.sample_answers(
+    model.apply, params, tokenizer, dataset.queries, max_len=int(config.model.max_len), n=int(tc.num_sample_answers)
+  )
   for row in samples:
     logging.info("sample: %r -> %r (target %r)", row["prompt"], row["answer"], row["target"])
   out = dict(step=final_step, train_time_s=train_time, **last, **acc)

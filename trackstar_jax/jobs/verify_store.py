@@ -32,12 +32,22 @@ def run(*, url: str, repair: bool = False) -> list[store_lib.BadChunk]:
   pending = store.num_chunks - len(store.marked_chunks())
   for b in bad:
     logging.error("Damaged chunk %d (rows [%d, %d)) of %s: %s", b.chunk, b.start, b.stop, url, b.reason)
-  logging.info("verify_store %s: %d chunks, %d committed and checked, %d damaged, %d never committed.", url,
-               store.num_chunks, store.num_chunks - pending, len(bad), pending)
+  logging.info(
+    "verify_store %s: %d chunks, %d committed and checked, %d damaged, %d never committed.",
+    url,
+    store.num_chunks,
+    store.num_chunks - pending,
+    len(bad),
+    pending,
+  )
   if bad and repair:
     n = store.unmark([b.chunk for b in bad])
-    logging.info("Unmarked %d damaged chunks. Now re-run the encode job (same config and --workdir=%s): it "
-                 "re-encodes exactly them.", n, store.meta.checkpoint or "<its workdir>")
+    logging.info(
+      "Unmarked %d damaged chunks. Now re-run the encode job (same config and --workdir=%s): it "
+      "re-encodes exactly them.",
+      n,
+      store.meta.checkpoint or "<its workdir>",
+    )
   elif bad:
     logging.error("%s", store_lib.repair_command(url, store.meta.checkpoint))
   return bad

@@ -28,16 +28,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from trackstar_jax import checkpointing
-from trackstar_jax import fileio
+from trackstar_jax import checkpointing, fileio, training
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import optimizer_correction as oc
-from trackstar_jax import training
 from trackstar_jax.data import batching
 from trackstar_jax.data import tokenizer as tokenizer_lib
 from trackstar_jax.encoder import TrackStarEncoder
-from trackstar_jax.models import DecoderLM
-from trackstar_jax.models import TransformerConfig
+from trackstar_jax.models import DecoderLM, TransformerConfig
 
 # ----------------------------------------------------------------------------
 # Paths.
@@ -161,8 +158,10 @@ def checkpoint_step(config, workdir: str) -> int:
   if step in (None, -1):
     step = checkpointing.latest_step(workdir)
     if step is None:
-      raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)!r}: run "
-                              "launch/train.py with this --workdir first, or pass the training --workdir.")
+      raise FileNotFoundError(
+        f"No checkpoint in {checkpointing.checkpoint_dir(workdir)!r}: run "
+        "launch/train.py with this --workdir first, or pass the training --workdir."
+      )
   return int(step)
 
 
@@ -187,8 +186,15 @@ def load_encoder(config, workdir: str, tokenizer, *, mesh=None) -> tuple[TrackSt
   opt_state = None
   if config.encoder.correction != "none":
     _, opt_state = oc.restore_second_moments(workdir, step=step, paths=config.encoder.param_regex)
-  encoder = api.build_encoder(model=model, params=params, opt_state=opt_state, mesh=mesh, seq_len=config.seq_len,
-                              config=config.encoder, **encoder_correction_options(config))
+  encoder = api.build_encoder(
+    model=model,
+    params=params,
+    opt_state=opt_state,
+    mesh=mesh,
+    seq_len=config.seq_len,
+    config=config.encoder,
+    **encoder_correction_options(config),
+  )
   return encoder, step
 
 
@@ -218,8 +224,9 @@ class TrainedRun:
     return self.data
 
 
-def load_run(workdir: str, *, step: int | None = None, opt_state: bool = True, data: bool = True,
-             config=None, sharding=None) -> TrainedRun:
+def load_run(
+  workdir: str, *, step: int | None = None, opt_state: bool = True, data: bool = True, config=None, sharding=None
+) -> TrainedRun:
   """Model, params, optimizer state, tokenizer (and data) of a training workdir (default: latest step).
 
   The config comes from the checkpoint's metadata unless given; the tokenizer
@@ -239,8 +246,21 @@ def load_run(workdir: str, *, step: int | None = None, opt_state: bool = True, d
   abstract_opt = None
   if opt_state:
     abstract_opt = jax.eval_shape(training.optimizer_for(config.train).init, abstract)
-  ckpt = checkpointing.restore(workdir, step=meta["step"], abstract_params=abstract,
-                               abstract_opt_state=abstract_opt, restore_opt_state=opt_state, sharding=sharding)
+  ckpt = checkpointing.restore(
+    workdir,
+    step=meta["step"],
+    abstract_params=abstract,
+    abstract_opt_state=abstract_opt,
+    restore_opt_state=opt_state,
+    sharding=sharding,
+  )
   run_data = load_data(config, workdir) if data else None
-  return TrainedRun(config=config, model=model, params=ckpt.params, opt_state=ckpt.opt_state, tokenizer=tokenizer,
-                    step=int(meta["step"]), data=run_data)
+  return TrainedRun(
+    config=config,
+    model=model,
+    params=ckpt.params,
+    opt_state=ckpt.opt_state,
+    tokenizer=tokenizer,
+    step=int(meta["step"]),
+    data=run_data,
+  )

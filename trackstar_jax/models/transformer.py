@@ -44,7 +44,7 @@ class TransformerConfig:
     return self.d_model // self.n_heads
 
   @classmethod
-  def from_config(cls, cfg, *, vocab_size: int | None = None) -> "TransformerConfig":
+  def from_config(cls, cfg, *, vocab_size: int | None = None) -> TransformerConfig:
     """Builds from an ml_collections model config (`config.model`)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in cfg.items() if k in fields}
@@ -81,7 +81,7 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
     cfg = self.config
     dense = lambda name: nn.DenseGeneral(
-        features=(cfg.n_heads, cfg.head_dim), use_bias=False, dtype=cfg.dtype, name=name
+      features=(cfg.n_heads, cfg.head_dim), use_bias=False, dtype=cfg.dtype, name=name
     )
     q = rope(dense("query")(x), positions, cfg.rope_base)  # [B, T, H, Dh]
     k = rope(dense("key")(x), positions, cfg.rope_base)
@@ -91,9 +91,7 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
     y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-    return nn.DenseGeneral(
-        features=cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, name="out"
-    )(y)
+    return nn.DenseGeneral(features=cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, name="out")(y)
 
 
 class Mlp(nn.Module):
@@ -140,10 +138,10 @@ class DecoderLM(nn.Module):
     # Padding rows attend to themselves only, so softmax never sees all -inf.
     mask = mask | jnp.eye(t, dtype=bool)[None]
     embed = nn.Embed(
-        cfg.vocab_size,
-        cfg.d_model,
-        embedding_init=nn.initializers.normal(stddev=1.0),
-        name="embed",
+      cfg.vocab_size,
+      cfg.d_model,
+      embedding_init=nn.initializers.normal(stddev=1.0),
+      name="embed",
     )
     x = embed(tokens).astype(cfg.dtype)
     for i in range(cfg.n_layers):

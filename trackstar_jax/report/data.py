@@ -16,11 +16,12 @@ optionally `model_accuracy`, `tail_patch`, `skipped`, `stage_seconds`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from trackstar_jax import fileio
 from trackstar_jax import results as results_lib

@@ -13,8 +13,8 @@ to the end of every prompt are the template and what remains is the subject.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 import re
-from typing import Iterable, Mapping, Sequence
 
 KINDS = ("target", "subject")
 _WORD = re.compile(r"\S+")

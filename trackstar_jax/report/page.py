@@ -10,9 +10,10 @@ builds the query view from it with DOM text nodes (never `innerHTML`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import html
 import json
-from typing import Any, Mapping
+from typing import Any
 
 from trackstar_jax.report import assets
 

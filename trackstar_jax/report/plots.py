@@ -6,9 +6,9 @@ missing values (None / NaN) are left out: no bar, a gap in the line.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import html
 import math
-from typing import Mapping, Sequence
 
 PALETTE = ("#3b6fd4", "#e8a33d", "#d9534f", "#4fb0a5", "#5aa454", "#c76bb8", "#8c6d4f", "#7f8c9a", "#2f9fd8", "#b5a33a")
 _FONT = 'font-family="system-ui, sans-serif"'

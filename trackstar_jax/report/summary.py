@@ -8,9 +8,10 @@ the results files' own `proponent_correct` (`payload.method_stats`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 import html
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from trackstar_jax.report import payload as payload_lib
 from trackstar_jax.report import plots
