@@ -235,9 +235,11 @@ def read_lines(path: str) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, A
       obj = json.loads(line)
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno}).") from e
+    if not isinstance(obj, dict):
+      raise ValueError(f"{path}, line {lineno}: a results line must be a JSON object, got {type(obj).__name__}.")
     if _is_header(obj):
       header.update(obj["metadata"] if isinstance(obj["metadata"], dict) else {})
-    elif isinstance(obj, dict) and "example_id" in obj:
+    elif "example_id" in obj:
       records.append((lineno, obj))
     else:
       raise ValueError(

@@ -1,0 +1,64 @@
+"""The benchmark scripts run in a tiny CPU configuration (no timing assertions: CPU timings mean nothing).
+
+Each runs in a subprocess (the device count must be set before jax is imported)
+and is checked on what it computed, not on its own arithmetic:
+bench_scaling's --check compares every job's output at n = 1 and 2 devices
+with a brute-force reference (per-example vmap(grad) encodings; a NumPy top-k).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOBS = ("encode", "encode_d2h", "retrieve", "retrieve_host")
+
+
+def _run(script: str, *args: str, devices: int = 1) -> list[dict]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run(
+    ["timeout", "300", sys.executable, os.path.join(REPO, "benchmarks", script), *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=330,
+  )
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_bench_scaling_small_checks_every_job_on_1_and_2_devices():
+  records = _run("bench_scaling.py", "--small", "--steps=2", "--warmup=1", "--check", devices=2)
+  assert sorted((r["job"], r["n"]) for r in records) == sorted((j, n) for j in JOBS for n in (1, 2))
+  for r in records:
+    assert r["global_rows"] == (2 if r["unit"] == "tok/s" else 512) * r["n"], r  # fixed work per device
+    if r["job"].startswith("encode"):
+      assert r["check_rel_err"] < 1e-4, r  # sharded fused phi == per-example brute force
+    else:
+      assert r["check_topk_exact"] is True, r  # sharded streaming top-k == NumPy argsort
+
+
+def test_bench_retrieval_small():
+  records = _run("bench_retrieval.py", "--small", "--steps=2")
+  assert [(r["Q"], r["full_inv"]) for r in records] == [(8, False), (8, True)]
+  assert all(r["step_ms"] > 0 and r["matmul_ms"] > 0 for r in records), records
+
+
+def test_bench_encoder_small():
+  records = _run(
+    "bench_encoder.py",
+    "--mode=all",
+    "--model=tiny",
+    "--dtype=float32",
+    "--batch=2",
+    "--seq=16",
+    "--vocab=256",
+    "--d=4",
+    "--steps=2",
+  )
+  modes = {r["mode"]: r for r in records}
+  assert set(modes) == {"train", "none", "adafactor", "adam_rank1", "adam"}, records
+  assert "layer" in modes["adam"]["layer_modes"] and modes["none"]["layer_modes"] == ["fused"], records  # exact Adam
