@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The LAMA T-REx benchmark on one GPU, stage by stage (README "Results" quotes its output).
 #
-#   bash launch/lama_gpu.sh bench     WORKDIR   # encoder vs training-step throughput/memory
-#   bash launch/lama_gpu.sh train     WORKDIR   # small LM on all 20 relations
-#   bash launch/lama_gpu.sh attribute WORKDIR   # fit_hessian -> encode -> retrieve
-#   bash launch/lama_gpu.sh evaluate  WORKDIR   # the full ablation table (launch.pipeline; trains if needed)
+#   bash benchmarks/lama_gpu.sh bench     WORKDIR   # encoder vs training-step throughput/memory
+#   bash benchmarks/lama_gpu.sh train     WORKDIR   # small LM on all 20 relations
+#   bash benchmarks/lama_gpu.sh attribute WORKDIR   # fit_hessian -> encode -> retrieve
+#   bash benchmarks/lama_gpu.sh evaluate  WORKDIR   # the full ablation table (launch.pipeline; trains if needed)
 #
 # Text baselines need no GPU: precompute them anywhere with
 #   python -m launch.pipeline --config=configs/lama.py:model=small --workdir=W --stages=retrieve --methods=dense
@@ -23,8 +23,8 @@ mkdir -p "$wd" "$out"
 timed() { local t0=$SECONDS; "$@"; echo "[lama_gpu] $* took $((SECONDS - t0)) s"; }
 case $stage in
   bench)
-    timed python launch/bench_encoder.py --mode=all --dtype=bfloat16 | tee "$out/bench_encoder.txt"
-    timed python launch/bench_retrieval.py | tee "$out/bench_retrieval.txt" ;;
+    timed python benchmarks/bench_encoder.py --mode=all --dtype=bfloat16 | tee "$out/bench_encoder.txt"
+    timed python benchmarks/bench_retrieval.py | tee "$out/bench_retrieval.txt" ;;
   train)
     timed python -m launch.train --config=$cfg --config.manual_dir="$data" --workdir="$wd"
     cp "$wd/metrics.jsonl" "$out/train_metrics.jsonl" ;;

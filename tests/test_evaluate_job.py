@@ -84,6 +84,7 @@ def test_evaluate_writes_table_and_caches_tail_patch(evaluated, tmp_path):
   assert "| oracle |" in md and "dense: skipped" in md and "MRR by relation" in md
   saved = json.load(open(prefix + ".json"))
   assert saved["rows"][0]["mrr"] == 1.0 and saved["model_accuracy"]["n"] == len(dataset.queries)
+  assert len(saved["model_correct_by_query"]) == len(dataset.queries)  # per query, for the report
   # Rerun: tail-patch comes from the cache (same numbers); a changed results file is patched again.
   cache = os.path.join(prefix + "_cache", "oracle.tail_patch.json")
   assert run.file_slug("TrackStar, d=64/block") == "TrackStar_d_64_block"

@@ -278,6 +278,7 @@ def run(
       "n_correct": int(sum(correct.values())),
       "by_frequency": acc.get("by_frequency", {}),
     },
+    model_correct_by_query={str(q): c for q, c in correct.items()},  # for the HTML report's filter
   )
   ablation.write_table(table, prefix)
   logging.info("evaluate: wrote %s.{md,json}", prefix)
