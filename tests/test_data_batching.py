@@ -33,7 +33,7 @@ class _Dataset:
 
 def _config(vocab_size=256):
   c = ml_collections.ConfigDict()
-  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=vocab_size))
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=vocab_size, byte_fallback=None))
   return c
 
 

@@ -113,9 +113,9 @@ def load_in_memory(config) -> FactDataset:
     data = world.generate_world(**params)
     name = f"synthetic_facts/world_{world.params_hash(params)}/{records.DATASET_VERSION}"
   elif config.dataset == "lama_trex":
-    if not config.get("manual_dir"):
+    if not config.manual_dir:
       raise ValueError(f"config.dataset='lama_trex' needs {lama.MANUAL_DIR_FLAG}.")
-    rels = config.get("lama_relations", None) or None
+    rels = config.lama_relations or None
     data = lama.read_lama(config.manual_dir, relations=rels)
     name = f"lama_trex/{lama.config_name(rels)}/{records.DATASET_VERSION}"
   else:
@@ -125,7 +125,7 @@ def load_in_memory(config) -> FactDataset:
 
 def default_data_dir(config=None) -> str:
   """config.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  if config is not None and config.get("data_dir"):
+  if config is not None and config.data_dir:
     return os.path.abspath(os.path.expanduser(config.data_dir))
   return os.path.abspath(os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"))
 
@@ -188,8 +188,8 @@ def make_builder(config, *, data_dir: str | None = None):
     cfg = builders.SyntheticFactsConfig.from_params(world.world_params(config.world))
     return _builder(builders.SyntheticFacts, cfg, data_dir)
   if name == "lama_trex":
-    rels = config.get("lama_relations", None) or None
-    manual_dir = config.get("manual_dir", "") or ""
+    rels = config.lama_relations or None
+    manual_dir = config.manual_dir or ""
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else ""
     if manual_dir and os.path.isdir(manual_dir):  # the build of exactly these files
       source = lama.source_fingerprint(manual_dir, relations=rels)
@@ -234,7 +234,7 @@ def load_dataset(config, *, data_dir: str | None = None, cache: bool = True) -> 
     if not builder.is_prepared():
       download_config = None
       if config.dataset == "lama_trex":
-        manual_dir = config.get("manual_dir", "")
+        manual_dir = config.manual_dir
         if not manual_dir:
           raise ValueError(
             "config.dataset='lama_trex' is not prepared yet and needs"

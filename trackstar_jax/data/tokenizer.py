@@ -143,7 +143,7 @@ def get_tokenizer(dataset, config, *, path: str) -> Tokenizer:
   identical bytes (each write is atomic).
   """
   vocab_size = int(config.tokenizer.vocab_size)
-  byte_fallback = config.tokenizer.get("byte_fallback", None)
+  byte_fallback = config.tokenizer.byte_fallback
   want = dict(dataset=dataset.name, fingerprint=dataset.fingerprint, vocab_size=vocab_size, byte_fallback=byte_fallback)
   meta_path = path + ".json"
   if os.path.exists(path):
