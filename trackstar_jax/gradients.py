@@ -110,7 +110,7 @@ def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
         f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
         " (or of another registered linear layer) seen in the forward pass: exclude them via encoder.param_regex"
         " (or use reference_phi), or register their layer type with layer_registry.register_layer."
-        f" Layer types in the forward pass: {types}. Registered: {', '.join(layer_registry.registered_names())}.")
+        f" Module types in the model: {types}. Registered: {', '.join(layer_registry.registered_names())}.")
   return {p: found[p] for p in sorted(found, key=list(shapes).index)}
 
 

@@ -14,8 +14,11 @@ imported) to layer types. Built in:
               ('w', 'gating_einsum', 'linear'), equation = first call argument
 
 A subclass of a registered class is read like its base unless registered
-itself. Register another layer type with `register_layer` (its module must
-compute y = einsum(equation, x, kernel) [+ a bias over output axes]).
+itself; if it overrides `__call__`, the registered `__call__` it reaches
+through super() is the traced call (its own code around it is ordinary model
+code), and if it never calls it, its kernel is not traced (trace_layouts
+says so). Register another layer type with `register_layer`: its `__call__`
+must compute y = einsum(equation, x, kernel) [+ a bias over output axes].
 
 Interception, while `intercept(paths=, on_call=)` is active:
 
@@ -249,11 +252,34 @@ class Interception:
 _ACTIVE: contextvars.ContextVar[Interception | None] = contextvars.ContextVar("trackstar_interception", default=None)
 _NNX_PATHS: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("trackstar_nnx_paths",
                                                                                     default=None)
-_IN_CALL: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar("trackstar_in_call", default=frozenset())
+# Per module id, inside its call: "tapped" (a traced call: nested calls of the same
+# module, e.g. a registered base's __call__ via super(), pass through) or
+# "pending" (a subclass's own __call__, which is not a registered einsum: the
+# registered base's __call__ it reaches via super() is the one traced).
+_IN_CALL: contextvars.ContextVar[dict[int, str]] = contextvars.ContextVar("trackstar_in_call", default={})
 
 
 def _join(module_path, kernel_name: str) -> str:
   return "/".join([str(p) for p in module_path if str(p)] + [kernel_name])
+
+
+def _marked(module: Any, state: str, fun: Callable) -> Callable:
+  def run(*args, **kwargs):
+    token = _IN_CALL.set({**_IN_CALL.get(), id(module): state})
+    try:
+      return fun(*args, **kwargs)
+    finally:
+      _IN_CALL.reset(token)
+
+  return run
+
+
+def _own_call_registered(cls: type) -> bool:
+  """Whether the `__call__` that `cls` runs is defined by a registered class."""
+  for base in cls.__mro__:
+    if "__call__" in base.__dict__:
+      return _dotted(base) in _REGISTRY
+  return False
 
 
 def _traced_call(rule: LayerType, module: Any, path: str, args, kwargs, next_fun, active: Interception):
@@ -267,7 +293,7 @@ def _traced_call(rule: LayerType, module: Any, path: str, args, kwargs, next_fun
   dtype = rule.compute_dtype(module)
   if dtype is not None:
     x = x.astype(dtype)
-  y = next_fun(*args, **kwargs)
+  y = _marked(module, "tapped", next_fun)(*args, **kwargs)
   return active.on_call(path, labels, x, y)
 
 
@@ -278,8 +304,11 @@ def _linen_interceptor(active: Interception):
       return next_fun(*args, **kwargs)
     active.see(module)
     rule = lookup(type(module))
-    if rule is None:
+    state = _IN_CALL.get().get(id(module))
+    if rule is None or state == "tapped":
       return next_fun(*args, **kwargs)
+    if state is None and not _own_call_registered(type(module)):
+      return _marked(module, "pending", next_fun)(*args, **kwargs)
     path = _join(module.scope.path, rule.kernel_name(module))
     return _traced_call(rule, module, path, args, kwargs, next_fun, active)
 
@@ -287,21 +316,19 @@ def _linen_interceptor(active: Interception):
 
 
 def _nnx_wrapper(rule: LayerType, original: Callable) -> Callable:
+  """The `__call__` of a registered NNX class while `intercept` is active.
+
+  Only registered classes are wrapped, so a subclass's own `__call__` is not
+  traced, and the registered `__call__` it reaches through super() is.
+  """
+
   @functools.wraps(original)
   def __call__(self, *args, **kwargs):
-    active, paths, busy = _ACTIVE.get(), _NNX_PATHS.get(), _IN_CALL.get()
-    if active is None or paths is None or id(self) not in paths or id(self) in busy:
+    active, paths = _ACTIVE.get(), _NNX_PATHS.get()
+    if active is None or paths is None or id(self) not in paths or _IN_CALL.get().get(id(self)) == "tapped":
       return original(self, *args, **kwargs)
     path = _join((paths[id(self)],), rule.kernel_name(self))
-
-    def next_fun(*a, **k):
-      token = _IN_CALL.set(busy | {id(self)})  # a registered base's __call__ via super() is not traced twice
-      try:
-        return original(self, *a, **k)
-      finally:
-        _IN_CALL.reset(token)
-
-    return _traced_call(rule, self, path, args, kwargs, next_fun, active)
+    return _traced_call(rule, self, path, args, kwargs, functools.partial(original, self), active)
 
   __call__.trackstar_original = original
   return __call__
