@@ -66,6 +66,10 @@ from trackstar_jax import optimizer_correction as oc
 from trackstar_jax import projection
 
 CallLabels = layer_registry.CallLabels
+_INNER_JIT_HINT = (
+    "jax.jit / nn.jit inside the model may have replayed a cached trace, in which the layer calls do not run"
+    " (gemma's Transformer.__call__ is nn.jit-ed): call the model under `jax.disable_jit()` inside model_apply"
+    " (trackstar_jax.models.gemma_lm.model_apply does), so that its layers run under the encoder's trace.")
 LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
 
 
@@ -110,7 +114,8 @@ def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
         f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
         " (or of another registered linear layer) seen in the forward pass: exclude them via encoder.param_regex"
         " (or use reference_phi), or register their layer type with layer_registry.register_layer."
-        f" Module types in the model: {types}. Registered: {', '.join(layer_registry.registered_names())}.")
+        f" Module types in the model: {types}. Registered: {', '.join(layer_registry.registered_names())}."
+        f" If the layers are there, an inner {_INNER_JIT_HINT}")
   return {p: found[p] for p in sorted(found, key=list(shapes).index)}
 
 
@@ -201,7 +206,10 @@ class GradientProjector:
     zs = [jnp.zeros((b, plan.d_in, plan.d_out), jnp.float32) for _ in plan.blocks]
 
     def total_loss(zs):
+      tapped = set()
+
       def on_call(path, labels, x, y):
+        tapped.add(path)
         st = self.static[path]
         arr = arrays[path]
         if x.shape[0] != b:
@@ -211,6 +219,10 @@ class GradientProjector:
 
       with layer_registry.intercept(paths=set(self.static), on_call=on_call):
         losses = loss_fn(params, batch)
+      if tapped != set(self.static):  # trace time only
+        raise ValueError(
+            f"Traced layers {sorted(set(self.static) - tapped)} were not called in this trace of the loss: an inner"
+            f" {_INNER_JIT_HINT}")
       if "ids" in batch:
         losses = jnp.where(batch["ids"] >= 0, losses, 0.0)
       return jnp.sum(losses)
