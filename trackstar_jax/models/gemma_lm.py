@@ -15,9 +15,15 @@ matrices (Gemma 3, per layer i):
 
 Embeddings (tied) and norms are excluded. Use:
 
-  model = gm.nn.Gemma3_1B()  # or gm.nn.Transformer(config=..., dtype=jnp.float32)
-  encoder = TrackStarEncoder(model_apply=gemma_lm.model_apply(model), params={"params": params},
-                             config=cfg, opt_state=opt_state)   # cfg.param_regex = PARAM_REGEX, block_regex = BLOCK_REGEX
+  model = gm.nn.Transformer(config=..., dtype=jnp.float32)   # or gm.nn.Gemma3_1B() etc.
+  cfg.param_regex, cfg.block_regex = gemma_lm.PARAM_REGEX, gemma_lm.BLOCK_REGEX
+  encoder = TrackStarEncoder(model_apply=gemma_lm.model_apply(model),
+                             params={"params": params},  # as model.apply takes them
+                             config=cfg, opt_state=opt_state)  # optax state of those params
+
+(With gemma 3.3.0 and kauldron 1.4.x, the preset classes `gm.nn.Gemma3_1B`
+... import gemma's checkpoint module, which needs kauldron 1.3's
+`AbstractPartialLoader`; `gm.nn.Transformer` with a config does not.)
 
 Padding follows gemma's convention: token id 0 is padding (gemma derives the
 attention mask and positions from the tokens); `pad_mask` is not used.
