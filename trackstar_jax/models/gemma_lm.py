@@ -21,9 +21,10 @@ Embeddings (tied) and norms are excluded. Use:
                              params={"params": params},  # as model.apply takes them
                              config=cfg, opt_state=opt_state)  # optax state of those params
 
-(With gemma 3.3.0 and kauldron 1.4.x, the preset classes `gm.nn.Gemma3_1B`
-... import gemma's checkpoint module, which needs kauldron 1.3's
-`AbstractPartialLoader`; `gm.nn.Transformer` with a config does not.)
+(With gemma 3.3.0 and kauldron 1.4.2, the preset classes `gm.nn.Gemma3_1B`
+... fail to import: gemma's checkpoint module subclasses
+`kd.ckpts.AbstractPartialLoader`, which kauldron 1.4 no longer has (1.3.0
+has it; untested). `gm.nn.Transformer` with a config imports fine.)
 
 Padding follows gemma's convention: token id 0 is padding (gemma derives the
 attention mask and positions from the tokens); `pad_mask` is not used.
