@@ -9,7 +9,8 @@ classes (or their dotted names, so that optional packages are never
 imported) to layer types. Built in:
 
   flax.linen  Dense, DenseGeneral, Einsum           kernel param 'kernel'
-  flax.nnx    Linear, LinearGeneral, Einsum         kernel param 'kernel'
+  flax.nnx    Linear, LinearGeneral, Einsum         kernel param 'kernel' (registered once
+                                                    flax.nnx is imported: no import cost for Linen)
   gemma.gm.nn Einsum (google-deepmind/gemma, Linen) kernel param `weight_name`
               ('w', 'gating_einsum', 'linear'), equation = first call argument
 
@@ -53,7 +54,6 @@ import threading
 from typing import Any, Callable, Iterator
 
 import flax.linen as nn
-from flax import nnx
 import jax
 import numpy as np
 
@@ -199,15 +199,33 @@ def register_layer(cls: type | str, layer_type: LayerType) -> None:
 
 
 def registered_names() -> list[str]:
+  _register_nnx_builtins()
   return sorted(_REGISTRY)
+
+
+def _nnx() -> Any:
+  """flax.nnx if this process uses it, else None: Linen users do not pay its import."""
+  return sys.modules.get("flax.nnx")
+
+
+_NNX_BUILTINS_DONE = False
+
+
+def _register_nnx_builtins() -> None:
+  """Registers the NNX layers once flax.nnx is imported (no NNX module can exist before)."""
+  global _NNX_BUILTINS_DONE
+  nnx = _nnx()
+  if _NNX_BUILTINS_DONE or nnx is None:
+    return
+  _NNX_BUILTINS_DONE = True
+  for cls, read in ((nnx.Linear, _dense), (nnx.LinearGeneral, _nnx_linear_general), (nnx.Einsum, _nnx_einsum)):
+    if _dotted(cls) not in _REGISTRY:  # a user's own rule for it stays
+      register_layer(cls, LayerType(_KERNEL, read))
 
 
 register_layer(nn.Dense, LayerType(_KERNEL, _dense))
 register_layer(nn.DenseGeneral, LayerType(_KERNEL, _linen_dense_general))
 register_layer(nn.Einsum, LayerType(_KERNEL, _linen_einsum))
-register_layer(nnx.Linear, LayerType(_KERNEL, _dense))
-register_layer(nnx.LinearGeneral, LayerType(_KERNEL, _nnx_linear_general))
-register_layer(nnx.Einsum, LayerType(_KERNEL, _nnx_einsum))
 # gemma's Einsum keeps its weight in the param `weight_name` and casts nothing
 # (its `dtype` is the param dtype; jnp.einsum promotes).
 register_layer("gemma.gm.nn._layers.Einsum",
@@ -216,6 +234,7 @@ register_layer("gemma.gm.nn._layers.Einsum",
 
 def lookup(cls: type) -> LayerType | None:
   """The rule of `cls` or of its nearest registered base class."""
+  _register_nnx_builtins()
   for base in cls.__mro__:
     rule = _REGISTRY.get(_dotted(base))
     if rule is not None:
@@ -343,8 +362,10 @@ def _patch_nnx() -> None:
   global _PATCH_DEPTH
   with _PATCH_LOCK:
     _PATCH_DEPTH += 1
-    if _PATCH_DEPTH > 1:
+    nnx = _nnx()
+    if _PATCH_DEPTH > 1 or nnx is None:
       return
+    _register_nnx_builtins()
     for name, rule in _REGISTRY.items():
       cls = _resolve(name)
       if cls is None or not issubclass(cls, nnx.Module):
@@ -388,13 +409,15 @@ def intercept(*, paths: set[str] | frozenset[str],
 
 
 @contextlib.contextmanager
-def nnx_module_paths(root: nnx.Module) -> Iterator[None]:
+def nnx_module_paths(root: Any) -> Iterator[None]:
   """Makes the NNX layers of `root`'s graph traceable, by their attribute paths.
 
   Wrap the call of a merged NNX model in it (`nnx_adapter.functional` does):
   inside, a registered NNX layer at `root.blocks[0].attn.query` has kernel
   path `blocks/0/attn/query/kernel`.
   """
+  from flax import nnx  # pylint: disable=g-import-not-at-top  (the caller has an NNX module: imported)
+
   paths, active = {}, _ACTIVE.get()
   for path, node in nnx.iter_graph(root):
     if isinstance(node, nnx.Module) and id(node) not in paths:

@@ -42,10 +42,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Iterable, Mapping
 
 from absl import logging
-from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,6 +105,9 @@ def _unwrap_nnx(opt_state: Any) -> Any:
   `nnx_adapter.functional` give them. An `nnx.Optimizer` itself stands for its
   `opt_state`.
   """
+  nnx = sys.modules.get("flax.nnx")  # not imported: no NNX state can exist (Linen users skip the import)
+  if nnx is None:
+    return opt_state
   if isinstance(opt_state, nnx.Optimizer):
     opt_state = opt_state.opt_state
   is_variable = lambda x: isinstance(x, nnx.Variable)
