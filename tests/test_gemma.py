@@ -30,12 +30,17 @@ def make_batch(b, seed=0):
   rng = np.random.default_rng(seed)
   inputs = rng.integers(1, V, (b, T)).astype(np.int32)
   pad = np.ones((b, T), bool)
-  pad[0, T - 2:] = False  # one right-padded example (gemma pads with token id 0)
+  pad[0, T - 2 :] = False  # one right-padded example (gemma pads with token id 0)
   inputs = np.where(pad, inputs, 0)
   loss_mask = pad.astype(np.float32)
   loss_mask[:, 0] = 0.0
-  return dict(inputs=inputs, targets=np.roll(inputs, -1, axis=1), loss_mask=loss_mask, pad_mask=pad,
-              ids=np.arange(b, dtype=np.int64))
+  return dict(
+    inputs=inputs,
+    targets=np.roll(inputs, -1, axis=1),
+    loss_mask=loss_mask,
+    pad_mask=pad,
+    ids=np.arange(b, dtype=np.int64),
+  )
 
 
 TXS = {"adam": optax.adam(1e-2), "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4)}
@@ -72,8 +77,9 @@ def trained(model):
 
 
 def plan_for(params, loss_fn, batch):
-  layouts = gradients.trace_layouts(loss_fn, params, batch,
-                                    paths=projection.select_paths(params, regex=gemma_lm.PARAM_REGEX))
+  layouts = gradients.trace_layouts(
+    loss_fn, params, batch, paths=projection.select_paths(params, regex=gemma_lm.PARAM_REGEX)
+  )
   block_fn = projection.block_key_fn(block_regex=gemma_lm.BLOCK_REGEX)
   return layouts, projection.ProjectionPlan.create(layouts, d_in=3, d_out=4, seed=7, block_fn=block_fn)
 
@@ -85,8 +91,11 @@ def rel(a, b):
 def test_gemma_matrices_are_traced(model):
   params, loss_fn = model
   layouts, plan = plan_for(params, loss_fn, make_batch(2))
-  want = {f"layer_{i}/{name}" for i in range(2) for name in
-          ("attn/q_einsum/w", "attn/kv_einsum/w", "attn/attn_vec_einsum/w", "mlp/gating_einsum", "mlp/linear")}
+  want = {
+    f"layer_{i}/{name}"
+    for i in range(2)
+    for name in ("attn/q_einsum/w", "attn/kv_einsum/w", "attn/attn_vec_einsum/w", "mlp/gating_einsum", "mlp/linear")
+  }
   assert set(layouts) == want
   assert layouts["layer_0/attn/q_einsum/w"] == projection.KernelLayout((2, 16, 8), (1,))  # 'BTD,NDH->BTNH'
   assert layouts["layer_0/attn/kv_einsum/w"] == projection.KernelLayout((2, 1, 16, 8), (2,))  # 'BSD,CKDH->CBSKH'

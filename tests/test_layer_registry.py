@@ -18,8 +18,9 @@ V, T = 24, 6
 def batch(b=3, seed=0):
   rng = np.random.default_rng(seed)
   inputs = rng.integers(1, V, (b, T)).astype(np.int32)
-  return dict(inputs=inputs, targets=np.roll(inputs, -1, 1), loss_mask=np.ones((b, T), np.float32),
-              pad_mask=np.ones((b, T), bool))
+  return dict(
+    inputs=inputs, targets=np.roll(inputs, -1, 1), loss_mask=np.ones((b, T), np.float32), pad_mask=np.ones((b, T), bool)
+  )
 
 
 def phi_and_reference(model, paths):
@@ -75,7 +76,6 @@ class Matmul(nn.Module):
 
 
 class MatmulModel(nn.Module):
-
   @nn.compact
   def __call__(self, tokens):
     return Matmul(V, name="proj")(nn.Embed(V, 8)(tokens))
@@ -86,8 +86,9 @@ def test_register_layer_by_dotted_name():
   with pytest.raises(ValueError, match=r"(?s)not kernels.*Module types in the model:.*Matmul"):
     phi_and_reference(model, ["params/proj/w"])
   name = f"{Matmul.__module__}.{Matmul.__qualname__}"
-  layer_registry.register_layer(name, layer_registry.LayerType(
-      kernel_name=lambda m: "w", read=lambda m, args, kwargs: (args[0], "btd,dk->btk")))
+  layer_registry.register_layer(
+    name, layer_registry.LayerType(kernel_name=lambda m: "w", read=lambda m, args, kwargs: (args[0], "btd,dk->btk"))
+  )
   try:
     phi, ref, layouts = phi_and_reference(model, ["params/proj/w"])
     assert layouts == {"proj/w": projection.KernelLayout((8, V), (0,))} and rel(phi, ref) < 1e-4
@@ -95,9 +96,15 @@ def test_register_layer_by_dotted_name():
     del layer_registry._REGISTRY[name]  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("eq,match", [("btd,dk", "explicit output"), ("btd,d...->bt...", "ellipsis"),
-                                      ("btd,bdk->btk", "not a per-example linear map"),
-                                      ("btd,dk->tk", "not a per-example linear map")])
+@pytest.mark.parametrize(
+  "eq,match",
+  [
+    ("btd,dk", "explicit output"),
+    ("btd,d...->bt...", "ellipsis"),
+    ("btd,bdk->btk", "not a per-example linear map"),
+    ("btd,dk->tk", "not a per-example linear map"),
+  ],
+)
 def test_malformed_calls(eq, match):
   with pytest.raises(ValueError, match=match):
     layer_registry.equation_labels(eq, x_ndim=3, name="layer")

@@ -27,11 +27,16 @@ def make_batch(b, seed=0):
   rng = np.random.default_rng(seed)
   inputs = rng.integers(1, V, (b, T)).astype(np.int32)
   pad = np.ones((b, T), bool)
-  pad[0, T - 2:] = False  # one right-padded example
+  pad[0, T - 2 :] = False  # one right-padded example
   loss_mask = pad.astype(np.float32)
   loss_mask[:, 0] = 0.0
-  return dict(inputs=inputs, targets=np.roll(inputs, -1, axis=1), loss_mask=loss_mask, pad_mask=pad,
-              ids=np.arange(b, dtype=np.int64))
+  return dict(
+    inputs=inputs,
+    targets=np.roll(inputs, -1, axis=1),
+    loss_mask=loss_mask,
+    pad_mask=pad,
+    ids=np.arange(b, dtype=np.int64),
+  )
 
 
 def train(model, tx, steps=3):
@@ -50,8 +55,12 @@ def train(model, tx, steps=3):
   return optimizer
 
 
-TXS = {"none": None, "adam": optax.adam(1e-2), "adam_rank1": optax.adam(1e-2),
-       "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4)}
+TXS = {
+  "none": None,
+  "adam": optax.adam(1e-2),
+  "adam_rank1": optax.adam(1e-2),
+  "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4),
+}
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +94,11 @@ def rel(a, b):
 
 def test_every_nnx_layer_type_is_traced(trained):
   params, _, _, layouts, plan = setup(trained["adam"][0])
-  want = {f"block_{i}/{name}/kernel" for i in range(2)
-          for name in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/wi", "mlp/wo")}
+  want = {
+    f"block_{i}/{name}/kernel"
+    for i in range(2)
+    for name in ("attn/query", "attn/key", "attn/value", "attn/out", "mlp/gate", "mlp/wi", "mlp/wo")
+  }
   assert set(layouts) == want  # LinearGeneral, Einsum ('...' and multi-axis), Linear; no bias/norm/embedding
   assert layouts["block_0/attn/query/kernel"] == projection.KernelLayout((16, 2, 8), (0,))
   assert layouts["block_0/attn/out/kernel"] == projection.KernelLayout((2, 8, 16), (0, 1))
@@ -175,7 +187,6 @@ class RawDense(nnx.Module):
 
 
 class RawLM(nnx.Module):
-
   def __init__(self, *, rngs):
     self.embed = nnx.Embed(V, 8, rngs=rngs)
     self.proj = RawDense(8, V, rngs=rngs)

@@ -67,14 +67,16 @@ from trackstar_jax import projection
 
 CallLabels = layer_registry.CallLabels
 _INNER_JIT_HINT = (
-    "jax.jit / nn.jit inside the model may have replayed a cached trace, in which the layer calls do not run"
-    " (gemma's Transformer.__call__ is nn.jit-ed): call the model under `jax.disable_jit()` inside model_apply"
-    " (trackstar_jax.models.gemma_lm.model_apply does), so that its layers run under the encoder's trace.")
+  "jax.jit / nn.jit inside the model may have replayed a cached trace, in which the layer calls do not run"
+  " (gemma's Transformer.__call__ is nn.jit-ed): call the model under `jax.disable_jit()` inside model_apply"
+  " (trackstar_jax.models.gemma_lm.model_apply does), so that its layers run under the encoder's trace."
+)
 LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
 
 
-def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
-                  paths: Sequence[str]) -> dict[str, projection.KernelLayout]:
+def trace_layouts(
+  loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *, paths: Sequence[str]
+) -> dict[str, projection.KernelLayout]:
   """Matrix layouts of the traced kernels, from one abstract (shape-only) call.
 
   Raises:
@@ -90,8 +92,10 @@ def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
     sizes = dict(zip(labels.x, x.shape)) | dict(zip(labels.y, y.shape))
     shape = tuple(sizes[l] for l in labels.k)
     if shape != shapes[path]:
-      raise ValueError(f"Traced kernel {path!r}: parameter shape {shapes[path]} but the layer call uses {shape}"
-                       " (layers under nn.scan/vmap are not supported by the fused path).")
+      raise ValueError(
+        f"Traced kernel {path!r}: parameter shape {shapes[path]} but the layer call uses {shape}"
+        " (layers under nn.scan/vmap are not supported by the fused path)."
+      )
     layout = projection.KernelLayout(shape, labels.in_axes)
     if found.setdefault(path, layout) != layout:
       raise ValueError(f"Traced kernel {path!r} is called with different matrix layouts.")
@@ -111,11 +115,12 @@ def trace_layouts(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *,
   if missing:
     types = ", ".join(seen) or "none (no Linen module call, no NNX module under layer_registry.nnx_module_paths)"
     raise ValueError(
-        f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
-        " (or of another registered linear layer) seen in the forward pass: exclude them via encoder.param_regex"
-        " (or use reference_phi), or register their layer type with layer_registry.register_layer."
-        f" Module types in the model: {types}. Registered: {', '.join(layer_registry.registered_names())}."
-        f" If the layers are there, an inner {_INNER_JIT_HINT}")
+      f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
+      " (or of another registered linear layer) seen in the forward pass: exclude them via encoder.param_regex"
+      " (or use reference_phi), or register their layer type with layer_registry.register_layer."
+      f" Module types in the model: {types}. Registered: {', '.join(layer_registry.registered_names())}."
+      f" If the layers are there, an inner {_INNER_JIT_HINT}"
+    )
   return {p: found[p] for p in sorted(found, key=list(shapes).index)}
 
 
@@ -139,8 +144,14 @@ def _fold(factor: oc.Factor, group_axes: tuple[int, ...]) -> jax.Array:
 class GradientProjector:
   """Fused per-example projected gradients for a plan and a correction."""
 
-  def __init__(self, *, plan: projection.ProjectionPlan, correction: oc.Correction, layer_mode: str = "auto",
-               projection_dtype: str = "auto"):
+  def __init__(
+    self,
+    *,
+    plan: projection.ProjectionPlan,
+    correction: oc.Correction,
+    layer_mode: str = "auto",
+    projection_dtype: str = "auto",
+  ):
     if layer_mode not in ("auto", "fused", "layer"):
       raise ValueError(f"encoder.layer_mode must be auto|fused|layer, got {layer_mode!r}.")
     if projection_dtype not in ("auto", "float32"):
@@ -161,8 +172,9 @@ class GradientProjector:
         f_in, f_out = set(f.axes) & in_set, set(f.axes) & out_set
         if not f_in or not f_out:
           sides.append("fold")
-        elif math.prod(layout.shape[a] for a in f_out) * plan.d_in <= math.prod(
-            layout.shape[a] for a in f_in) * plan.d_out:
+        elif (
+          math.prod(layout.shape[a] for a in f_out) * plan.d_in <= math.prod(layout.shape[a] for a in f_in) * plan.d_out
+        ):
           sides.append("x")
           couple_out |= f_out
         else:
@@ -170,8 +182,10 @@ class GradientProjector:
           couple_in |= f_in
       mode = layer_mode
       if mode == "auto":
-        fits = (math.prod(layout.shape[a] for a in couple_out) * plan.d_in <= layout.n
-                and math.prod(layout.shape[a] for a in couple_in) * plan.d_out <= layout.m)
+        fits = (
+          math.prod(layout.shape[a] for a in couple_out) * plan.d_in <= layout.n
+          and math.prod(layout.shape[a] for a in couple_in) * plan.d_out <= layout.m
+        )
         mode = "fused" if fits else "layer"
       in_shape = tuple(layout.shape[a] for a in layout.in_axes)
       out_shape = tuple(layout.shape[a] for a in layout.out_axes)
@@ -188,8 +202,9 @@ class GradientProjector:
         else:
           rest.append(f)
           rest_sides.append("x" if side == "fold" else side)
-      self.static[path] = _LayerStatic(plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides),
-                                       projection_dtype, layout)
+      self.static[path] = _LayerStatic(
+        plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides), projection_dtype, layout
+      )
       arrays[path] = dict(p_in=p_in, p_out=p_out, factors=tuple(jnp.asarray(f.values, jnp.float32) for f in rest))
     self.arrays = arrays
 
@@ -221,8 +236,9 @@ class GradientProjector:
         losses = loss_fn(params, batch)
       if tapped != set(self.static):  # trace time only
         raise ValueError(
-            f"Traced layers {sorted(set(self.static) - tapped)} were not called in this trace of the loss: an inner"
-            f" {_INNER_JIT_HINT}")
+          f"Traced layers {sorted(set(self.static) - tapped)} were not called in this trace of the loss: an inner"
+          f" {_INNER_JIT_HINT}"
+        )
       if "ids" in batch:
         losses = jnp.where(batch["ids"] >= 0, losses, 0.0)
       return jnp.sum(losses)
@@ -321,15 +337,16 @@ def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z):
   return tap(y, z, x, arr)
 
 
-def reference_phi(loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *, plan: projection.ProjectionPlan,
-                  correction: oc.Correction) -> jax.Array:
+def reference_phi(
+  loss_fn: LossFn, params: Any, batch: Mapping[str, Any], *, plan: projection.ProjectionPlan, correction: oc.Correction
+) -> jax.Array:
   """Brute force: vmap(grad) per example, element-wise correction, projection."""
-  traced = {p: l for p, l in projection.flatten_paths(params).items()
-            if projection.canonical_path(p) in plan.layouts}
+  traced = {p: l for p, l in projection.flatten_paths(params).items() if projection.canonical_path(p) in plan.layouts}
 
   def merged(tr):
     def pick(kp, leaf):
       return tr.get(projection.keypath_str(kp), leaf)
+
     return jax.tree_util.tree_map_with_path(pick, params)
 
   def one(tr, row):

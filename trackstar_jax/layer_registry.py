@@ -102,20 +102,27 @@ def equation_labels(equation: str, *, x_ndim: int, name: str) -> CallLabels:
   mapping = {c: _POOL[i] for i, c in enumerate(dict.fromkeys(xs + ks + out))}
   labels = CallLabels(*("".join(mapping[c] for c in s) for s in (xs, ks, out)))
   ex = labels.x[0]
-  bad = (ex in labels.k or ex not in labels.y or any(l not in labels.x + labels.y for l in labels.k)
-         or any(l not in labels.k + labels.y for l in labels.x) or any(l not in labels.x + labels.k for l in labels.y)
-         or any(len(set(s)) != len(s) for s in (labels.x, labels.k, labels.y)) or not labels.out_labels)
+  bad = (
+    ex in labels.k
+    or ex not in labels.y
+    or any(l not in labels.x + labels.y for l in labels.k)
+    or any(l not in labels.k + labels.y for l in labels.x)
+    or any(l not in labels.x + labels.k for l in labels.y)
+    or any(len(set(s)) != len(s) for s in (labels.x, labels.k, labels.y))
+    or not labels.out_labels
+  )
   if bad:
     raise ValueError(
-        f"{name}: call {labels} is not a per-example linear map (the first input axis must be the example axis,"
-        " every kernel axis must be contracted with the input or appear in the output). Exclude it via"
-        " encoder.param_regex or use reference_phi.")
+      f"{name}: call {labels} is not a per-example linear map (the first input axis must be the example axis,"
+      " every kernel axis must be contracted with the input or appear in the output). Exclude it via"
+      " encoder.param_regex or use reference_phi."
+    )
   return labels
 
 
 def general_equation(*, x_ndim: int, axis: tuple[int, ...], n_features: int) -> str:
   """The einsum of a DenseGeneral-like call: contract x's `axis`, append `n_features` output axes."""
-  xl, fl = _POOL[:x_ndim], _POOL[x_ndim: x_ndim + n_features]
+  xl, fl = _POOL[:x_ndim], _POOL[x_ndim : x_ndim + n_features]
   kept = "".join(l for i, l in enumerate(xl) if i not in axis)
   return f"{xl},{''.join(xl[a] for a in axis)}{fl}->{kept}{fl}"
 
@@ -150,8 +157,9 @@ def _dense(module, args, kwargs):
 def _linen_dense_general(module, args, kwargs):
   x = _arg(args, kwargs, 0, "inputs")
   if tuple(np.atleast_1d(module.batch_dims)):
-    raise ValueError(f"DenseGeneral {module.scope.path}: batch_dims is not supported; exclude it via"
-                     " encoder.param_regex.")
+    raise ValueError(
+      f"DenseGeneral {module.scope.path}: batch_dims is not supported; exclude it via encoder.param_regex."
+    )
   axis = tuple(sorted(int(a) % x.ndim for a in np.atleast_1d(module.axis)))
   return x, general_equation(x_ndim=x.ndim, axis=axis, n_features=len(np.atleast_1d(module.features)))
 
@@ -163,8 +171,10 @@ def _linen_einsum(module, args, kwargs):
 def _nnx_linear_general(module, args, kwargs):
   x = _arg(args, kwargs, 0, "inputs")
   if module.batch_axis:
-    raise ValueError(f"nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported; exclude it"
-                     " via encoder.param_regex.")
+    raise ValueError(
+      f"nnx.LinearGeneral with batch_axis={dict(module.batch_axis)} is not supported; exclude it"
+      " via encoder.param_regex."
+    )
   axis = tuple(sorted(int(a) % x.ndim for a in np.atleast_1d(module.axis)))
   return x, general_equation(x_ndim=x.ndim, axis=axis, n_features=len(module.out_features))
 
@@ -228,8 +238,10 @@ register_layer(nn.DenseGeneral, LayerType(_KERNEL, _linen_dense_general))
 register_layer(nn.Einsum, LayerType(_KERNEL, _linen_einsum))
 # gemma's Einsum keeps its weight in the param `weight_name` and casts nothing
 # (its `dtype` is the param dtype; jnp.einsum promotes).
-register_layer("gemma.gm.nn._layers.Einsum",
-               LayerType(lambda module: module.weight_name, _gemma_einsum, compute_dtype=lambda module: None))
+register_layer(
+  "gemma.gm.nn._layers.Einsum",
+  LayerType(lambda module: module.weight_name, _gemma_einsum, compute_dtype=lambda module: None),
+)
 
 
 def lookup(cls: type) -> LayerType | None:
@@ -269,8 +281,7 @@ class Interception:
 
 
 _ACTIVE: contextvars.ContextVar[Interception | None] = contextvars.ContextVar("trackstar_interception", default=None)
-_NNX_PATHS: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("trackstar_nnx_paths",
-                                                                                    default=None)
+_NNX_PATHS: contextvars.ContextVar[dict[int, str] | None] = contextvars.ContextVar("trackstar_nnx_paths", default=None)
 # Per module id, inside its call: "tapped" (a traced call: nested calls of the same
 # module, e.g. a registered base's __call__ via super(), pass through) or
 # "pending" (a subclass's own __call__, which is not a registered einsum: the
@@ -389,8 +400,9 @@ def _unpatch_nnx() -> None:
 
 
 @contextlib.contextmanager
-def intercept(*, paths: set[str] | frozenset[str],
-              on_call: Callable[[str, CallLabels, jax.Array, jax.Array], jax.Array]) -> Iterator[Interception]:
+def intercept(
+  *, paths: set[str] | frozenset[str], on_call: Callable[[str, CallLabels, jax.Array, jax.Array], jax.Array]
+) -> Iterator[Interception]:
   """Routes every call of a registered layer whose kernel path is in `paths` through `on_call`.
 
   `on_call(path, labels, x, y)` gets the kernel path, the call's labels, the

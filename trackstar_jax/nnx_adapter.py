@@ -47,8 +47,14 @@ def _default_call(model: nnx.Module, inputs: jax.Array, pad_mask: jax.Array) -> 
   return model(inputs)
 
 
-def functional(*, model: nnx.Module | None = None, graphdef: Any = None, state: Any = None,
-               call: CallFn | None = None, wrt: Any = nnx.Param) -> tuple[Callable[..., jax.Array], dict]:
+def functional(
+  *,
+  model: nnx.Module | None = None,
+  graphdef: Any = None,
+  state: Any = None,
+  call: CallFn | None = None,
+  wrt: Any = nnx.Param,
+) -> tuple[Callable[..., jax.Array], dict]:
   """An NNX module as the encoder's `(model_apply, params)`.
 
   Args:
@@ -87,6 +93,5 @@ def functional(*, model: nnx.Module | None = None, graphdef: Any = None, state: 
     with layer_registry.nnx_module_paths(module):
       return call(module, inputs, pad_mask)
 
-  logging.info("nnx_adapter: %s with %d parameter arrays", type(model).__name__,
-               len(projection.flatten_paths(params)))
+  logging.info("nnx_adapter: %s with %d parameter arrays", type(model).__name__, len(projection.flatten_paths(params)))
   return apply_fn, params

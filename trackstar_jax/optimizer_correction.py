@@ -54,9 +54,9 @@ from trackstar_jax import projection
 
 KINDS = ("none", "adam", "adam_rank1", "adafactor", "auto")
 SUPPORTED_STATES = (
-    "optax ScaleByAdamState (adam, adamw, ...; fields count/mu/nu) and optax FactoredState "
-    "(adafactor / scale_by_factored_rms; fields count/v_row/v_col/v), possibly nested in chain, "
-    "inject_hyperparams, masked, multi_transform or MultiSteps states"
+  "optax ScaleByAdamState (adam, adamw, ...; fields count/mu/nu) and optax FactoredState "
+  "(adafactor / scale_by_factored_rms; fields count/v_row/v_col/v), possibly nested in chain, "
+  "inject_hyperparams, masked, multi_transform or MultiSteps states"
 )
 _ADAM_KEYS = {"count", "nu"}
 _FACTORED_KEYS = {"count", "v_row", "v_col", "v"}
@@ -157,9 +157,9 @@ def find_second_moments(opt_state: Any) -> SecondMoments:
 def _not_found(kind: str, found: SecondMoments) -> ValueError:
   seen = sorted(set(found.seen_types)) or ["no optax state types"]
   return ValueError(
-      f"encoder.correction={kind!r} needs second moments, but the optimizer state holds none of the supported"
-      f" kinds. Found: {', '.join(seen)}; adam entries: {len(found.adam)}, factored entries:"
-      f" {len(found.factored)}. Supported: {SUPPORTED_STATES}. Use encoder.correction='none' for no correction."
+    f"encoder.correction={kind!r} needs second moments, but the optimizer state holds none of the supported"
+    f" kinds. Found: {', '.join(seen)}; adam entries: {len(found.adam)}, factored entries:"
+    f" {len(found.factored)}. Supported: {SUPPORTED_STATES}. Use encoder.correction='none' for no correction."
   )
 
 
@@ -196,8 +196,8 @@ class Correction:
 def _check_shape(path, what, got, want):
   if tuple(got) != tuple(want):
     raise ValueError(
-        f"Optimizer state {what} for parameter {path!r} has shape {tuple(got)}, but the parameter has shape"
-        f" {tuple(want)}: the checkpoint's optimizer state does not match the model/params being encoded."
+      f"Optimizer state {what} for parameter {path!r} has shape {tuple(got)}, but the parameter has shape"
+      f" {tuple(want)}: the checkpoint's optimizer state does not match the model/params being encoded."
     )
 
 
@@ -219,8 +219,8 @@ def _adam_factors(path, layout, nu, count, hyper, *, eps, bias_correction, b2, r
   in_shape = tuple(shape[a] for a in layout.in_axes)
   out_shape = tuple(shape[a] for a in layout.out_axes)
   return (
-      Factor((r ** -0.5).reshape(in_shape), layout.in_axes),
-      Factor(((c / jnp.mean(r)) ** -0.5).reshape(out_shape), layout.out_axes),
+    Factor((r**-0.5).reshape(in_shape), layout.in_axes),
+    Factor(((c / jnp.mean(r)) ** -0.5).reshape(out_shape), layout.out_axes),
   )
 
 
@@ -243,11 +243,18 @@ def _adafactor_factors(path, layout, v_row, v_col, v, *, tiny=1e-30):
   reduced_d1 = d1 - 1 if d1 > d0 else d1
   row = (v_row / jnp.mean(v_row, axis=reduced_d1, keepdims=True)) ** -0.5
   axes = lambda skip: tuple(a for a in range(len(shape)) if a != skip)
-  return (Factor(row, axes(d0)), Factor(v_col ** -0.5, axes(d1)))
+  return (Factor(row, axes(d0)), Factor(v_col**-0.5, axes(d1)))
 
 
-def make_correction(*, kind: str, layouts: Mapping[str, projection.KernelLayout], opt_state: Any = None,
-                    eps: float = 1e-8, bias_correction: bool = False, b2: float | None = None) -> Correction:
+def make_correction(
+  *,
+  kind: str,
+  layouts: Mapping[str, projection.KernelLayout],
+  opt_state: Any = None,
+  eps: float = 1e-8,
+  bias_correction: bool = False,
+  b2: float | None = None,
+) -> Correction:
   """Builds the correction of every traced kernel from an optax state.
 
   Args:
@@ -274,23 +281,27 @@ def make_correction(*, kind: str, layouts: Mapping[str, projection.KernelLayout]
     raise ValueError(f"encoder.correction={kind!r} needs the optimizer state (opt_state=...).")
   found = find_second_moments(opt_state)
   want_adam = kind in ("adam", "adam_rank1")
-  if (want_adam and not found.adam) or (kind == "adafactor" and not found.factored) or (
-      kind == "auto" and not (found.adam or found.factored)):
+  if (
+    (want_adam and not found.adam)
+    or (kind == "adafactor" and not found.factored)
+    or (kind == "auto" and not (found.adam or found.factored))
+  ):
     raise _not_found(kind, found)
   factors = {}
   for path, layout in layouts.items():
     if path in found.adam and kind in ("adam", "adam_rank1", "auto"):
       nu, count, hyper = found.adam[path]
-      factors[path] = _adam_factors(path, layout, nu, count, hyper, eps=eps, bias_correction=bias_correction,
-                                    b2=b2, rank1=kind == "adam_rank1")
+      factors[path] = _adam_factors(
+        path, layout, nu, count, hyper, eps=eps, bias_correction=bias_correction, b2=b2, rank1=kind == "adam_rank1"
+      )
     elif path in found.factored and kind in ("adafactor", "auto"):
       factors[path] = _adafactor_factors(path, layout, *found.factored[path])
     else:
       have = sorted(found.adam if want_adam else found.factored)
       raise ValueError(
-          f"The optimizer state has no {kind} second moment for traced parameter {path!r}. It has second"
-          f" moments for: {have[:20]}{' ...' if len(have) > 20 else ''}. Check encoder.param_regex and that the"
-          " checkpoint belongs to this model."
+        f"The optimizer state has no {kind} second moment for traced parameter {path!r}. It has second"
+        f" moments for: {have[:20]}{' ...' if len(have) > 20 else ''}. Check encoder.param_regex and that the"
+        " checkpoint belongs to this model."
       )
   logging.info("Optimizer correction %r for %d traced kernels.", kind, len(factors))
   return Correction(kind, factors, shapes)
@@ -337,8 +348,13 @@ def _filter_paths(tree: Any, keep_path) -> Any:
   return rec(tree, "") or {}
 
 
-def restore_second_moments(workdir: str, *, step: int | None = None, paths: Iterable[str] | str | None = None,
-                           sharding: jax.sharding.Sharding | None = None) -> tuple[int, Any]:
+def restore_second_moments(
+  workdir: str,
+  *,
+  step: int | None = None,
+  paths: Iterable[str] | str | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+) -> tuple[int, Any]:
   """Restores only the optimizer's second moments from a training workdir.
 
   Reads `<workdir>/checkpoints/<step>/opt_state` (the layout of
@@ -378,10 +394,12 @@ def restore_second_moments(workdir: str, *, step: int | None = None, paths: Iter
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("replica",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  item = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_meta(m) else m,
-                      item, is_leaf=is_meta)
+  item = jax.tree.map(
+    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_meta(m) else m, item, is_leaf=is_meta
+  )
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape), item)
-  state = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                                                     partial_restore=True))
+  state = checkpointer.restore(
+    item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  )
   logging.info("Restored second moments of step %d from %s", step, item_dir)
   return step, state

@@ -68,9 +68,18 @@ def model_apply(model: Any) -> Callable[[Any, jax.Array, jax.Array], jax.Array]:
   return apply
 
 
-def tiny_gemma3(*, vocab_size: int, embed_dim: int = 16, hidden_dim: int = 32, num_heads: int = 2, head_dim: int = 8,
-                num_kv_heads: int = 1, num_layers: int = 2, sliding_window_size: int = 4,
-                dtype: Any = jnp.float32) -> Any:
+def tiny_gemma3(
+  *,
+  vocab_size: int,
+  embed_dim: int = 16,
+  hidden_dim: int = 32,
+  num_heads: int = 2,
+  head_dim: int = 8,
+  num_kv_heads: int = 1,
+  num_layers: int = 2,
+  sliding_window_size: int = 4,
+  dtype: Any = jnp.float32,
+) -> Any:
   """A Gemma 3 architecture at a toy size (for tests and smoke runs; random init).
 
   Gemma 3's structure: grouped-query attention with QK norm, post-attention
@@ -81,9 +90,20 @@ def tiny_gemma3(*, vocab_size: int, embed_dim: int = 16, hidden_dim: int = 32, n
 
   local, global_ = gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL
   config = gm.nn.config.TransformerConfig(
-      num_embed=vocab_size, embed_dim=embed_dim, hidden_dim=hidden_dim, num_heads=num_heads, head_dim=head_dim,
-      num_kv_heads=num_kv_heads, final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
-      use_qk_norm=True, attention_types=tuple(local if i % 2 == 0 else global_ for i in range(num_layers)),
-      sliding_window_size=sliding_window_size, transpose_gating_einsum=True, local_base_frequency=10_000,
-      global_base_frequency=1_000_000)
+    num_embed=vocab_size,
+    embed_dim=embed_dim,
+    hidden_dim=hidden_dim,
+    num_heads=num_heads,
+    head_dim=head_dim,
+    num_kv_heads=num_kv_heads,
+    final_logit_softcap=None,
+    use_post_attn_norm=True,
+    use_post_ffw_norm=True,
+    use_qk_norm=True,
+    attention_types=tuple(local if i % 2 == 0 else global_ for i in range(num_layers)),
+    sliding_window_size=sliding_window_size,
+    transpose_gating_einsum=True,
+    local_base_frequency=10_000,
+    global_base_frequency=1_000_000,
+  )
   return gm.nn.Transformer(config=config, dtype=dtype)
