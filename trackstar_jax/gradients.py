@@ -1,14 +1,16 @@
 """Projected per-example gradients: the fused path and the brute-force reference.
 
-Fused path (any Flax Linen model, unmodified). For a linear layer y = x W,
+Fused path (any Flax Linen or NNX model, unmodified). For a linear layer y = x W,
 an example's kernel gradient is G = sum_t x_t delta_t^T (x: layer inputs,
 delta: loss gradient w.r.t. the layer outputs, t over tokens and any other
 non-kernel axes), so its projection needs only the projected factors:
 
   P_in^T G P_out = (X P_in)^T (Delta P_out)        [d_in, d_out]
 
-`flax.linen.intercept_methods` wraps every `__call__` of an `nn.Dense`,
-`nn.DenseGeneral` or `nn.Einsum` whose kernel is traced:
+`layer_registry.intercept` wraps every `__call__` of a registered linear
+layer (Linen `nn.Dense` / `DenseGeneral` / `Einsum`, NNX `nnx.Linear` /
+`LinearGeneral` / `Einsum`, gemma's `Einsum`; see layer_registry.py for how
+their inputs, kernel paths and einsum labels are read) whose kernel is traced:
 
 * forward: records X P_in (corrections folded in) — a [B, T, d_in] residual
   instead of the [B, T, n] input a training step keeps for its weight
@@ -56,115 +58,20 @@ import dataclasses
 import math
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trackstar_jax import layer_registry, projection
 from trackstar_jax import optimizer_correction as oc
-from trackstar_jax import projection
 
-LINEAR_TYPES = (nn.Dense, nn.DenseGeneral, nn.Einsum)
-_POOL = "abcdefghijklmnopqrstuvwABCDEFGHIJKLMNOPQRSTUVW"  # 'Y'/'Z' are d_in/d_out
+CallLabels = layer_registry.CallLabels
+_INNER_JIT_HINT = (
+  "jax.jit / nn.jit inside the model may have replayed a cached trace, in which the layer calls do not run"
+  " (gemma's Transformer.__call__ is nn.jit-ed): call the model under `jax.disable_jit()` inside model_apply"
+  " (trackstar_jax.models.gemma_lm.model_apply does), so that its layers run under the encoder's trace."
+)
 LossFn = Callable[[Any, Mapping[str, jax.Array]], jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class CallLabels:
-  """einsum labels of one layer call: input x, kernel k, output y."""
-
-  x: str
-  k: str
-  y: str
-
-  @property
-  def in_labels(self) -> str:  # kernel axes contracted with (or shared by) x
-    return "".join(l for l in self.k if l in self.x)
-
-  @property
-  def out_labels(self) -> str:
-    return "".join(l for l in self.k if l not in self.x)
-
-  @property
-  def in_axes(self) -> tuple[int, ...]:
-    return tuple(i for i, l in enumerate(self.k) if l in self.x)
-
-
-def kernel_path(module: nn.Module) -> str:
-  return "/".join(str(p) for p in module.scope.path) + "/kernel"
-
-
-def _input(args, kwargs):
-  return args[0] if args else kwargs["inputs"]
-
-
-def call_labels(module: nn.Module, x: jax.Array, args, kwargs) -> CallLabels:
-  """Labels of a Dense / DenseGeneral / Einsum call (checked for our assumptions)."""
-  name = f"{type(module).__name__} {kernel_path(module)!r}"
-  if x.ndim < 2:
-    raise ValueError(f"{name}: input of shape {x.shape} has no leading example axis.")
-  if isinstance(module, nn.Einsum):
-    eq = (kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str).replace(" ", "")
-    lhs, out = eq.split("->")
-    xs, ks = lhs.split(",")
-    if "..." in ks:
-      raise ValueError(f"{name}: an ellipsis in the kernel spec {eq!r} is not supported.")
-    if "..." in xs:
-      extra = "".join(c for c in _POOL if c not in eq)[: x.ndim - (len(xs) - 3)]
-      xs, out = xs.replace("...", extra), out.replace("...", extra)
-    mapping = {c: _POOL[i] for i, c in enumerate(dict.fromkeys(xs + ks + out))}
-    labels = CallLabels(*("".join(mapping[c] for c in s) for s in (xs, ks, out)))
-  elif isinstance(module, nn.DenseGeneral):
-    if tuple(np.atleast_1d(module.batch_dims)):
-      raise ValueError(f"{name}: DenseGeneral batch_dims is not supported; exclude it via encoder.param_regex.")
-    axis = sorted(a % x.ndim for a in np.atleast_1d(module.axis))
-    features = tuple(np.atleast_1d(module.features))
-    xl = _POOL[: x.ndim]
-    fl = _POOL[x.ndim : x.ndim + len(features)]
-    labels = CallLabels(
-      xl, "".join(xl[a] for a in axis) + fl, "".join(l for i, l in enumerate(xl) if i not in axis) + fl
-    )
-  else:  # nn.Dense
-    xl = _POOL[: x.ndim]
-    o = _POOL[x.ndim]
-    labels = CallLabels(xl, xl[-1] + o, xl[:-1] + o)
-  ex = labels.x[0]
-  bad = (
-    ex in labels.k
-    or ex not in labels.y
-    or any(l not in labels.x + labels.y for l in labels.k)
-    or any(l not in labels.k + labels.y for l in labels.x)
-    or any(l not in labels.x + labels.k for l in labels.y)
-    or any(len(set(s)) != len(s) for s in (labels.x, labels.k, labels.y))
-    or not labels.out_labels
-  )
-  if bad:
-    raise ValueError(
-      f"{name}: call {labels} is not a per-example linear map (the first input axis must be the example axis,"
-      " every kernel axis must be contracted with the input or appear in the output). Exclude it via"
-      " encoder.param_regex or use reference_phi."
-    )
-  return labels
-
-
-def _interceptor(paths: set[str], on_call: Callable):
-  """Calls on_call(module, labels, x, y) -> y for traced linear layers."""
-
-  def interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name != "__call__" or not isinstance(module, LINEAR_TYPES):
-      return next_fun(*args, **kwargs)
-    path = kernel_path(module)
-    if path not in paths:
-      return next_fun(*args, **kwargs)
-    x = _input(args, kwargs)
-    labels = call_labels(module, x, args, kwargs)
-    if getattr(module, "dtype", None) is not None:
-      x = x.astype(module.dtype)
-    y = next_fun(*args, **kwargs)
-    return on_call(path, labels, x, y)
-
-  return interceptor
 
 
 def trace_layouts(
@@ -174,7 +81,8 @@ def trace_layouts(
 
   Raises:
     ValueError: a traced parameter is not the kernel of an intercepted
-      Dense/DenseGeneral/Einsum call, or its shape differs from the call's.
+      registered layer call (the message lists the layer types met), or its
+      shape differs from the call's.
   """
   shapes = {projection.canonical_path(p): tuple(np.shape(l)) for p, l in projection.flatten_paths(params).items()}
   wanted = {projection.canonical_path(p) for p in paths}
@@ -193,16 +101,25 @@ def trace_layouts(
       raise ValueError(f"Traced kernel {path!r} is called with different matrix layouts.")
     return y
 
+  seen = {}
+
   def run(params, batch):
-    with nn.intercept_methods(_interceptor(wanted, record)):
-      return loss_fn(params, batch)
+    with layer_registry.intercept(paths=wanted, on_call=record) as active:
+      try:
+        return loss_fn(params, batch)
+      finally:
+        seen.update(active.seen)
 
   jax.eval_shape(run, params, batch)
   missing = sorted(wanted - set(found))
   if missing:
+    types = ", ".join(seen) or "none (no Linen module call, no NNX module under layer_registry.nnx_module_paths)"
     raise ValueError(
       f"Parameters {missing} match encoder.param_regex but are not kernels of nn.Dense/DenseGeneral/Einsum calls"
-      " seen in the forward pass: exclude them via encoder.param_regex (or use reference_phi)."
+      " (or of another registered linear layer) seen in the forward pass: exclude them via encoder.param_regex"
+      " (or use reference_phi), or register their layer type with layer_registry.register_layer."
+      f" Module types in the model: {types}. Registered: {', '.join(layer_registry.registered_names())}."
+      f" If the layers are there, an inner {_INNER_JIT_HINT}"
     )
   return {p: found[p] for p in sorted(found, key=list(shapes).index)}
 
@@ -304,7 +221,10 @@ class GradientProjector:
     zs = [jnp.zeros((b, plan.d_in, plan.d_out), jnp.float32) for _ in plan.blocks]
 
     def total_loss(zs):
+      tapped = set()
+
       def on_call(path, labels, x, y):
+        tapped.add(path)
         st = self.static[path]
         arr = arrays[path]
         if x.shape[0] != b:
@@ -312,8 +232,13 @@ class GradientProjector:
         fn = _fused_tap if st.mode == "fused" else _layer_tap
         return fn(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block])
 
-      with nn.intercept_methods(_interceptor(set(self.static), on_call)):
+      with layer_registry.intercept(paths=set(self.static), on_call=on_call):
         losses = loss_fn(params, batch)
+      if tapped != set(self.static):  # trace time only
+        raise ValueError(
+          f"Traced layers {sorted(set(self.static) - tapped)} were not called in this trace of the loss: an inner"
+          f" {_INNER_JIT_HINT}"
+        )
       if "ids" in batch:
         losses = jnp.where(batch["ids"] >= 0, losses, 0.0)
       return jnp.sum(losses)

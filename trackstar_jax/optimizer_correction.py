@@ -2,7 +2,9 @@
 
 The second moments are found by type or structure, anywhere in the state
 tree (inside `optax.chain`, `inject_hyperparams`, `masked`,
-`multi_transform`, `MultiSteps`, ...), never by position:
+`multi_transform`, `MultiSteps`, ...), never by position. Flax NNX states
+(`nnx.Optimizer(...).opt_state`, `nnx.Variable` leaves) are unwrapped first,
+so their paths are the params' attribute paths:
 
   adam       optax `ScaleByAdamState` (or a restored dict with `count`, `nu`):
              g' = g / (sqrt(nu / bc) + eps), bc = 1 - b2^count when
@@ -41,6 +43,7 @@ from collections.abc import Iterable, Mapping
 import dataclasses
 import os
 import re
+import sys
 from typing import Any
 
 from absl import logging
@@ -92,9 +95,32 @@ def _scalar(x):
     return None
 
 
+def _unwrap_nnx(opt_state: Any) -> Any:
+  """An NNX optimizer state with its `nnx.Variable` wrappers replaced by their values.
+
+  `nnx.Optimizer(model, tx, wrt=nnx.Param).opt_state` holds optax states whose
+  leaves are `OptVariable`s (and `tx.init(nnx.state(model, nnx.Param))` holds
+  `Param`s): as pytrees their key paths end in `.value`. Unwrapped, the
+  `nnx.State` mappings keep the attribute paths of the params
+  (`blocks/0/attn/query/kernel`), as `nnx.to_pure_dict` and
+  `nnx_adapter.functional` give them. An `nnx.Optimizer` itself stands for its
+  `opt_state`.
+  """
+  nnx = sys.modules.get("flax.nnx")  # not imported: no NNX state can exist (Linen users skip the import)
+  if nnx is None:
+    return opt_state
+  if isinstance(opt_state, nnx.Optimizer):
+    opt_state = opt_state.opt_state
+  is_variable = lambda x: isinstance(x, nnx.Variable)
+  if not any(is_variable(l) for l in jax.tree.leaves(opt_state, is_leaf=is_variable)):
+    return opt_state
+  return jax.tree.map(lambda x: x.value if is_variable(x) else x, opt_state, is_leaf=is_variable)
+
+
 def find_second_moments(opt_state: Any) -> SecondMoments:
-  """Walks an optax state (NamedTuples or a raw restored dict/list tree)."""
+  """Walks an optax state (NamedTuples, a raw restored dict/list tree, or an NNX optimizer state)."""
   out = SecondMoments(adam={}, factored={}, seen_types=[])
+  opt_state = _unwrap_nnx(opt_state)
 
   def add(table, path, value):
     if path in table:
@@ -259,8 +285,9 @@ def make_correction(
   Args:
     kind: one of KINDS (config `encoder.correction`).
     layouts: canonical path -> KernelLayout of each traced kernel.
-    opt_state: the optimizer state (optax NamedTuples or the raw tree of
-      `restore_second_moments`); unused for kind 'none'.
+    opt_state: the optimizer state (optax NamedTuples, the raw tree of
+      `restore_second_moments`, or an NNX `nnx.Optimizer` / its `opt_state`);
+      unused for kind 'none'.
     eps: Adam's epsilon (overridden by an `inject_hyperparams` eps).
     bias_correction: divide nu by 1 - b2^count.
     b2: Adam's b2 (overridden by an `inject_hyperparams` b2).
