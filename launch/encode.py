@@ -22,7 +22,7 @@ CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   store = encode.run(config, WORKDIR.value)
-  cli.finish(config, WORKDIR.value, "encode")
+  cli.finish(config, cli.output_dir(store.url), "encode", store=store.url, rows=store.num_rows, dim=store.dim)
   logging.info("Done: %d x %d encodings in %s", store.num_rows, store.dim, store.url)
 
 

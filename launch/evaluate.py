@@ -9,6 +9,8 @@ its file name). Writes <workdir>/evaluation.{md,json} (or --output=PREFIX).
 The whole ladder (train -> encode -> retrieve -> evaluate): launch/pipeline.py.
 """
 
+import os
+
 from absl import flags, logging
 
 from trackstar_jax.evaluation import ablation
@@ -33,7 +35,8 @@ def main(argv):
   table = evaluate.run(
     config, WORKDIR.value, results=results, output_prefix=_OUTPUT.value, tail_patch=_TAIL_PATCH.value
   )
-  cli.finish(config, WORKDIR.value, "evaluate")
+  prefix = _OUTPUT.value or os.path.join(WORKDIR.value, "evaluation")
+  cli.finish(config, cli.output_dir(prefix), "evaluate", report=prefix, methods=len(table["rows"]))
   print(ablation.report_markdown(table), flush=True)
   logging.info("Done: %d methods evaluated.", len(table["rows"]))
 

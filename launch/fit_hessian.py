@@ -9,7 +9,7 @@ with config.hessian.mixed, every query. Short: a rerun redoes it.
 
 from absl import logging
 
-from trackstar_jax.jobs import cli, fit_hessian
+from trackstar_jax.jobs import cli, fit_hessian, workdir
 
 CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
   workdir_help="Training workdir (checkpoint with optimizer state, tokenizer); hessian.npz goes here."
@@ -19,7 +19,15 @@ CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   h = fit_hessian.run(config, WORKDIR.value)
-  cli.finish(config, WORKDIR.value, "fit_hessian")
+  path = workdir.hessian_path(config, WORKDIR.value)
+  cli.finish(
+    config,
+    cli.output_dir(path),
+    "fit_hessian",
+    hessian=path,
+    dim=h.dim,
+    **{k: v for k, v in h.meta.items() if k != "encoding"},
+  )
   logging.info("Done: lambda %.4f, dim %d", h.lam, h.dim)
 
 

@@ -39,8 +39,8 @@ def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   if _CACHE.value != "none":
     pipeline.enable_compilation_cache(_CACHE.value or os.path.join(WORKDIR.value, "jax_cache"))
-  pipeline.run(config, WORKDIR.value, stages=_STAGES.value, only=_METHODS.value)
-  cli.finish(config, WORKDIR.value, "pipeline")
+  table = pipeline.run(config, WORKDIR.value, stages=_STAGES.value, only=_METHODS.value)
+  cli.finish(config, WORKDIR.value, "pipeline", stage_seconds=(table or {}).get("stage_seconds"))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   path = retrieve.run(config, WORKDIR.value)
-  cli.finish(config, WORKDIR.value, "retrieve")
+  cli.finish(config, cli.output_dir(path), "retrieve", results=path)
   logging.info("Done: %s", path)
 
 

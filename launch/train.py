@@ -21,7 +21,7 @@ CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   metrics = train.run(config, WORKDIR.value)
-  cli.finish(config, WORKDIR.value, "train")
+  cli.finish(config, WORKDIR.value, "train", **{k: v for k, v in metrics.items() if k != "correct"})
   logging.info(
     "Done: step %d, query accuracy %.3f (>=3 gold sentences: %.3f), train time %.1fs",
     metrics["step"],

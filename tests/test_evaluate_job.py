@@ -135,7 +135,9 @@ def test_results_from_another_checkpoint_or_store(evaluated, tmp_path):
     ),
   )
   path = _write(tmp_path / "r2.jsonl", _oracle(dataset), _meta(dataset, step=4, store=url))
-  with pytest.raises(run.EvaluationInputError, match="store checkpoint '/elsewhere/run' != evaluated workdir"):
+  with pytest.raises(
+    run.EvaluationInputError, match="store checkpoint '/elsewhere/run' != evaluated checkpoint 'params-sha256:"
+  ):
     run.run(config, workdir, results={"s": path}, dataset=dataset, tail_patch=False)
 
 

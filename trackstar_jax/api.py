@@ -147,7 +147,7 @@ def encode(
   return encoding.encode_to_store(encoder, examples, store=opened, batch_size=batch_size)
 
 
-def _phis(encoder, examples, phi, *, batch_size: int, what: str):
+def _phis(encoder, examples, phi, *, batch_size: int, what: str, name: str = "encode"):
   """Encoded batches of `examples` (streamed in one process), or the given phi."""
   if phi is not None:
     if examples is not None:
@@ -160,7 +160,7 @@ def _phis(encoder, examples, phi, *, batch_size: int, what: str):
   import jax  # pylint: disable=g-import-not-at-top
 
   if jax.process_count() == 1:  # streamed into R batch by batch: no [N, d] phi on the host or device
-    return encoding.phi_batches(encoder, examples, batch_size=batch_size)
+    return encoding.phi_batches(encoder, examples, batch_size=batch_size, name=name)
   return encoding.encode_to_array(encoder, examples, batch_size=batch_size)  # every process needs every row
 
 
@@ -196,10 +196,14 @@ def fit_hessian(
     ((64, 64), True)
   """
   opts = opts_lib.from_config(HessianOptions, config, ignore=hessian_lib.JOB_FIELDS, **options)
-  train_src = _phis(encoder, train, train_phi, batch_size=batch_size, what="train")
+  train_src = _phis(encoder, train, train_phi, batch_size=batch_size, what="train", name="fit_hessian R_train")
   if train_src is None:
     raise ValueError("fit_hessian needs training examples (train=) or their phi (train_phi=).")
-  query_src = _phis(encoder, queries, query_phi, batch_size=batch_size, what="query") if opts.mixed else None
+  query_src = (
+    _phis(encoder, queries, query_phi, batch_size=batch_size, what="query", name="fit_hessian R_eval")
+    if opts.mixed
+    else None
+  )
   n_blocks = len(encoder.blocks) if encoder is not None else 1
   if opts.block_diagonal and encoder is None:
     raise ValueError("A block-diagonal R needs encoder= (for the block layout of phi).")

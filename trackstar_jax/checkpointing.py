@@ -278,3 +278,25 @@ def check_compatible(
       f"Cannot resume in {workdir or 'this workdir'!r}: its checkpoint was written with an incompatible config."
       " Differing fields:\n  " + "\n  ".join(diffs) + "\nUse a new --workdir, or restore these values."
     )
+
+
+def params_fingerprint(params: Any) -> str:
+  """What identifies a checkpoint by content: a hash of every parameter's path, shape, dtype and moments.
+
+  Stores and Hessians record it instead of the workdir's path, so a moved or
+  copied workdir keeps its encodings, and a different checkpoint is refused.
+  Cheap at any size (one device-side sum and sum of squares per leaf; works on
+  sharded arrays).
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  h = hashlib.sha256()
+  for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: jax.tree_util.keystr(kv[0])):
+    x = jnp.asarray(leaf, jnp.float32)
+    moments = np.asarray(jax.device_get(jnp.stack([jnp.sum(x), jnp.sum(x * x), jnp.ravel(x)[0]])), np.float64)
+    # 5 significant digits: the same on every device count and backend despite float32 summation order.
+    digits = ",".join(np.format_float_scientific(v, precision=4) for v in moments)
+    h.update(f"{jax.tree_util.keystr(path)}:{tuple(leaf.shape)}:{leaf.dtype}:{digits};".encode())
+  return "params-sha256:" + h.hexdigest()[:32]

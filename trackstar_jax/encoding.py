@@ -148,12 +148,22 @@ def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def phi_batches(encoder, examples, *, batch_size: int):
-  """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums."""
+def phi_batches(encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0):
+  """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums.
+
+  Logs progress (batches, examples/s, ETA) every `log_every_s` seconds under `name`.
+  """
   examples = as_examples(examples)
-  for a in range(0, len(examples), batch_size):
-    batch = batch_lib.pad_rows(examples.batch(np.arange(a, min(a + batch_size, len(examples)))), batch_size)
+  n = len(examples)
+  prog = progress_lib.Progress(total=-(-n // batch_size), unit="batch", item_unit="examples", name=name)
+  for i, a in enumerate(range(0, n, batch_size)):
+    batch = batch_lib.pad_rows(examples.batch(np.arange(a, min(a + batch_size, n))), batch_size)
     yield encoder.encode(batch), batch["ids"] >= 0
+    prog.update(i + 1, items=min(batch_size, n - a))
+    if i == 0:
+      prog.mark()  # exclude compilation from the rate
+    if prog.due(every_s=log_every_s) or i + 1 == prog.total:
+      logging.info(prog.line())
 
 
 def encode_to_array(encoder, examples, *, batch_size: int) -> np.ndarray:

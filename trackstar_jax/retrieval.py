@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import progress as progress_lib
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 
@@ -398,9 +399,14 @@ def retrieve(
   topk = StreamingTopK(queries, k=k, mesh=mesh, inv_sqrt=inv_sqrt, normalize=normalize, matmul_dtype=matmul_dtype)
   pi, pc = jax.process_index(), jax.process_count()
   n_chunks = 0
+  mine = len(range(pi * rows_per_chunk, store.num_rows, pc * rows_per_chunk))
+  prog = progress_lib.Progress(total=mine, unit="chunk", item_unit="rows", name="retrieve")
   for chunk in store.iter_chunks(rows_per_chunk=rows_per_chunk, process_index=pi, process_count=pc):
     topk.update(start=chunk.start, ids=chunk.ids, phi=chunk.phi, pad_to=rows_per_chunk)
     n_chunks += 1
+    prog.update(n_chunks, items=len(chunk.ids))
+    if prog.due(every_s=30) or n_chunks == mine:
+      logging.info(prog.line())
   top_v, top_r, bot_v, bot_r = topk.local_result()
   logging.info("Process %d scored %d chunks of %d rows.", pi, n_chunks, rows_per_chunk)
   if pc > 1:

@@ -230,7 +230,8 @@ def load_dataset(config, *, data_dir: str | None = None, cache: bool = True) -> 
     return load_in_memory(config)
   builder = make_builder(config, data_dir=data_dir)
   lock = os.path.join(os.path.dirname(os.path.dirname(str(builder.data_dir))), f".{builder.builder_config.name}.lock")
-  with _file_lock(lock):
+  # A prepared build is only read (no lock file: the data dir may be read-only, e.g. a shared training workdir).
+  with contextlib.nullcontext() if builder.is_prepared() else _file_lock(lock):
     if not builder.is_prepared():
       download_config = None
       if config.dataset == "lama_trex":

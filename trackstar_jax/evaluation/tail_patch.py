@@ -43,6 +43,7 @@ import numpy as np
 import optax
 
 from trackstar_jax import losses
+from trackstar_jax import progress as progress_lib
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "pad_mask")
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -154,6 +155,7 @@ def tail_patch(
   fn = make_tail_patch_fn(apply_fn=apply_fn, optimizer=optimizer)
   logp0 = np.zeros(n, np.float64)
   logp1 = np.zeros((n, k), np.float64)
+  prog = progress_lib.Progress(total=-(-n // query_chunk), unit="step", item_unit="queries", name="tail-patch")
   for start in range(0, n, query_chunk):
     sl = np.arange(start, min(start + query_chunk, n))
     pad = np.concatenate([sl, np.full(query_chunk - len(sl), sl[-1])])  # fixed shape: one compile
@@ -161,7 +163,11 @@ def tail_patch(
     pb = {key: cx[key][p_idx[pad]] for key in BATCH_KEYS}
     a, b = jax.device_get(fn(params, opt_state, qb, pb))
     logp0[sl], logp1[sl] = a[: len(sl)], b[: len(sl)]
-    logging.log_every_n_seconds(logging.INFO, "tail-patch: %d/%d queries", 30, sl[-1] + 1, n)
+    prog.update(start // query_chunk + 1, items=len(sl))
+    if start == 0:
+      prog.mark()  # exclude compilation from the rate
+    if prog.due(every_s=30) or sl[-1] + 1 == n:
+      logging.info(prog.line())
 
   rel = np.expm1(logp1 - logp0[:, None])
   p0 = np.exp(logp0)

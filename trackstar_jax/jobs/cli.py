@@ -14,6 +14,7 @@ if __name__ == "__main__":
 from __future__ import annotations
 
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -45,18 +46,31 @@ def define_flags(*, workdir_help: str, default_config: str = DEFAULT_CONFIG):
   return config, workdir, distributed
 
 
+_START = {}
+
+
 def start(argv, config_flag, distributed_flag):
   """Rejects stray arguments, quiets Orbax, starts multi-host JAX when asked; returns the config."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   checkpointing.quiet_orbax_logging()
   mesh_lib.maybe_initialize_distributed(force=distributed_flag.value)
+  _START["t"] = time.time()
   return config_flag.value
 
 
-def finish(config, workdir: str, job: str) -> None:
-  """Records the resolved config next to the outputs it produced (only once the job succeeded)."""
-  workdir_lib.write_job_config(config, workdir, job)
+def output_dir(path: str) -> str:
+  """The folder of an output file or store URL (local or kvstore)."""
+  return path.rstrip("/").rpartition("/")[0] or "."
+
+
+def finish(config, directory: str, job: str, **summary) -> None:
+  """Records, next to the outputs it produced and only once the job succeeded, the resolved config
+  (`<directory>/<job>_config.json`) and one metrics line (`<directory>/<job>_metrics.jsonl`: wall time and
+  `summary`). A training workdir that is only read (outputs redirected elsewhere) is left untouched."""
+  summary = dict(job=job, time=time.time(), wall_s=round(time.time() - _START.get("t", time.time()), 3), **summary)
+  workdir_lib.write_job_config(config, directory, job)
+  workdir_lib.append_metrics(f"{directory.rstrip('/')}/{job}_metrics.jsonl", summary)
 
 
 def run(main, *, default_config: str = DEFAULT_CONFIG) -> None:

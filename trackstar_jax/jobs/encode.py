@@ -10,20 +10,22 @@ Raw phi is task-independent: one corpus store serves every query set.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from absl import logging
 
-from trackstar_jax import api
+from trackstar_jax import api, checkpointing
 from trackstar_jax import store as store_lib
 from trackstar_jax.jobs import workdir as workdir_lib
 
 
-def provenance(config, workdir: str, *, step: int, dataset) -> dict[str, Any]:
-  """What an encoding of this run is made from, recorded in (and checked against) the store."""
+def provenance(config, encoder, *, step: int, dataset) -> dict[str, Any]:
+  """What an encoding of this run is made from, recorded in (and checked against) the store.
+
+  The checkpoint is identified by content (`checkpointing.params_fingerprint`), not by its path.
+  """
   return dict(
-    checkpoint=os.path.abspath(workdir),
+    checkpoint=checkpointing.params_fingerprint(encoder.params),
     step=int(step),
     corpus_fingerprint=str(dataset.fingerprint),
     extra=dict(dataset=dataset.name, seq_len=int(config.seq_len)),
@@ -41,7 +43,7 @@ def run(config, workdir: str, *, dataset=None) -> store_lib.EncodingStore:
     batch_size=int(config.encoder.batch_size),
     dtype=config.store.dtype,
     chunk_rows=int(config.store.chunk_rows),
-    provenance=provenance(config, workdir, step=step, dataset=rd.dataset),
+    provenance=provenance(config, encoder, step=step, dataset=rd.dataset),
   )
   logging.info("encode: %d x %d encodings in %s", store.num_rows, store.dim, store.url)
   return store

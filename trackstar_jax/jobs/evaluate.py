@@ -82,8 +82,12 @@ def check_checkpoint(*, ckpt_meta: Mapping, dataset, workdir: str) -> None:
     )
 
 
-def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step: int, dataset) -> None:
-  """The results were retrieved with this checkpoint (directly or via their store)."""
+def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step: int, dataset, checkpoint: str) -> None:
+  """The results were retrieved with this checkpoint (directly or via their store).
+
+  `checkpoint` is the evaluated checkpoint's `checkpointing.params_fingerprint`:
+  stores record the checkpoint by content, so a moved or copied workdir passes.
+  """
   rstep = meta.get("step")
   if rstep is not None and int(rstep) != step:
     raise EvaluationInputError(
@@ -100,8 +104,11 @@ def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step:
     return
   sm = store.meta
   problems = []
-  if sm.checkpoint and os.path.abspath(sm.checkpoint) != os.path.abspath(workdir):
-    problems.append(f"store checkpoint {sm.checkpoint!r} != evaluated workdir {os.path.abspath(workdir)!r}")
+  if sm.checkpoint and sm.checkpoint != checkpoint:
+    problems.append(
+      f"store checkpoint {sm.checkpoint!r} != evaluated checkpoint {checkpoint!r} (step {step} of "
+      f"{os.path.abspath(workdir)!r})"
+    )
   if sm.step != step:
     problems.append(f"store step {sm.step} != evaluated step {step}")
   if sm.corpus_fingerprint and sm.corpus_fingerprint != dataset.fingerprint:
@@ -114,7 +121,9 @@ def check_provenance(*, name: str, path: str, meta: Mapping, workdir: str, step:
     )
 
 
-def load_checked(results: Mapping[str, str], *, dataset, workdir: str, step: int) -> dict[str, list[dict]]:
+def load_checked(
+  results: Mapping[str, str], *, dataset, workdir: str, step: int, checkpoint: str
+) -> dict[str, list[dict]]:
   """name -> records, after every check (cheap; done before any tail-patching)."""
   out = {}
   queries = list(dataset.queries)
@@ -134,7 +143,9 @@ def load_checked(results: Mapping[str, str], *, dataset, workdir: str, step: int
       metrics_lib.match_queries(records, queries, path)
     except ValueError as e:
       raise EvaluationInputError(f"Results {name!r}: {e}") from e
-    check_provenance(name=name, path=path, meta=meta, workdir=workdir, step=step, dataset=dataset)
+    check_provenance(
+      name=name, path=path, meta=meta, workdir=workdir, step=step, dataset=dataset, checkpoint=checkpoint
+    )
     out[name] = records
   return out
 
@@ -197,12 +208,13 @@ def run(
   dataset, corpus_ex, query_ex = rd.dataset, rd.corpus, rd.queries
   step = workdir_lib.checkpoint_step(config, workdir)
   check_checkpoint(ckpt_meta=checkpointing.load_meta(workdir, step=step), dataset=dataset, workdir=workdir)
-  records = load_checked(results, dataset=dataset, workdir=workdir, step=step)
-  queries = list(dataset.queries)
-
   # Params and optimizer state on one device (no redundant SPMD copies); the optimizer at the final rate.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device)
+  records = load_checked(
+    results, dataset=dataset, workdir=workdir, step=step, checkpoint=checkpointing.params_fingerprint(lm.params)
+  )
+  queries = list(dataset.queries)
   optimizer = optim.make_optimizer(config.train, learning_rate=optim.final_learning_rate(config.train))
   acc = lm_eval.query_accuracy(
     lm.model.apply,

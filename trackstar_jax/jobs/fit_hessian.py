@@ -24,7 +24,7 @@ from trackstar_jax.jobs import workdir as workdir_lib
 def producer(config, workdir: str, encoder, *, step: int, dataset, num_rows: int) -> dict[str, Any]:
   """The fields of an encoding that a Hessian depends on (not the store layout)."""
   meta = encoding.store_meta(
-    encoder, num_rows=num_rows, **encode_job.provenance(config, workdir, step=step, dataset=dataset)
+    encoder, num_rows=num_rows, **encode_job.provenance(config, encoder, step=step, dataset=dataset)
   )
   d = meta.to_json()
   return {k: d[k] for k in ("dim", "checkpoint", "step", "projection_seed", "blocks", "correction", "extra")}

@@ -30,7 +30,7 @@ def run(config, workdir: str, *, dataset=None) -> str:
   corpus = rd.corpus
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
   meta = encoding.store_meta(
-    encoder, num_rows=len(corpus), **encode_job.provenance(config, workdir, step=step, dataset=rd.dataset)
+    encoder, num_rows=len(corpus), **encode_job.provenance(config, encoder, step=step, dataset=rd.dataset)
   )
   store = store_lib.open_store(workdir_lib.store_url(config, workdir))
   # The store's layout (dtype, chunk_rows) may differ from this config; what produced it may not.

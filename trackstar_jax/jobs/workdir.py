@@ -2,8 +2,9 @@
 
 Layout of a workdir (every path can be redirected in the config):
 
-  config.json, train_config.json   the training run's resolved config
-  <job>_config.json                each later job's resolved config (written when it succeeds)
+  config.json                      the training run's resolved config
+  <job>_config.json, <job>_metrics.jsonl   each job's resolved config and a metrics line per run, written
+                                   when it succeeds, next to its outputs (the workdir unless redirected)
   checkpoints/<step>/              Orbax: params, opt_state, meta (`checkpointing`)
   tokenizer.model                  the corpus-trained sentencepiece model
   metrics.jsonl                    training metrics, one JSON object a line
@@ -65,12 +66,20 @@ def results_path(config, workdir: str) -> str:
   return config.retrieve.output or os.path.join(os.path.abspath(workdir), "results.jsonl")
 
 
-def write_job_config(config, workdir: str, job: str) -> str:
-  """The resolved config of a job as <workdir>/<job>_config.json (process 0); call it when the job succeeded."""
-  path = os.path.join(os.path.abspath(workdir), f"{job}_config.json")
+def write_job_config(config, directory: str, job: str) -> str:
+  """The resolved config of a job as <directory>/<job>_config.json (process 0): call it when the job succeeded."""
+  path = f"{directory.rstrip('/')}/{job}_config.json"
   if mesh_lib.is_chief():
     fileio.write_json(path, checkpointing.config_to_dict(config))
   return path
+
+
+def append_metrics(path: str, row: dict[str, Any]) -> None:
+  """Appends one JSON line to `path` (process 0; local or kvstore: rewritten whole, atomically)."""
+  if not mesh_lib.is_chief():
+    return
+  old = fileio.read_text(path) if fileio.exists(path) else ""
+  fileio.write_text(path, old + json.dumps({k: _to_py(v) for k, v in row.items()}, default=str) + "\n")
 
 
 class MetricsWriter:
