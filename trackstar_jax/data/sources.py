@@ -125,9 +125,10 @@ class ParquetSource(Source):
 
   def __init__(self, path: str):
     super().__init__(path)
+    pq = _pyarrow_parquet()
     if not os.path.exists(path):
       raise FileNotFoundError(f"No Parquet file at {path}.")
-    self._file = _pyarrow_parquet().ParquetFile(path)
+    self._file = pq.ParquetFile(path)
 
   def __len__(self) -> int:
     return int(self._file.metadata.num_rows)
