@@ -43,7 +43,9 @@ def get_config(arg=None):
     # Half of each relation's facts get statements (5 patterns each: ~39k statements next to the 65k
     # evidence sentences); queries: the ~7.9k held-out facts. The same steps are ~15 epochs of 104k.
     c.lama_mixed.fraction = 0.5
-    c.lama_mixed.paraphrases = 5  # every relation has >= 6 distinct patterns (P364 the fewest), 3+ of them ParaRel
+    c.lama_mixed.paraphrases = (
+      5  # every relation has >= 6 distinct patterns (P364 the fewest; P31, P527 have no ParaRel file)
+    )
     c.lama_queries = "heldout"
   if a.runlocal:
     c.seq_len = 96  # the longest query prompt needs ~75 tokens with this vocabulary
