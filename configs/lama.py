@@ -3,14 +3,24 @@ r"""LAMA T-REx (20 relations), `small` LM on one GPU.
   python -m launch.train --config=configs/lama.py:model=small \
       --config.manual_dir=../shared/data/lama_trex --workdir=/tmp/ts_lama
 
-Arguments: `model` (preset), `runlocal` (tiny model, few steps: a CPU smoke run).
+Mixed training (`trackstar_jax/data/lama_mixed.py`): half the facts of each
+relation also get 5 statements in the query's form (the LAMA template and
+ParaRel / LPAQA paraphrases); the queries are the other half, whose facts occur
+only in their evidence sentences. The whole ladder:
+
+  python -m launch.pipeline --config=configs/lama.py:model=small,mixed=True \
+      --config.manual_dir=../shared/data/lama_trex --workdir=/tmp/ts_lama_mixed
+
+Arguments: `model` (preset), `mixed` (mixed training: `lama_mixed.fraction`
+0.5), `runlocal` (tiny model, few steps: a CPU smoke run; with `mixed`, on two
+relations, P20 and P1303).
 """
 
 from trackstar_jax import configs
 
 
 def get_config(arg=None):
-  a = configs.parse_arg(arg, model="small", runlocal=False)
+  a = configs.parse_arg(arg, model="small", mixed=False, runlocal=False)
   c = configs.base_config(dataset="lama_trex", model=a.model, seq_len=128)  # ~2% of sentences are longer: truncated
   c.manual_dir = "../shared/data/lama_trex"
   c.tokenizer.vocab_size = 16384
@@ -29,6 +39,14 @@ def get_config(arg=None):
   # N >= 10 d samples per block keeps R well estimated (README "Reading").
   c.hessian.block_diagonal = True
   c.hessian.train_sample = 32768  # 8 x the block size (streamed into R; multi-host: 8.6 GB phi per host)
+  if a.mixed:
+    # Half of each relation's facts get statements (5 patterns each: ~39k statements next to the 65k
+    # evidence sentences); queries: the ~7.9k held-out facts. The same steps are ~15 epochs of 104k.
+    c.lama_mixed.fraction = 0.5
+    c.lama_mixed.paraphrases = (
+      5  # every relation has >= 6 distinct patterns (P364 the fewest; P31, P527 have no ParaRel file)
+    )
+    c.lama_queries = "heldout"
   if a.runlocal:
     c.seq_len = 96  # the longest query prompt needs ~75 tokens with this vocabulary
     c.model = configs.model_config("tiny", max_len=c.seq_len)
@@ -43,4 +61,6 @@ def get_config(arg=None):
     c.encoder.d_out = 16
     c.hessian.train_sample = 64
     c.hessian.top_k_eig = 50
+    if a.mixed:
+      c.lama_relations = ("P20", "P1303")  # ~1.9k facts, ~4k sentences + statements: seconds to build
   return c

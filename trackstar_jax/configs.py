@@ -203,6 +203,9 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.data_dir = ""  # TFDS data dir; "" = <workdir>/../tfds or $TFDS_DATA_DIR.
   c.manual_dir = ""  # lama_trex: the folder holding evidences/ and lama_templates/.
   c.lama_relations = ()  # lama_trex: relation ids to keep, e.g. ("P20", "P27"); () = all
+  # lama_trex mixed training (data/lama_mixed.py): template statements for `fraction` of each relation's facts.
+  c.lama_mixed = ml_collections.ConfigDict(dict(fraction=0.0, paraphrases=5, seed=0))  # fraction 0: no mixing
+  c.lama_queries = "heldout"  # lama_trex with mixing: "heldout" (facts without statements) | "all"
 
   c.world = ml_collections.ConfigDict()
   c.world.seed = 0

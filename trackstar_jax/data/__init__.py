@@ -4,6 +4,8 @@ ds = load_dataset(config)          # generates/reads once, then reuses
 ds.corpus[i]   -> {sentence_id, text, fact_ids}
 ds.queries[j]  -> {query_id, fact_id, relation, prompt, target, answers,
                    gold_sentence_ids, frequency}
+                  (+ template_fact_ids / split for mixed LAMA training:
+                  config.lama_mixed, lama_queries; see `lama_mixed`)
 tok = tokenizer.get_tokenizer(ds, config, path=...)
 ex = batching.tokenize_corpus(tok, ds.corpus, seq_len=config.seq_len)
 """
@@ -21,7 +23,7 @@ from typing import Any
 
 from absl import logging
 
-from trackstar_jax.data import lama, records, world
+from trackstar_jax.data import lama, lama_mixed, records, world
 from trackstar_jax.data.records import FactData
 
 # `builders` (TFDS) is imported where used: the generators, tokenizer and
@@ -116,8 +118,9 @@ def load_in_memory(config) -> FactDataset:
     if not config.manual_dir:
       raise ValueError(f"config.dataset='lama_trex' needs {lama.MANUAL_DIR_FLAG}.")
     rels = config.lama_relations or None
-    data = lama.read_lama(config.manual_dir, relations=rels)
-    name = f"lama_trex/{lama.config_name(rels)}/{records.DATASET_VERSION}"
+    mixed = lama_mixed.options_from_config(config)
+    data = lama.read_lama(config.manual_dir, relations=rels, mixed=mixed)
+    name = f"lama_trex/{lama.config_name(rels)}{mixed.name()}/{records.DATASET_VERSION}"
   else:
     raise ValueError(f"Unknown config.dataset={config.dataset!r}; known: {DATASETS}.")
   return FactDataset(name=name, fingerprint=data.fingerprint(), corpus=data.corpus, queries=data.queries)
@@ -149,11 +152,11 @@ def _builder(cls, cfg, data_dir: str):
   return cls(config=arg, data_dir=data_dir, file_format="array_record")
 
 
-def _sole_lama_build(data_dir: str, rels, manual_dir: str) -> str:
-  """The source key of the only prepared lama_trex build of `rels` under data_dir ("" if none); else an error."""
+def _sole_lama_build(data_dir: str, rels, manual_dir: str, mixed: lama_mixed.MixedOptions) -> str:
+  """The source key of the only prepared lama_trex build of (`rels`, `mixed`) under data_dir ("" if none); else an error."""
   from trackstar_jax.data import builders  # pylint: disable=g-import-not-at-top
 
-  prefix = lama.config_name(rels) + builders.SOURCE_SEP
+  prefix = lama.config_name(rels) + mixed.name() + builders.SOURCE_SEP
   root = os.path.join(data_dir, "lama_trex")
   found = sorted(
     n
@@ -189,12 +192,13 @@ def make_builder(config, *, data_dir: str | None = None):
     return _builder(builders.SyntheticFacts, cfg, data_dir)
   if name == "lama_trex":
     rels = config.lama_relations or None
+    mixed = lama_mixed.options_from_config(config)
     manual_dir = config.manual_dir or ""
     manual_dir = os.path.abspath(os.path.expanduser(manual_dir)) if manual_dir else ""
     if manual_dir and os.path.isdir(manual_dir):  # the build of exactly these files
-      source = lama.source_fingerprint(manual_dir, relations=rels)
-    else:  # no files to key by: the one earlier build of this relation set, if there is exactly one
-      source = _sole_lama_build(data_dir, rels, manual_dir)
+      source = lama.source_fingerprint(manual_dir, relations=rels, patterns=mixed.active)
+    else:  # no files to key by: the one earlier build of this relation set and options, if there is exactly one
+      source = _sole_lama_build(data_dir, rels, manual_dir, mixed)
     if not source:  # never open an unkeyed build (made before builds were keyed by content)
       if manual_dir:
         lama.available_relations(manual_dir)  # raises: names the flag and the expected files
@@ -202,7 +206,7 @@ def make_builder(config, *, data_dir: str | None = None):
         f"config.dataset='lama_trex' is not prepared yet and needs {lama.MANUAL_DIR_FLAG}: "
         f"{builders.LamaTrex.MANUAL_DOWNLOAD_INSTRUCTIONS}"
       )
-    cfg = builders.LamaTrexConfig.from_relations(rels, source=source)
+    cfg = builders.LamaTrexConfig.from_relations(rels, source=source, mixed=mixed)
     return _builder(builders.LamaTrex, cfg, data_dir)
   raise ValueError(f"Unknown config.dataset={name!r}; known: {DATASETS}.")
 

@@ -5,6 +5,9 @@ Reads the manual directory laid out as in the LAMA release
 
   evidences/P<id>.jsonl            one fact a line, with its evidence sentences
   lama_templates/relations.jsonl   one query template per relation
+  pararel_patterns/P<id>.jsonl     ParaRel paraphrases of the templates, and
+  lpaqa_prompts/{paraphrase,mine}/P<id>.jsonl   LPAQA's prompts: read only for
+                                   mixed training (`lama_mixed`)
 
 Corpus: every evidence's `masked_sentence` with [MASK] replaced by its
 `obj_surface`, deduplicated over all relations; a sentence keeps the ids of all
@@ -18,6 +21,7 @@ order), `answers` all objects of that (subject, relation).
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,6 +35,13 @@ from trackstar_jax.data import records
 MANUAL_DIR_FLAG = "--config.manual_dir"
 EVIDENCE_DIR = "evidences"
 TEMPLATES_FILE = os.path.join("lama_templates", "relations.jsonl")
+# Paraphrased templates (directory, JSON field), in the order mixed training prefers them:
+# ParaRel's are curated to keep the meaning, LPAQA's paraphrases and mined prompts are not.
+PATTERN_SOURCES = (
+  ("pararel_patterns", "pattern"),
+  (os.path.join("lpaqa_prompts", "paraphrase"), "template"),
+  (os.path.join("lpaqa_prompts", "mine"), "template"),
+)
 
 # LAMA templates that do not end in [Y] cannot prompt a left-to-right LM; these
 # ParaRel patterns of the same relations do (the data README's choices).
@@ -50,7 +61,7 @@ def config_name(relations: Sequence[str] | None) -> str:
   return "rel_" + hashlib.sha256(json.dumps(list(relations)).encode()).hexdigest()[:12]
 
 
-def source_fingerprint(manual_dir: str, *, relations: Sequence[str] | None = None) -> str:
+def source_fingerprint(manual_dir: str, *, relations: Sequence[str] | None = None, patterns: bool = False) -> str:
   """16 hex digits naming what `read_lama(manual_dir, relations=...)` reads: a build's content key.
 
   Hashes the relation list (the files present when `relations` is empty) and,
@@ -58,11 +69,20 @@ def source_fingerprint(manual_dir: str, *, relations: Sequence[str] | None = Non
   sha256, so two manual dirs give the same key only when they hold the same
   bytes. A missing file enters the hash as missing (reading it later raises
   `read_lama`'s actionable error).
+
+  Args:
+    manual_dir: the LAMA folder.
+    relations: as for `read_lama`.
+    patterns: also hash each relation's paraphrase files (`PATTERN_SOURCES`),
+      which mixed training reads; False gives the key of an unmixed build.
   """
   manual_dir = os.fspath(manual_dir)
   rels = list(relations) if relations else available_relations(manual_dir)
   h = hashlib.sha256(json.dumps({"relations": rels, "pararel": PARAREL_TEMPLATES}, sort_keys=True).encode())
-  for rel_path in [TEMPLATES_FILE] + [os.path.join(EVIDENCE_DIR, f"{r}.jsonl") for r in rels]:
+  files = [TEMPLATES_FILE] + [os.path.join(EVIDENCE_DIR, f"{r}.jsonl") for r in rels]
+  if patterns:
+    files += [os.path.join(d, f"{r}.jsonl") for d, _ in PATTERN_SOURCES for r in rels]
+  for rel_path in files:
     path = os.path.join(manual_dir, rel_path)
     if not os.path.isfile(path):
       h.update(f"{rel_path}:missing\n".encode())
@@ -142,18 +162,66 @@ def prompt_from_template(template: str, subject: str, *, relation: str = "?") ->
   return head.replace("[X]", subject).rstrip()
 
 
-def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None) -> records.FactData:
+def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None, mixed=None) -> records.FactData:
   """Reads LAMA T-REx from `manual_dir` (see module docstring).
 
   Args:
     manual_dir: the folder holding evidences/ and lama_templates/.
     relations: relation ids to read (e.g. ("P20", "P27")); None or empty =
       every relation with an evidence file, in numeric order.
+    mixed: optional `lama_mixed.MixedOptions`; when active (fraction > 0), a
+      part of the facts also gets template statements in the corpus and the
+      queries are split (`lama_mixed.add_statements`). None or fraction 0:
+      today's dataset, record for record.
 
   Returns:
     FactData; corpus in order of first appearance (relations in the given
     order, facts and evidences in file order), queries in the same order.
   """
+  parsed = parse_evidences(manual_dir, relations=relations)
+  if mixed is not None and mixed.active:
+    from trackstar_jax.data import lama_mixed  # pylint: disable=g-import-not-at-top  (it builds on this module)
+
+    return lama_mixed.add_statements(parsed, manual_dir=os.fspath(manual_dir), options=mixed)
+  corpus = parsed.dedup.records()
+  gold = records.gold_sentences(corpus)
+  queries = []
+  for qid, fact in enumerate(parsed.facts.values()):
+    ids = gold.get(fact["fact_id"], [])
+    queries.append(dict(query_id=qid, **query_fields(fact), gold_sentence_ids=ids, frequency=len(ids)))
+  logging.info(
+    "LAMA T-REx from %s: %d relations, %d queries (%d with several objects), %d evidences, %d unique sentences.",
+    manual_dir,
+    len(parsed.relations),
+    len(queries),
+    sum(len(q["answers"]) > 1 for q in queries),
+    parsed.n_evidences,
+    len(corpus),
+  )
+  return records.FactData(corpus=corpus, queries=queries)
+
+
+_QUERY_FIELDS = ("fact_id", "relation", "prompt", "target", "answers")
+
+
+def query_fields(fact: dict[str, Any]) -> dict[str, Any]:
+  """The query record fields of a parsed fact (`ParsedEvidences.facts` values also hold `subject`)."""
+  return {k: fact[k] for k in _QUERY_FIELDS}
+
+
+@dataclasses.dataclass
+class ParsedEvidences:
+  """What `parse_evidences` read: the relations, their query templates, facts and deduplicated sentences."""
+
+  relations: list[str]
+  templates: dict[str, str]  # relation -> query template (ends in [Y])
+  facts: dict[str, dict[str, Any]]  # fact id -> fact_id, relation, subject, prompt, target, answers
+  dedup: records.SentenceDeduper  # the evidence sentences, with the facts they came from
+  n_evidences: int
+
+
+def parse_evidences(manual_dir: str, *, relations: Sequence[str] | None = None) -> ParsedEvidences:
+  """Reads the templates and evidence files of `relations` (see `read_lama`); checks they exist."""
   manual_dir = os.fspath(manual_dir)
   if not os.path.isdir(manual_dir):
     raise FileNotFoundError("Manual dir not found. " + _expected_files_message(manual_dir))
@@ -188,6 +256,7 @@ def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None) -> rec
         fact = facts[fid] = dict(
           fact_id=fid,
           relation=rel,
+          subject=sub_label,
           prompt=prompt_from_template(templates[rel], sub_label, relation=rel),
           target=" " + obj_label,
           answers=[],
@@ -203,20 +272,4 @@ def read_lama(manual_dir: str, *, relations: Sequence[str] | None = None) -> rec
         if text:
           dedup.add(text, fid)
           n_evidences += 1
-
-  corpus = dedup.records()
-  gold = records.gold_sentences(corpus)
-  queries = []
-  for qid, fact in enumerate(facts.values()):
-    ids = gold.get(fact["fact_id"], [])
-    queries.append(dict(query_id=qid, **fact, gold_sentence_ids=ids, frequency=len(ids)))
-  logging.info(
-    "LAMA T-REx from %s: %d relations, %d queries (%d with several objects), %d evidences, %d unique sentences.",
-    manual_dir,
-    len(relations),
-    len(queries),
-    sum(len(q["answers"]) > 1 for q in queries),
-    n_evidences,
-    len(corpus),
-  )
-  return records.FactData(corpus=corpus, queries=queries)
+  return ParsedEvidences(relations=relations, templates=templates, facts=facts, dedup=dedup, n_evidences=n_evidences)

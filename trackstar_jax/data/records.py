@@ -12,6 +12,10 @@ A fact dataset is two lists of plain dicts:
            begins with a space, so `prompt + target` reads as a sentence;
            `answers` lists every accepted object (without the space);
            `gold_sentence_ids` are the corpus sentences that state the fact.
+
+Mixed LAMA training (`lama_mixed`) adds `template_fact_ids: list[str]` to
+corpus records (the facts a template statement states: not gold) and
+`split: "trained" | "heldout"` to queries; other datasets do not have them.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ QUERY_KEYS = (
   "gold_sentence_ids",
   "frequency",
 )
+
+# Fields only mixed LAMA builds have (see the module docstring).
+MIXED_KEYS = {"corpus": ("template_fact_ids",), "queries": ("split",)}
 
 
 @dataclasses.dataclass
