@@ -21,7 +21,7 @@ setuptools.setup(
   # The core is the attribution library and its public API (bring your own model and batches).
   install_requires=[
     "jax>=0.4.35",
-    "flax>=0.10",
+    "flax>=0.11",  # NNX models (nnx_adapter) need 0.11
     "optax>=0.2.3",
     "orbax-checkpoint>=0.6",
     "tensorstore>=0.1.65",

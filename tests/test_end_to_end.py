@@ -82,6 +82,20 @@ def test_ablation_ladder_end_to_end(tmp_path):
   assert ts["tail_patch@10"] > rnd["tail_patch@10"], (ts, rnd)
   assert rows["BM25"]["mrr"] > rnd["mrr"]
 
+  # README command 1's report step on these outputs: one self-contained page with TrackStar's proponents.
+  res = os.path.join(workdir, "ladder", "results")
+  page = os.path.join(workdir, "report.html")
+  proc = subprocess.run(
+    ["timeout", "300", sys.executable, "-m", "launch.report", f"--results={res}/r_mixed_trackstar.jsonl",
+     f"--compare=BM25={res}/bm25.jsonl", f"--ablation={workdir}/ablation.json", f"--output={page}"],
+    cwd=REPO, capture_output=True, text=True,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  html = open(page, encoding="utf-8").read()
+  top = results_lib.read_results(os.path.join(res, "r_mixed_trackstar.jsonl"))[0]
+  assert "<script" in html and "http://" not in html.replace("http://www.w3.org", "")  # no network
+  assert json.dumps(top["proponents"][0], ensure_ascii=False)[1:-1] in html  # the data is embedded
+
   # A rerun finds every output up to date: only the (cached) evaluation runs again.
   again = _pipeline(workdir)
   assert again.stderr.count(": running") == 1 and "] evaluate: running" in again.stderr, again.stderr[-3000:]
