@@ -132,6 +132,15 @@ def test_batches_as_input_and_padding_rows(tiny):
   np.testing.assert_allclose(tsj.encode(enc, batches), tsj.encode(enc, corpus), rtol=1e-5, atol=1e-6)
 
 
+def test_k_larger_than_the_corpus_is_clamped_and_recorded(tiny, tmp_path):
+  enc = tsj.build_encoder(model=tiny["model"], params=tiny["params"], correction="none", d_in=4, d_out=4)
+  res = tsj.retrieve(encoder=enc, queries=tiny["queries"], corpus_phi=tsj.encode(enc, tiny["corpus"]), k=100)
+  assert res.k == 40 and res.top_ids.shape == (4, 40)
+  queries = [dict(query_id=i, prompt="p", target=" t") for i in range(4)]
+  path = res.write_jsonl(str(tmp_path / "r.jsonl"), queries=queries, text_of=str, metadata=dict(method="x"))
+  assert tsj.load_results(path)[1]["k"] == 40  # the k actually used, not the one asked for
+
+
 def test_bad_input_is_named(tiny):
   with pytest.raises(ValueError, match=r"Unknown EncoderOptions option\(s\): 'd_inn' \(did you mean 'd_in'\?\)"):
     tsj.build_encoder(model=tiny["model"], params=tiny["params"], d_inn=4)
