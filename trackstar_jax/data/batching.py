@@ -64,7 +64,13 @@ class Examples:
     return {k: getattr(self, k)[index] for k in BATCH_KEYS}
 
 
-def _pack(seqs: Sequence[Sequence[int]], loss_ranges, ids, *, seq_len: int) -> Examples:
+def pack(seqs: Sequence[Sequence[int]], loss_ranges: Sequence[tuple[int, int]], ids, *, seq_len: int) -> Examples:
+  """Token sequences (each <= seq_len + 1 long) -> `Examples`, the loss on target positions [lo, hi) of each.
+
+  Example:
+    >>> pack([[2, 5, 6, 3]], [(0, 3)], [0], seq_len=4).inputs
+    array([[2, 5, 6, 0]], dtype=int32)
+  """
   n = len(seqs)
   inputs = np.zeros((n, seq_len), np.int32)
   targets = np.zeros((n, seq_len), np.int32)
@@ -72,6 +78,8 @@ def _pack(seqs: Sequence[Sequence[int]], loss_ranges, ids, *, seq_len: int) -> E
   pad_mask = np.zeros((n, seq_len), bool)
   for i, (s, (lo, hi)) in enumerate(zip(seqs, loss_ranges)):
     m = len(s) - 1
+    if not 1 <= m <= seq_len:
+      raise ValueError(f"Sequence {i} has {len(s)} tokens; an example holds 2..{seq_len + 1}.")
     inputs[i, :m] = s[:-1]
     targets[i, :m] = s[1:]
     pad_mask[i, :m] = True
@@ -112,7 +120,7 @@ def tokenize_corpus(
     if overflow == "error":
       raise ValueError(msg + "; raise config.seq_len or use overflow='truncate'.")
     logging.warning("%s: truncated.", msg)
-  return _pack(seqs, [(0, len(s) - 1) for s in seqs], ids, seq_len=seq_len)
+  return pack(seqs, [(0, len(s) - 1) for s in seqs], ids, seq_len=seq_len)
 
 
 def tokenize_queries(
@@ -165,7 +173,7 @@ def tokenize_queries(
       seq_len,
       cut[:10],
     )
-  ex = _pack(seqs, ranges, ids, seq_len=seq_len)
+  ex = pack(seqs, ranges, ids, seq_len=seq_len)
   ex.prompt_len = np.asarray(plen, np.int32)
   ex.target_len = np.asarray(tlen, np.int32)
   return ex

@@ -46,7 +46,7 @@ from absl import logging
 import numpy as np
 
 from trackstar_jax.data import sources as sources_lib
-from trackstar_jax.data.batching import Examples
+from trackstar_jax.data.batching import Examples, pack
 
 OVERFLOW = ("window", "truncate", "error")
 
@@ -360,26 +360,3 @@ def load_corpus(
       "load_corpus: skipped %d empty documents of %s (first rows %s).", stats.empty, src.name, stats.empty_rows
     )
   return Corpus(examples, example_sources, texts, tokens, tokenizer, stats)
-
-
-def pack(seqs: Sequence[Sequence[int]], loss_ranges: Sequence[tuple[int, int]], ids, *, seq_len: int) -> Examples:
-  """Token sequences (each <= seq_len + 1 long) -> `Examples`, the loss on target positions [lo, hi) of each.
-
-  Example:
-    >>> pack([[2, 5, 6, 3]], [(0, 3)], [0], seq_len=4).inputs
-    array([[2, 5, 6, 0]], dtype=int32)
-  """
-  n = len(seqs)
-  inputs = np.zeros((n, seq_len), np.int32)
-  targets = np.zeros((n, seq_len), np.int32)
-  loss_mask = np.zeros((n, seq_len), np.float32)
-  pad_mask = np.zeros((n, seq_len), bool)
-  for i, (s, (lo, hi)) in enumerate(zip(seqs, loss_ranges)):
-    m = len(s) - 1
-    if not 1 <= m <= seq_len:
-      raise ValueError(f"Sequence {i} has {len(s)} tokens; an example holds 2..{seq_len + 1}.")
-    inputs[i, :m] = s[:-1]
-    targets[i, :m] = s[1:]
-    pad_mask[i, :m] = True
-    loss_mask[i, lo:hi] = 1.0
-  return Examples(inputs, targets, loss_mask, pad_mask, np.asarray(ids, np.int64).reshape(n))

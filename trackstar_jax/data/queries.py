@@ -29,6 +29,7 @@ from typing import Any
 from absl import logging
 import numpy as np
 
+from trackstar_jax.data import batching
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.data import sources as sources_lib
 from trackstar_jax.data.batching import Examples
@@ -133,7 +134,7 @@ def load_queries(
     raise ValueError(f"{src.name} holds no queries.")
   if cut:
     logging.warning("load_queries: %d of %d queries cut from the left (ids %s).", len(cut), len(records), cut[:10])
-  examples = corpus_lib.pack(seqs, ranges, np.arange(len(seqs)), seq_len=seq_len)
+  examples = batching.pack(seqs, ranges, np.arange(len(seqs)), seq_len=seq_len)
   examples.prompt_len = np.asarray(plen, np.int32)
   examples.target_len = np.asarray(tlen, np.int32)
   logging.info("load_queries: %d queries from %s.", len(records), src.name)
