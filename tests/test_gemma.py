@@ -16,6 +16,8 @@ try:
 except ImportError as e:  # pragma: no cover
   pytest.skip(f"gemma.gm.nn is not importable: {e}", allow_module_level=True)
 
+from batch_helpers import random_batch
+
 from trackstar_jax import gradients, losses, projection
 from trackstar_jax import optimizer_correction as oc
 from trackstar_jax.models import gemma_lm
@@ -25,20 +27,7 @@ V, T = 40, 8
 
 
 def make_batch(b, seed=0):
-  rng = np.random.default_rng(seed)
-  inputs = rng.integers(1, V, (b, T)).astype(np.int32)
-  pad = np.ones((b, T), bool)
-  pad[0, T - 2 :] = False  # one right-padded example (gemma pads with token id 0)
-  inputs = np.where(pad, inputs, 0)
-  loss_mask = pad.astype(np.float32)
-  loss_mask[:, 0] = 0.0
-  return dict(
-    inputs=inputs,
-    targets=np.roll(inputs, -1, axis=1),
-    loss_mask=loss_mask,
-    pad_mask=pad,
-    ids=np.arange(b, dtype=np.int64),
-  )
+  return random_batch(b, vocab=V, seq_len=T, seed=seed, zero_padding=True)
 
 
 TXS = {"adam": optax.adam(1e-2), "adafactor": optax.adafactor(1e-2, min_dim_size_to_factor=4)}

@@ -1,5 +1,6 @@
 """Fused projected gradients == brute-force vmap(grad) reference, every correction."""
 
+from batch_helpers import random_batch
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,19 +34,7 @@ CUSTOM_BLOCKS = r"(?P<kind>dg|ein|head)"
 
 
 def make_batch(b, seed=0):
-  rng = np.random.default_rng(seed)
-  inputs = rng.integers(1, V, (b, T)).astype(np.int32)
-  pad = np.ones((b, T), bool)
-  pad[0, T - 2 :] = False  # one right-padded example
-  loss_mask = pad.astype(np.float32)
-  loss_mask[:, 0] = 0.0
-  return dict(
-    inputs=inputs,
-    targets=np.roll(inputs, -1, axis=1),
-    loss_mask=loss_mask,
-    pad_mask=pad,
-    ids=np.arange(b, dtype=np.int64),
-  )
+  return random_batch(b, vocab=V, seq_len=T, seed=seed)
 
 
 def setup_model(which):
