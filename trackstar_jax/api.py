@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from trackstar_jax import encoding, retrieval
@@ -157,7 +158,6 @@ def _phis(encoder, examples, phi, *, batch_size: int, what: str, name: str = "en
     return None
   if encoder is None:
     raise ValueError(f"Encoding {what} examples needs encoder=.")
-  import jax  # pylint: disable=g-import-not-at-top
 
   if jax.process_count() == 1:  # streamed into R batch by batch: no [N, d] phi on the host or device
     return encoding.phi_batches(encoder, examples, batch_size=batch_size, name=name)

@@ -53,16 +53,12 @@ def run(config, workdir: str, *, dataset=None) -> str:
     want = fit_hessian_job.producer(config, workdir, encoder, step=step, dataset=rd.dataset, num_rows=len(corpus))
     if h.meta.get("encoding") != want:
       raise ValueError(f"Hessian {path} was fit for other encodings than store {store.url}; rerun fit_hessian.")
-  k = int(rc.k)
-  if k > store.num_rows:
-    logging.warning("retrieve.k=%d > %d corpus rows: k is clamped to %d.", k, store.num_rows, store.num_rows)
-    k = store.num_rows
   result = api.retrieve(
     encoder=encoder,
     queries=rd.queries,
     store=store,
     hessian=h,
-    k=k,
+    k=int(rc.k),  # clamped to the corpus size by retrieval (the results record the k used)
     normalize=bool(rc.normalize),
     matmul_dtype=str(rc.matmul_dtype),
     chunk_rows=int(rc.chunk_rows),
@@ -97,6 +93,6 @@ def run(config, workdir: str, *, dataset=None) -> str:
         correction=meta.correction,
       ),
     )
-    logging.info("retrieve: %d queries, k=%d -> %s", result.num_queries, k, out)
+    logging.info("retrieve: %d queries, k=%d -> %s", result.num_queries, result.k, out)
   mesh_lib.sync("retrieve:written")
   return out
