@@ -69,6 +69,7 @@ def test_bm25_ranks_exact_duplicate_first():
     assert len(r["proponent_ids"]) == 3
     assert r["proponent_scores"] == sorted(r["proponent_scores"], reverse=True)
     assert r["proponents"][0] == next(c["text"] for c in CORPUS if c["sentence_id"] == r["proponent_ids"][0])
+    assert r["proponent_correct"] == [i in set(q["gold_sentence_ids"]) for i in r["proponent_ids"]]  # for the report
   m = metrics.compute_metrics(res, QUERIES)
   assert m["overall"]["mrr"] == 1.0
 

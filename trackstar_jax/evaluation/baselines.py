@@ -33,7 +33,7 @@ def _record(q: Mapping, ids, scores, texts_by_id, opp_ids=(), opp_scores=()) -> 
   """One result line in the TrackStar schema."""
   ids = [int(i) for i in ids]
   opp_ids = [int(i) for i in opp_ids]
-  return {
+  out = {
     "example_id": q["query_id"],
     "inputs_plaintext": q.get("prompt", ""),
     "targets_plaintext": q.get("target", ""),
@@ -46,6 +46,12 @@ def _record(q: Mapping, ids, scores, texts_by_id, opp_ids=(), opp_scores=()) -> 
     "fact_id": q.get("fact_id"),
     "relation": q.get("relation"),
   }
+  if "gold_sentence_ids" in q:  # ground truth known: mark the proponents that state the query's fact
+    gold = {int(g) for g in q["gold_sentence_ids"]}
+    out["proponent_correct"] = [i in gold for i in ids]
+  if "frequency" in q:
+    out["frequency"] = int(q["frequency"])
+  return out
 
 
 def _corpus_arrays(corpus: Sequence[Mapping]):
