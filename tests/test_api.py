@@ -123,6 +123,27 @@ def test_encode_resumes_and_refuses_other_inputs(tiny, tmp_path):
     tsj.encode(enc, other, store=url, chunk_rows=16)
 
 
+@pytest.mark.parametrize("how", ["delete", "truncate"])
+def test_damaged_chunk_is_refused_then_repaired_by_encode(tiny, tmp_path, how):
+  """A damaged chunk of a complete store: retrieval refuses it by name; verify --repair + encode (the encode
+  job's own path) restores a store bitwise equal to the clean one."""
+  from trackstar_jax.jobs import verify_store  # pylint: disable=g-import-not-at-top
+
+  enc = tsj.build_encoder(model=tiny["model"], params=tiny["params"], opt_state=tiny["opt_state"], d_in=4, d_out=4)
+  url = str(tmp_path / "enc.zarr")
+  clean = tsj.encode(enc, tiny["corpus"], store=url, chunk_rows=16).read(0, 40).phi
+  chunk_file = tmp_path / "enc.zarr" / "phi" / "c" / "1" / "0"
+  if how == "delete":
+    chunk_file.unlink()
+  else:
+    chunk_file.write_bytes(chunk_file.read_bytes()[: chunk_file.stat().st_size // 2])
+  with pytest.raises(tsj.store.StoreDataError, match=r"chunk 1 .*rows \[16, 32\).*launch.verify_store"):
+    tsj.retrieve(encoder=enc, queries=tiny["queries"], store=url, k=3)
+  assert [b.chunk for b in verify_store.run(url=url, repair=True)] == [1]
+  repaired = tsj.encode(enc, tiny["corpus"], store=url, chunk_rows=16)
+  assert repaired.verify() == [] and repaired.read(0, 40).phi.tobytes() == clean.tobytes()
+
+
 def test_batches_as_input_and_padding_rows(tiny):
   """An iterable of batch dicts (with padding rows, ids -1) encodes like the Examples it came from."""
   enc = tsj.build_encoder(model=tiny["model"], params=tiny["params"], correction="none", d_in=4, d_out=4)
