@@ -2,8 +2,8 @@
 
 import json
 import os
-import shutil
 
+from lama_helpers import mini_copy
 import numpy as np
 import pytest
 
@@ -24,16 +24,7 @@ def trex():
 
 
 def _mini_copy(tmp_path, relations=("P20", "P1303"), n_lines=40):
-  """A small manual dir: the templates and the first lines of a few relations."""
-  root = tmp_path / "lama_mini"
-  (root / "evidences").mkdir(parents=True)
-  (root / "lama_templates").mkdir()
-  shutil.copy(os.path.join(LAMA_DIR, lama.TEMPLATES_FILE), root / lama.TEMPLATES_FILE)
-  for rel in relations:
-    with open(os.path.join(LAMA_DIR, "evidences", f"{rel}.jsonl")) as f:
-      lines = [next(f) for _ in range(n_lines)]
-    (root / "evidences" / f"{rel}.jsonl").write_text("".join(lines))
-  return root
+  return mini_copy(tmp_path, relations=relations, n_lines=n_lines)
 
 
 @needs_lama

@@ -3,8 +3,8 @@
 import collections
 import json
 import os
-import shutil
 
+from lama_helpers import mini_copy
 import pytest
 
 from trackstar_jax import configs
@@ -19,19 +19,7 @@ HALF = lama_mixed.MixedOptions(fraction=0.5, paraphrases=5, seed=0, queries="all
 
 
 def _mini_copy(tmp_path, relations=("P20", "P1303"), n_lines=200):
-  """A small manual dir: templates, the first lines of a few relations, and their pattern files."""
-  root = tmp_path / "lama_mini"
-  (root / "evidences").mkdir(parents=True)
-  (root / "lama_templates").mkdir()
-  shutil.copy(os.path.join(LAMA_DIR, lama.TEMPLATES_FILE), root / lama.TEMPLATES_FILE)
-  for rel in relations:
-    with open(os.path.join(LAMA_DIR, "evidences", f"{rel}.jsonl")) as f:
-      lines = [next(f) for _ in range(n_lines)]
-    (root / "evidences" / f"{rel}.jsonl").write_text("".join(lines))
-    for d, _ in lama.PATTERN_SOURCES:
-      (root / d).mkdir(parents=True, exist_ok=True)
-      shutil.copy(os.path.join(LAMA_DIR, d, f"{rel}.jsonl"), root / d / f"{rel}.jsonl")
-  return root
+  return mini_copy(tmp_path, relations=relations, n_lines=n_lines, patterns=True)
 
 
 @pytest.fixture(scope="module")
