@@ -261,4 +261,7 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.evaluate.seed = 0  # random-proponent floor
   c.evaluate.baselines = ("bm25", "dense", "random")  # dense needs the [dense] extra
   c.evaluate.subset = "model_correct"  # headline rows: queries the model gets right
+
+  # Query accuracy on a fixed split of relations (jobs/accuracy.py): variants are chosen on "dev", reported on "test".
+  c.accuracy = ml_collections.ConfigDict(dict(dev_fraction=0.5, split_seed=0))
   return c
