@@ -16,7 +16,10 @@ hessian.npz, results.jsonl, each job's config and metrics).
   python -m launch.encode      $FLAGS      # $W/encodings.zarr: phi of every corpus window
   python -m launch.fit_hessian $FLAGS      # $W/hessian.npz
   python -m launch.retrieve    $FLAGS      # $W/results.jsonl: proponents / opponents of every query
-  python -m launch.evaluate    $FLAGS --results=trackstar=$W/results.jsonl   # needs queries.gold_field
+
+(launch/evaluate.py, whose tail-patch needs this project's training workdir,
+refuses this config for now: with queries.gold_field set, the results mark
+each proponent with proponent_correct.)
 
 `my_pkg` must be importable (installed, or on PYTHONPATH). Multi-host: the
 same command on every host (`--distributed` or the JAX_* variables); the
@@ -84,7 +87,7 @@ from trackstar_jax import configs
 def get_config(arg=None):
   a = configs.parse_arg(arg, runlocal=False)
   c = configs.base_config(dataset="own", model="tiny", seq_len=128)
-  c.model.factory = ""  # required: your "package.module:function"
+  c.model.factory = ""  # your "package.module:function" ("" = the project's DecoderLM of the model fields)
   c.checkpoint.params = "state/params"
   c.checkpoint.opt_state = "state/opt_state"
   c.encoder.correction = "auto"

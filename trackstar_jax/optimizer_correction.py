@@ -345,7 +345,7 @@ def _prune(meta: Any, keep_path: Any, prefix: str = "") -> Any:
   """The raw metadata tree reduced to second-moment subtrees (None elsewhere)."""
   fields = meta if isinstance(meta, Mapping) else None
   if fields is not None and set(fields) >= _FACTORED_KEYS:
-    return {k: fields[k] for k in ("v_row", "v_col", "v")}
+    return {k: fields[k] for k in ("count", "v_row", "v_col", "v")}  # count: how the state is recognised
   if fields is not None and set(fields) >= _ADAM_KEYS:
     nu = _filter_paths(fields["nu"], keep_path)
     return {"count": fields["count"], "nu": nu}
