@@ -86,7 +86,7 @@ from trackstar_jax import configs
 
 def get_config(arg=None):
   a = configs.parse_arg(arg, runlocal=False)
-  c = configs.base_config(dataset="own", model="tiny", seq_len=128)
+  c = configs.base_config(dataset="own", model="tiny", seq_len=32 if a.runlocal else 128)
   c.model.factory = ""  # your "package.module:function" ("" = the project's DecoderLM of the model fields)
   c.checkpoint.params = "state/params"
   c.checkpoint.opt_state = "state/opt_state"
@@ -94,7 +94,6 @@ def get_config(arg=None):
   c.encoder.batch_size = 32
   c.hessian.train_sample = 4096
   if a.runlocal:
-    c.seq_len = 32
     c.encoder.batch_size = 8
     c.hessian.train_sample = 64
     c.store.chunk_rows = 64
