@@ -53,6 +53,17 @@ FROZEN_FIELDS = (
   "train.seed",
 )
 
+# Frozen fields added after checkpoints were written: a saved config without one had this value.
+ADDED_FIELD_DEFAULTS = {
+  "model.factory": "trackstar_jax.models.factory:decoder_lm",
+  "tokenizer.path": "",
+  "tokenizer.kind": "",
+  "tokenizer.add_bos": None,
+  "tokenizer.add_eos": None,
+  "tokenizer.bos_token": "",
+  "tokenizer.eos_token": "",
+}
+
 
 class _DropOrbaxInfo(logging_std.Filter):
   def filter(self, record: logging_std.LogRecord) -> bool:
@@ -255,6 +266,8 @@ def config_differences(saved_config: dict[str, Any], config, *, frozen: Iterable
   old = _flatten(saved_config)
   new = _flatten(config_to_dict(config))
   diffs = []
+  for key in (set(ADDED_FIELD_DEFAULTS) & set(new)) - set(old):
+    old[key] = ADDED_FIELD_DEFAULTS[key]
   for key in sorted(set(old) | set(new)):
     if _frozen(key, frozen) and old.get(key, "<unset>") != new.get(key, "<unset>"):
       diffs.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")

@@ -4,9 +4,10 @@ Every job reads one `ml_collections.ConfigDict` with these sections:
 
   dataset, data_dir, manual_dir   which fact dataset and where it lives
   world                           synthetic fact-world generator settings
-  tokenizer                       vocab size of the corpus-trained tokenizer
+  tokenizer                       vocab size of the corpus-trained tokenizer; or a user's tokenizer file
+  corpus, queries, checkpoint     a user's own corpus, queries and Orbax checkpoint (configs/own_model.py)
   seq_len                         padded length of every example
-  model                           `TransformerConfig` fields
+  model                           `TransformerConfig` fields; `factory`: the model's import path
   train                           optimizer, schedule, batch, checkpoint cadence
   mesh                            (("data", -1),) style mesh axes; -1 = the rest
   encoder                         traced params, projection, optimizer correction
@@ -30,6 +31,7 @@ from trackstar_jax import encoder as encoder_lib
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import optim, options, retrieval
 from trackstar_jax import store as store_lib
+from trackstar_jax.models import factory as model_factory
 
 # Model shapes. `small` is our GPU benchmark model (~33M parameters with a 16k
 # vocabulary); the `paper_*` shapes approximate the TrackStar paper's three
@@ -191,9 +193,34 @@ def model_config(preset: str, *, max_len: int) -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}.")
   cfg = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
   cfg.preset = preset
+  cfg.factory = model_factory.DEFAULT  # "pkg.module:function" building the model (models/factory.py)
   cfg.max_len = max_len
   cfg.dtype = "float32"
   return cfg
+
+
+def add_own_data_sections(c: ml_collections.ConfigDict) -> None:
+  """The sections naming a user's own corpus, queries, tokenizer file and checkpoint; empty = not used.
+
+  Every field is explained in configs/own_model.py. With `corpus.path` set,
+  the jobs read that corpus and `queries.path` instead of `dataset`; with
+  `checkpoint.path` set, they restore `checkpoint.params` / `.opt_state` from
+  it instead of the workdir's own checkpoints.
+  """
+  bool_or_none = lambda: ml_collections.FieldReference(None, field_type=bool)
+  c.tokenizer.path = ""  # a sentencepiece .model or a Hugging Face tokenizer.json ("" = corpus-trained)
+  c.tokenizer.kind = ""  # sentencepiece | huggingface ("" = by the file's extension)
+  c.tokenizer.add_bos = bool_or_none()  # None: where the tokenizer has the token
+  c.tokenizer.add_eos = bool_or_none()
+  c.tokenizer.bos_token = ""  # Hugging Face only ("" = the first of data.tokenizers.BOS_TOKENS it has)
+  c.tokenizer.eos_token = ""
+  c.corpus = ml_collections.ConfigDict(
+    dict(path="", format="", split="", text_field="text", ids_field="", id_field="", overflow="window", stride=0)
+  )
+  c.queries = ml_collections.ConfigDict(
+    dict(path="", prompt_field="prompt", target_field="target", id_field="id", gold_field="", overflow="error")
+  )
+  c.checkpoint = ml_collections.ConfigDict(dict(path="", step=-1, params="params", opt_state="opt_state"))
 
 
 def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.ConfigDict:
@@ -221,6 +248,7 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
 
   c.seq_len = seq_len
   c.model = model_config(model, max_len=seq_len)
+  add_own_data_sections(c)
 
   # Library options (defaults in their dataclasses) plus the jobs' own fields.
   c.train = ml_collections.ConfigDict(options.defaults(optim.OptimizerOptions))

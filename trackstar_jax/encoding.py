@@ -184,12 +184,25 @@ def encode_to_array(encoder, examples, *, batch_size: int) -> np.ndarray:
   return mesh_lib.allgather(padded)[:n]
 
 
+def _pending_chunks(store, examples, *, process_index: int, process_count: int) -> list[int]:
+  """This process's uncommitted chunks: c % process_count == process_index, or, when the examples are one host's
+  slice (`local_rows` = [lo, hi): `data.corpus.HostView`), the chunks that start in [lo, hi)."""
+  if getattr(examples, "local_rows", None) is None:
+    return store.pending_chunks(process_index=process_index, process_count=process_count)
+  lo, hi = examples.local_rows
+  done = store.completed_chunks()
+  first = -(-lo // store.chunk_rows)
+  return [c for c in range(first, -(-hi // store.chunk_rows)) if c not in done]
+
+
 def encode_to_store(
   encoder, examples, *, store: store_lib.EncodingStore, batch_size: int, log_every_s: float = 30.0
 ) -> store_lib.EncodingStore:
   """phi of every example into `store` (rows in example order); resumes where a killed run stopped.
 
   Every process calls it with the same (complete) store; returns it complete.
+  `examples` are all of them on every process, or each process's slice as a
+  `data.corpus.HostView` (it encodes the chunks that start in its rows).
   Logs progress (chunks, examples/s, ETA) every `log_every_s` seconds.
   """
   examples = as_examples(examples)
@@ -197,7 +210,7 @@ def encode_to_store(
     raise ValueError(f"{len(examples)} examples but the store {store.url} has {store.num_rows} rows.")
   pi, pc = jax.process_index(), jax.process_count()
   ids = np.asarray(examples.ids)
-  pending = store.pending_chunks(process_index=pi, process_count=pc)
+  pending = _pending_chunks(store, examples, process_index=pi, process_count=pc)
   n_iter = int(mesh_lib.allgather(np.asarray([len(pending)])).max())
   host_batch = max(1, int(batch_size) // pc)
   per_chunk = -(-store.chunk_rows // host_batch)

@@ -45,6 +45,7 @@ from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.evaluation import ablation
 from trackstar_jax.evaluation import metrics as metrics_lib
+from trackstar_jax.jobs import own_model
 from trackstar_jax.jobs import workdir as workdir_lib
 
 TAIL_PATCH_KS = (1, 10)
@@ -201,6 +202,12 @@ def run(
   """
   from trackstar_jax.evaluation import tail_patch as tail_patch_lib  # pylint: disable=g-import-not-at-top
 
+  if workdir_lib.uses_own_model(config) or own_model.is_own_data(config):
+    raise ValueError(
+      "launch/evaluate.py (model accuracy, tail-patch) runs on this project's training workdirs only, not yet on "
+      "your own model or corpus (configs/own_model.py). results.jsonl already marks each proponent "
+      "(proponent_correct) when queries.gold_field is set."
+    )
   ec = config.evaluate
   workdir = os.path.abspath(workdir)
   prefix = output_prefix or os.path.join(workdir, "evaluation")
