@@ -141,7 +141,7 @@ def test_bm25_scores_are_the_scores_bm25_retrieve_ranks_by():
 
 
 def test_vmapped_models_equal_separately_trained_ones(trained):
-  """jit(vmap(step)) over 2 models == each model trained alone by the train job's step (params and query losses)."""
+  """jit(vmap(step)) over 2 models, one per device, == each trained alone by the train job's step (params, losses)."""
   from trackstar_jax.jobs import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
 
   config = trained.config
@@ -151,6 +151,8 @@ def test_vmapped_models_equal_separately_trained_ones(trained):
   init_fn = lambda s: training.init_params(model, seq_len=config.seq_len, seed=s)
   subsets = [np.arange(0, 40), np.arange(30, 90)]
   seeds, init_seeds, steps, bs = [3, 4], [5, 6], 3, 8
+  sharding = datamodels.models_sharding(mesh_lib.make_mesh((("data", 2),), devices=jax.devices()[:2]), 2)
+  assert sharding is not None  # one model per device
   params, metrics = datamodels.train_models(
     apply_fn=model.apply,
     init_fn=init_fn,
@@ -161,7 +163,9 @@ def test_vmapped_models_equal_separately_trained_ones(trained):
     init_seeds=init_seeds,
     num_steps=steps,
     batch_size=bs,
+    sharding=sharding,
   )
+  assert jax.tree.leaves(params)[0].sharding == sharding
   stacked = lm_eval.query_losses(model.apply, params, rd.queries, batch_size=32, stacked=True)
   assert stacked.shape == (2, len(rd.queries)) and metrics["loss"].shape == (2,)
   mesh = mesh_lib.make_mesh((("data", 1),), devices=jax.devices()[:1])

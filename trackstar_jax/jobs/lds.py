@@ -163,9 +163,9 @@ def subset_losses(config, workdir: str, *, rd, masks: np.ndarray, seeds: np.ndar
       sharding=sharding,
       name=f"lds models {group[0]}-{group[-1]} of {m}",
     )
-    group_losses = lm_eval.query_losses(
-      model.apply, params, rd.queries, batch_size=int(tc.eval_batch_size), stacked=True
-    )
+    # Rows per pass x models ~ eval_batch_size: the logits of G models at once stay as large as one model's.
+    rows = max(8, int(tc.eval_batch_size) // g)
+    group_losses = lm_eval.query_losses(model.apply, params, rd.queries, batch_size=rows, stacked=True)
     losses[group], done[group] = group_losses[: len(group)], True
     logging.info(
       "lds: models %d-%d trained (final train loss %.4f), %d of %d done, %.1fs",
