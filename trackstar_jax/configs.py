@@ -292,4 +292,16 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
 
   # Query accuracy on a fixed split of relations (jobs/accuracy.py): variants are chosen on "dev", reported on "test".
   c.accuracy = ml_collections.ConfigDict(dict(dev_fraction=0.5, split_seed=0))
+
+  # Linear datamodeling score (jobs/lds.py): M models on random subsets, the ladder's predicted effects vs their losses.
+  c.lds = ml_collections.ConfigDict()
+  c.lds.num_models = 64  # M subset models
+  c.lds.fraction = 0.5  # of the corpus in each subset
+  c.lds.models_per_step = 8  # models trained together by one jit(vmap(step)) (memory: x params + opt state)
+  c.lds.num_steps = -1  # steps per model; -1 = train.num_steps (the main run's recipe)
+  c.lds.seed = 0  # subsets, the models' seeds, random scores, bootstrap
+  c.lds.shared_init = False  # True: every model starts from train.seed's init (less noise, one init only)
+  c.lds.methods = ()  # ladder method names or kinds; () = every method but dense
+  c.lds.bootstrap_samples = 1000
+  c.lds.output = ""  # "" = <workdir>/lds.json (+ lds.md, lds_models.npz, lds_per_query.npz)
   return c

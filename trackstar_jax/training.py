@@ -72,6 +72,20 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
   """
   repl = mesh_lib.replicated(mesh)
   batch_sharding = {k: mesh_lib.data_sharding(mesh, 2) for k in TRAIN_KEYS}
+  return jax.jit(
+    train_step_fn(apply_fn, optimizer),
+    in_shardings=(repl, repl, batch_sharding),
+    out_shardings=(repl, repl, repl),
+    donate_argnums=(0, 1),
+  )
+
+
+def train_step_fn(apply_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+  """The pure (unjitted) step (params, opt_state, batch) -> (params, opt_state, metrics) of `make_train_step`.
+
+  Pure, so it composes: `jax.vmap` of it trains several models at once
+  (`evaluation.datamodels`).
+  """
 
   def loss_fn(params, batch):
     return losses.mean_token_loss(apply_fn(params, batch["inputs"], batch["pad_mask"]), batch)
@@ -83,9 +97,7 @@ def make_train_step(apply_fn: Callable, optimizer: optax.GradientTransformation,
     metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), tokens=jnp.sum(batch["loss_mask"]))
     return params, opt_state, metrics
 
-  return jax.jit(
-    train_step, in_shardings=(repl, repl, batch_sharding), out_shardings=(repl, repl, repl), donate_argnums=(0, 1)
-  )
+  return train_step
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

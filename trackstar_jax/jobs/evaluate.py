@@ -299,6 +299,9 @@ def run(
     },
     model_correct_by_query={str(q): c for q, c in correct.items()},  # for the HTML report's filter
   )
+  lds_file = config.get("lds", {}).get("output") or os.path.join(workdir, "lds.json")
+  if fileio.exists(lds_file):  # the LDS job's report (launch/lds.py): its table joins this one
+    table["lds"] = fileio.read_json(lds_file)
   ablation.write_table(table, prefix)
   logging.info("evaluate: wrote %s.{md,json}", prefix)
   return table
