@@ -42,8 +42,6 @@ from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
 import math
-import queue
-import threading
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -56,6 +54,7 @@ import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import norms as norms_lib
+from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
@@ -538,10 +537,6 @@ def _merge_hosts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
   return np.take_along_axis(v, order, 1), np.take_along_axis(r, order, 1)
 
 
-class _Failed(NamedTuple):
-  error: BaseException
-
-
 def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, pinned: bool = False, norms=None):
   """`topk.put` of every chunk of the iterable `chunks`, run on a background thread `ahead` chunks in front.
 
@@ -551,41 +546,13 @@ def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, p
   norms. Yields `DeviceChunk`s in order; an error in the reader is raised here.
   At most `ahead` + 2 chunks are on the devices at once.
   """
-  q: queue.Queue = queue.Queue(maxsize=max(1, ahead))
-  stop = threading.Event()
 
-  def offer(item) -> bool:
-    while not stop.is_set():
-      try:
-        q.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        continue
-    return False
+  def put_all():
+    for ch in chunks:
+      cached = None if norms is None else norms.get(ch.start, ch.start + len(ch.ids))
+      yield topk.put(start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned)
 
-  def work():
-    try:
-      for ch in chunks:
-        cached = None if norms is None else norms.get(ch.start, ch.start + len(ch.ids))
-        if not offer(topk.put(start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned)):
-          return
-      offer(None)
-    except BaseException as e:  # pylint: disable=broad-except
-      offer(_Failed(e))
-
-  thread = threading.Thread(target=work, name="retrieve-feed", daemon=True)
-  thread.start()
-  try:
-    while True:
-      item = q.get()
-      if item is None:
-        return
-      if isinstance(item, _Failed):
-        raise item.error
-      yield item
-  finally:
-    stop.set()
-    thread.join()
+  return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed")
 
 
 def retrieve(
