@@ -384,15 +384,17 @@ class StreamingTopK:
     def local_norms(inv, phi):  # the reference step's 1 / ||R^{-1/2} phi||, as its own function
       return hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
 
-    def local_step(qm, inv, state, phi, valid, row0):  # select="reference": the previous step, unchanged
+    def local_step(qm, inv, state, phi, scale, valid, row0):  # select="reference": the previous step
       top_v, top_r, bot_v, bot_r = (s[0] for s in state)
       c = phi.shape[0]
       row0 = row0 + lax.axis_index(axes) * c  # this device's first row
       groups = group_sizes(c, k) if self.hierarchical else ()
       phi = phi.astype(mm)
       s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
-      if normalize:  # scale score columns by 1 / ||R^{-1/2} phi||
-        s = s * hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))[None, :]
+      if normalize:  # scale score columns by 1 / ||R^{-1/2} phi|| (given: the fused step's norms, to compare)
+        if scale is None:
+          scale = hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
+        s = s * scale[None, :]
       top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
       bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
       return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
@@ -419,15 +421,21 @@ class StreamingTopK:
 
     sspec = (P(axes, None, None),) * 4
     inv_spec = None if self._inv is None else P()
+    scale_spec = P(axes) if normalize else None
     if select == "reference":
-      self._step = jax.jit(
-        _shard_map(
-          local_step, mesh=self.mesh, in_specs=(P(), inv_spec, sspec, P(axes, None), P(axes), P()), out_specs=sspec
-        ),
-        donate_argnums=(2,),
-      )
+      self._step = {  # norms inside the step (the previous step), or given
+        given: jax.jit(
+          _shard_map(
+            local_step,
+            mesh=self.mesh,
+            in_specs=(P(), inv_spec, sspec, P(axes, None), scale_spec if given else None, P(axes), P()),
+            out_specs=sspec,
+          ),
+          donate_argnums=(2,),
+        )
+        for given in (False, True)
+      }
     else:
-      scale_spec = P(axes) if normalize else None
       self._step = jax.jit(
         _shard_map(
           local_step_fused,
@@ -464,7 +472,7 @@ class StreamingTopK:
 
     Rows with id -1 are ignored. `pad_to` pads the chunk (to keep one compiled
     shape); it is rounded up to a multiple of the device count. `inv_norms`
-    [n]: cached 1 / ||R^{-1/2} phi|| of these rows (select="fused" only).
+    [n]: cached 1 / ||R^{-1/2} phi|| of these rows (what `update_device` returned).
     `pinned` stages a host `phi` in pinned host memory first (where the devices
     have it): the device copy then runs at the link's DMA rate.
     """
@@ -482,8 +490,8 @@ class StreamingTopK:
       phi = jax.device_put(phi, self._pinned_sharding)
     phi = jax.device_put(phi, self._phi_sharding)
     if inv_norms is not None:
-      if self.select != "fused" or not self.normalize:
-        raise ValueError("inv_norms are only used by select='fused' with normalize=True.")
+      if not self.normalize:
+        raise ValueError("inv_norms (cached norms) need normalize=True.")
       inv_norms = np.asarray(inv_norms, np.float32)
       if inv_norms.shape != (n,):
         raise ValueError(f"inv_norms has shape {inv_norms.shape}; expected ({n},).")
@@ -494,7 +502,10 @@ class StreamingTopK:
     """Dispatches the step over a chunk from `put`; returns its [c] inverse norms when it computed them."""
     computed = None
     if self.select == "reference":
-      self._state = self._step(self._q, self._inv, self._state, chunk.phi, chunk.valid, jnp.int32(chunk.start))
+      step = self._step[chunk.inv_norms is not None]
+      self._state = step(
+        self._q, self._inv, self._state, chunk.phi, chunk.inv_norms, chunk.valid, jnp.int32(chunk.start)
+      )
       return None
     scale = chunk.inv_norms
     if self.normalize and scale is None:
@@ -514,7 +525,7 @@ class StreamingTopK:
     phi = jax.ShapeDtypeStruct((c, self.dim), jnp.bfloat16, sharding=self._phi_sharding)
     valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=self._rows_sharding)
     if self.select == "reference":
-      lowered = self._step.lower(self._q, self._inv, self._state, phi, valid, jnp.int32(0))
+      lowered = self._step[False].lower(self._q, self._inv, self._state, phi, None, valid, jnp.int32(0))
     else:
       scale = jax.ShapeDtypeStruct((c,), jnp.float32, sharding=self._rows_sharding) if self.normalize else None
       lowered = self._step.lower(self._q, self._state, phi, scale, valid, jnp.int32(0))
@@ -544,7 +555,7 @@ def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, p
   (double buffering at ahead=2), and the store reads that `chunks` keeps in
   flight overlap both. `norms` (a `norms.NormCache`) supplies cached inverse
   norms. Yields `DeviceChunk`s in order; an error in the reader is raised here.
-  At most `ahead` + 2 chunks are on the devices at once.
+  At most `ahead` + 2 chunks are on the devices at once; ahead=0 copies inline (the previous loop).
   """
 
   def put_all():
@@ -552,7 +563,7 @@ def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, p
       cached = None if norms is None else norms.get(ch.start, ch.start + len(ch.ids))
       yield topk.put(start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned)
 
-  return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed")
+  return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed") if ahead > 0 else put_all()
 
 
 def retrieve(
