@@ -113,9 +113,10 @@ def retrieval_case(a, *, full_inv: bool) -> None:
   if full_inv:  # a dense SPD-like R^{-1/2}: speed does not depend on its values
     m = rng.normal(size=(d, d)).astype(np.float32) / np.sqrt(d)
     inv = np.eye(d, dtype=np.float32) + 0.1 * (m + m.T)
-  tied = rng.integers(-2, 3, size=(c, d)).astype(np.float32)
-  tied[::17] = tied[3]
-  phis = [jnp.asarray(x, jnp.bfloat16) for x in (rng.normal(size=(c, d)), tied, rng.normal(size=(c, d)))]
+  keys = jax.random.split(jax.random.key(0), 3)  # made on the device: numpy would take seconds at full size
+  tied = jax.random.randint(keys[1], (c, d), -2, 3).astype(jnp.bfloat16)
+  tied = tied.at[::17].set(tied[3])  # duplicated rows: equal scores
+  phis = [jax.random.normal(keys[0], (c, d), jnp.bfloat16), tied, jax.random.normal(keys[2], (c, d), jnp.bfloat16)]
   ids = np.arange(c)
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
   out = [None]

@@ -18,10 +18,22 @@ processes and merged once more on the host. Memory per device: a
 
 Speed. R^{-1/2} is folded into the queries once (e_q . R^{-1/2} phi =
 (R^{-1/2} e_q) . phi), so only the norm ||R^{-1/2} phi|| needs the train-side
-transform and scaled encodings are never written. The merge first narrows each
-score block hierarchically to a few groups of columns (group maxima, see
-`_candidates`) so that `lax.top_k` never runs over a long row: on a GPU a full
-`lax.top_k` over the block costs several times the score matmul.
+transform and scaled encodings are never written. The norms are computed by
+their own jitted function and kept per Hessian (`norms.NormCache`, in memory
+and beside an `EncodingStore`), so a later scan, e.g. another query set,
+skips the transform: with a full [d, d] R^{-1/2} it costs C x d^2 FLOP per
+chunk, several times the score matmul. The selection first narrows each score
+block hierarchically to a few groups of columns (group maxima, see
+`_candidates`) so that `lax.top_k` never runs over a long row; the default
+"fused" step (`_merge_both`) does it for both sides at once: the raw [Q, c]
+scores are the only block-sized buffer (keys recomputed where read) and every
+later op runs once over both sides' rows. select="reference" keeps the
+previous step (two `_merge_running` calls, norms inside the step).
+
+Feeding (`retrieve`): the store keeps `reads_in_flight` chunk reads
+outstanding, a background thread pads each chunk and copies it to the devices
+(staged in pinned host memory where the devices have it) `transfers_ahead`
+chunks in front of the step, so reads, copies and compute overlap.
 
 Tie order (deterministic, independent of device count, host count and chunk
 size): equal scores are ordered by lower store row first, for the top-k and the
@@ -29,6 +41,11 @@ bottom-k alike, both within the returned lists and at the k-th place. It holds
 because each device sees its rows in increasing order, candidates keep
 increasing-row order, `lax.top_k` keeps the lower index of equal values, and
 the merges sort by (score, row).
+
+Exactness: the fused step and the reference step fed the same norms return
+bitwise the same values and rows (same ops on the same values); XLA may round
+a norm computed inside a bigger fusion differently by an ulp, which is why
+the comparison shares the norms (tests/test_retrieval_fused.py).
 
 Scores are float32. `matmul_dtype="bfloat16"` feeds the matmuls (scores, and
 the R^{-1/2} of the norms) bf16 inputs with float32 accumulation (the GPU fast
@@ -307,6 +324,89 @@ def _sort_by_value_then_row(vals, rows, k):
   return -neg[:, :k], r[:, :k]
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled(
+  mesh: Mesh, *, k: int, normalize: bool, matmul_dtype: str, hierarchical: bool, select: str, has_inv: bool
+):
+  """(step, norms, final) jitted functions of a `StreamingTopK` configuration.
+
+  Shared by every instance with the same configuration, so a second `retrieve`
+  call (another query batch, another scan) reuses the compiled step.
+  """
+  axes = tuple(mesh.axis_names)
+  mm = jnp.bfloat16 if matmul_dtype == "bfloat16" else jnp.float32
+  hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
+
+  def local_norms(inv, phi):  # the reference step's 1 / ||R^{-1/2} phi||, as its own function
+    return hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
+
+  def local_step(qm, inv, state, phi, scale, valid, row0):  # select="reference": the previous step
+    top_v, top_r, bot_v, bot_r = (s[0] for s in state)
+    c = phi.shape[0]
+    row0 = row0 + lax.axis_index(axes) * c  # this device's first row
+    groups = group_sizes(c, k) if hierarchical else ()
+    phi = phi.astype(mm)
+    s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
+    if normalize:  # scale score columns by 1 / ||R^{-1/2} phi|| (given: the fused step's norms, to compare)
+      if scale is None:
+        scale = hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
+      s = s * scale[None, :]
+    top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
+    bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
+    return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
+
+  def local_step_fused(qm, state, phi, scale, valid, row0):
+    top_v, top_r, bot_v, bot_r = (s[0] for s in state)
+    c = phi.shape[0]
+    row0 = row0 + lax.axis_index(axes) * c  # this device's first row
+    groups = group_sizes(c, k) if hierarchical else ()
+    s = jnp.dot(qm, phi.astype(mm).T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
+    v, r = _merge_both(
+      jnp.concatenate([top_v, bot_v]), jnp.concatenate([top_r, bot_r]), s, scale, valid, row0, k, groups
+    )
+    q = top_v.shape[0]
+    return tuple(x[None] for x in (v[:q], r[:q], v[q:], r[q:]))
+
+  def local_final(state):
+    out = []
+    for v, r in ((state[0], state[1]), (state[2], state[3])):
+      # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
+      v = lax.all_gather(v[0], axes, axis=1, tiled=True)
+      r = lax.all_gather(r[0], axes, axis=1, tiled=True)
+      out += list(_sort_by_value_then_row(v, r, k))
+    return tuple(out)
+
+  sspec = (P(axes, None, None),) * 4
+  inv_spec = P() if has_inv else None
+  scale_spec = P(axes) if normalize else None
+  if select == "reference":
+    step = {  # norms inside the step (the previous step), or given
+      given: jax.jit(
+        _shard_map(
+          local_step,
+          mesh=mesh,
+          in_specs=(P(), inv_spec, sspec, P(axes, None), scale_spec if given else None, P(axes), P()),
+          out_specs=sspec,
+        ),
+        donate_argnums=(2,),
+      )
+      for given in (False, True)
+    }
+  else:
+    step = jax.jit(
+      _shard_map(
+        local_step_fused,
+        mesh=mesh,
+        in_specs=(P(), sspec, P(axes, None), scale_spec, P(axes), P()),
+        out_specs=sspec,
+      ),
+      donate_argnums=(1,),
+    )
+  norms = jax.jit(_shard_map(local_norms, mesh=mesh, in_specs=(inv_spec, P(axes, None)), out_specs=P(axes)))
+  final = jax.jit(_shard_map(local_final, mesh=mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
+  return step, norms, final
+
+
 class StreamingTopK:
   """Running exact top-k / bottom-k of e_q . T(phi) over chunks fed in row order.
 
@@ -379,76 +479,10 @@ class StreamingTopK:
       jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
       for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
     )
-    hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
-
-    def local_norms(inv, phi):  # the reference step's 1 / ||R^{-1/2} phi||, as its own function
-      return hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
-
-    def local_step(qm, inv, state, phi, scale, valid, row0):  # select="reference": the previous step
-      top_v, top_r, bot_v, bot_r = (s[0] for s in state)
-      c = phi.shape[0]
-      row0 = row0 + lax.axis_index(axes) * c  # this device's first row
-      groups = group_sizes(c, k) if self.hierarchical else ()
-      phi = phi.astype(mm)
-      s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
-      if normalize:  # scale score columns by 1 / ||R^{-1/2} phi|| (given: the fused step's norms, to compare)
-        if scale is None:
-          scale = hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
-        s = s * scale[None, :]
-      top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
-      bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
-      return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
-
-    def local_step_fused(qm, state, phi, scale, valid, row0):
-      top_v, top_r, bot_v, bot_r = (s[0] for s in state)
-      c = phi.shape[0]
-      row0 = row0 + lax.axis_index(axes) * c  # this device's first row
-      groups = group_sizes(c, k) if self.hierarchical else ()
-      s = jnp.dot(qm, phi.astype(mm).T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
-      v, r = _merge_both(
-        jnp.concatenate([top_v, bot_v]), jnp.concatenate([top_r, bot_r]), s, scale, valid, row0, k, groups
-      )
-      return tuple(x[None] for x in (v[:q], r[:q], v[q:], r[q:]))
-
-    def local_final(state):
-      out = []
-      for v, r in ((state[0], state[1]), (state[2], state[3])):
-        # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
-        v = lax.all_gather(v[0], axes, axis=1, tiled=True)
-        r = lax.all_gather(r[0], axes, axis=1, tiled=True)
-        out += list(_sort_by_value_then_row(v, r, k))
-      return tuple(out)
-
-    sspec = (P(axes, None, None),) * 4
-    inv_spec = None if self._inv is None else P()
-    scale_spec = P(axes) if normalize else None
-    if select == "reference":
-      self._step = {  # norms inside the step (the previous step), or given
-        given: jax.jit(
-          _shard_map(
-            local_step,
-            mesh=self.mesh,
-            in_specs=(P(), inv_spec, sspec, P(axes, None), scale_spec if given else None, P(axes), P()),
-            out_specs=sspec,
-          ),
-          donate_argnums=(2,),
-        )
-        for given in (False, True)
-      }
-    else:
-      self._step = jax.jit(
-        _shard_map(
-          local_step_fused,
-          mesh=self.mesh,
-          in_specs=(P(), sspec, P(axes, None), scale_spec, P(axes), P()),
-          out_specs=sspec,
-        ),
-        donate_argnums=(1,),
-      )
-    self._norms = jax.jit(
-      _shard_map(local_norms, mesh=self.mesh, in_specs=(inv_spec, P(axes, None)), out_specs=P(axes))
-    )
-    self._final = jax.jit(_shard_map(local_final, mesh=self.mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
+    self._step, self._norms, self._final = _compiled(
+      self.mesh, k=k, normalize=normalize, matmul_dtype=matmul_dtype, hierarchical=hierarchical, select=select,
+      has_inv=self._inv is not None,
+    )  # fmt: skip
 
   def layout(self, rows_per_chunk: int) -> str:
     """The per-device shape the step computes norms over (part of a `norms.NormCache` key)."""
