@@ -27,6 +27,7 @@ import numpy as np
 
 from trackstar_jax import batch as batch_lib
 from trackstar_jax import mesh as mesh_lib
+from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
 from trackstar_jax import store as store_lib
 
@@ -120,26 +121,41 @@ def store_meta(
   )
 
 
+def _host_batches(examples, rows: np.ndarray, *, host_batch: int, num_batches: int):
+  """(valid rows, padded batch) of this process's `rows` in exactly `num_batches` batches (lockstep across hosts)."""
+  for j in range(num_batches):
+    part = rows[j * host_batch : (j + 1) * host_batch]
+    yield len(part), batch_lib.pad_rows(examples.batch(part), host_batch)
+
+
+def _dispatch(encoder, batches, *, dtype=None, copy_early: bool = False) -> list[tuple[int, Any]]:
+  """Starts encoding (valid rows, padded batch) pairs; returns [(valid rows, phi)] still being computed.
+
+  One process: device arrays (JAX dispatch is asynchronous), so the caller can
+  do host work meanwhile; `_collect` waits. `dtype` (e.g. the store's bfloat16)
+  converts on the device: half the bytes to copy to the host, and no host-side
+  conversion (the same round-to-nearest-even). `copy_early` starts each
+  device-to-host copy as soon as its batch is computed, instead of when
+  `_collect` asks for it.
+  """
+  out = []
+  for n, batch in batches:
+    if jax.process_count() == 1:
+      phi = encoder.encode(batch)
+      phi = phi if dtype is None else phi.astype(dtype)
+      if copy_early:
+        phi.copy_to_host_async()
+      out.append((n, phi))
+    else:
+      out.append((n, encoder.encode_local(batch)))
+  return out
+
+
 def _dispatch_rows(
   encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, dtype=None
 ) -> list[tuple[int, Any]]:
-  """Starts encoding this process's `rows` in exactly `num_batches` encoder calls (lockstep across hosts).
-
-  One process: returns device arrays still being computed (JAX dispatch is
-  asynchronous), so the caller can do host work meanwhile; `_collect` waits.
-  `dtype` (e.g. the store's bfloat16) converts on the device: half the bytes to
-  copy to the host, and no host-side conversion (the same round-to-nearest-even).
-  """
-  out = []
-  for j in range(num_batches):
-    part = rows[j * host_batch : (j + 1) * host_batch]
-    batch = batch_lib.pad_rows(examples.batch(part), host_batch)
-    if jax.process_count() == 1:
-      phi = encoder.encode(batch)
-      out.append((len(part), phi if dtype is None else phi.astype(dtype)))
-    else:
-      out.append((len(part), encoder.encode_local(batch)))
-  return out
+  """`_dispatch` of `rows` in exactly `num_batches` encoder calls (lockstep across hosts)."""
+  return _dispatch(encoder, _host_batches(examples, rows, host_batch=host_batch, num_batches=num_batches), dtype=dtype)
 
 
 def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
@@ -148,18 +164,24 @@ def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def phi_batches(encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0):
+def phi_batches(
+  encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0, prefetch: int = 2
+):
   """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums.
 
-  Logs progress (batches, examples/s, ETA) every `log_every_s` seconds under `name`.
+  Padded batches are built on a background thread `prefetch` batches ahead
+  (0: inline). Logs progress (batches, examples/s, ETA) every `log_every_s`
+  seconds under `name`.
   """
   examples = as_examples(examples)
   n = len(examples)
   prog = progress_lib.Progress(total=-(-n // batch_size), unit="batch", item_unit="examples", name=name)
-  for i, a in enumerate(range(0, n, batch_size)):
-    batch = batch_lib.pad_rows(examples.batch(np.arange(a, min(a + batch_size, n))), batch_size)
+  batches = _host_batches(examples, np.arange(n), host_batch=batch_size, num_batches=prog.total)
+  if prefetch:
+    batches = prefetch_lib.ahead(batches, depth=prefetch, name=f"{name}-batches")
+  for i, (rows, batch) in enumerate(batches):
     yield encoder.encode(batch), batch["ids"] >= 0
-    prog.update(i + 1, items=min(batch_size, n - a))
+    prog.update(i + 1, items=rows)
     if i == 0:
       prog.mark()  # exclude compilation from the rate
     if prog.due(every_s=log_every_s) or i + 1 == prog.total:
@@ -196,7 +218,13 @@ def _pending_chunks(store, examples, *, process_index: int, process_count: int) 
 
 
 def encode_to_store(
-  encoder, examples, *, store: store_lib.EncodingStore, batch_size: int, log_every_s: float = 30.0
+  encoder,
+  examples,
+  *,
+  store: store_lib.EncodingStore,
+  batch_size: int,
+  log_every_s: float = 30.0,
+  pipeline: bool = True,
 ) -> store_lib.EncodingStore:
   """phi of every example into `store` (rows in example order); resumes where a killed run stopped.
 
@@ -204,6 +232,14 @@ def encode_to_store(
   `examples` are all of them on every process, or each process's slice as a
   `data.corpus.HostView` (it encodes the chunks that start in its rows).
   Logs progress (chunks, examples/s, ETA) every `log_every_s` seconds.
+
+  `pipeline` (default) keeps the accelerator busy: the next chunks' padded
+  batches are built on a background thread, chunk i + 1 is dispatched before
+  chunk i is collected, each batch's device-to-host copy starts as soon as it
+  is computed, and store writes are handed to a writer thread (only a full
+  write queue, i.e. storage slower than the encoder, ever stops the loop).
+  False: the same computation one chunk at a time, every write waited for (a
+  reference: both give bitwise the same store).
   """
   examples = as_examples(examples)
   if len(examples) != store.num_rows:
@@ -224,15 +260,17 @@ def encode_to_store(
     store.url,
   )
   prog = progress_lib.Progress(total=n_iter, unit="chunk", item_unit="examples", name="encode")
-  # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is copied to the host
-  # and handed to the writer, so host work (batching, device-to-host copy, store writes) overlaps
-  # device work instead of idling the accelerator between chunks.
-  in_flight = None  # (chunk, a, b, dispatched parts)
+
+  def chunk_batches():  # (chunk or None, a, b, its padded batches), in loop order
+    for i in range(n_iter):
+      chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
+      a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
+      yield chunk, a, b, list(_host_batches(examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk))
 
   def finish(done: int, chunk, a: int, b: int, parts) -> None:
     phi = _collect(parts, encoder.dim)
     if chunk is not None:
-      writer.submit(start=a, ids=ids[a:b], phi=phi)  # committed (and marked) asynchronously
+      write(start=a, ids=ids[a:b], phi=phi)  # committed (and marked) asynchronously
     prog.update(done, items=b - a)
     if done == 1:
       prog.mark()  # exclude compilation from the rate
@@ -240,17 +278,24 @@ def encode_to_store(
       logging.info(prog.line())
 
   with store_lib.AsyncWriter(store, max_pending=2) as writer:
-    for i in range(n_iter):
-      chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
-      a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
-      parts = _dispatch_rows(
-        encoder, examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk, dtype=store_dtype
-      )
-      if in_flight is not None:
-        finish(i, *in_flight)
-      in_flight = (chunk, a, b, parts)
-    if in_flight is not None:
-      finish(n_iter, *in_flight)
+    if not pipeline:
+      for i, (chunk, a, b, batches) in enumerate(chunk_batches()):
+        write = writer.submit
+        finish(i + 1, chunk, a, b, _dispatch(encoder, batches, dtype=store_dtype))
+        writer.flush()
+    else:
+      # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is collected and handed
+      # to the writer thread, so host work (batching, device-to-host copy, store writes) overlaps device work.
+      with prefetch_lib.BackgroundCalls(writer.submit, depth=2, name="encode-writes") as calls:
+        write = calls.put
+        in_flight = None  # (chunk, a, b, dispatched parts)
+        for i, (chunk, a, b, batches) in enumerate(prefetch_lib.ahead(chunk_batches(), depth=2, name="encode-batches")):
+          parts = _dispatch(encoder, batches, dtype=store_dtype, copy_early=True)
+          if in_flight is not None:
+            finish(i, *in_flight)
+          in_flight = (chunk, a, b, parts)
+        if in_flight is not None:
+          finish(n_iter, *in_flight)
   mesh_lib.sync("encode:done")
   store.require_complete()
   return store
