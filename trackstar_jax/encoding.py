@@ -2,7 +2,7 @@
 
   store = encode_to_store(encoder, corpus, store=open_store(url, ...), batch_size=256)
   phi = encode_to_array(encoder, queries, batch_size=64)        # [N, d] float32 on every process
-  for phi, valid in phi_batches(encoder, corpus, batch_size=64): ...   # device arrays, for streamed sums
+  for phi, valid in phi_batches(encoder, corpus, batch_size=64): ...   # device arrays (global), for streamed sums
 
 `examples` is anything with `len()` and `.batch(rows) -> batch dict` (a
 `data.batching.Examples`, or `as_examples(...)` of batch dicts).
@@ -149,17 +149,30 @@ def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
 
 
 def phi_batches(encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0):
-  """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums.
+  """Yields (phi [B, d] on the devices, valid [B]) per batch of `examples`: for streamed sums.
 
-  Logs progress (batches, examples/s, ETA) every `log_every_s` seconds under `name`.
+  Several processes: every process calls it with the same examples and encodes
+  its own share of the rows (as `encode_to_array`), in the same number of
+  batches; phi and valid are then global arrays over the encoder's mesh, never
+  gathered on a host. Logs progress (batches, examples/s, ETA) every
+  `log_every_s` seconds under `name`.
   """
   examples = as_examples(examples)
-  n = len(examples)
-  prog = progress_lib.Progress(total=-(-n // batch_size), unit="batch", item_unit="examples", name=name)
-  for i, a in enumerate(range(0, n, batch_size)):
-    batch = batch_lib.pad_rows(examples.batch(np.arange(a, min(a + batch_size, n))), batch_size)
-    yield encoder.encode(batch), batch["ids"] >= 0
-    prog.update(i + 1, items=min(batch_size, n - a))
+  n, pi, pc = len(examples), jax.process_index(), jax.process_count()
+  per_host = -(-n // pc)
+  rows = np.arange(pi * per_host, min((pi + 1) * per_host, n))
+  host_batch = max(1, batch_size // pc)
+  prog = progress_lib.Progress(total=-(-per_host // host_batch), unit="batch", item_unit="examples", name=name)
+  for i in range(prog.total):
+    part = rows[i * host_batch : (i + 1) * host_batch]
+    batch = batch_lib.pad_rows(examples.batch(part), host_batch)
+    phi, valid = encoder.encode(batch), batch["ids"] >= 0
+    if pc > 1:  # this process's rows of the global phi: the encoder pads them to a multiple of its local devices
+      local = np.zeros(phi.shape[0] // pc, bool)
+      local[: len(valid)] = valid
+      valid = mesh_lib.shard_batch({"valid": local}, encoder.mesh)["valid"]
+    yield phi, valid
+    prog.update(i + 1, items=len(part) * pc)
     if i == 0:
       prog.mark()  # exclude compilation from the rate
     if prog.due(every_s=log_every_s) or i + 1 == prog.total:
