@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
 from trackstar_jax import encoding, retrieval
@@ -149,7 +148,7 @@ def encode(
 
 
 def _phis(encoder, examples, phi, *, batch_size: int, what: str, name: str = "encode"):
-  """Encoded batches of `examples` (streamed in one process), or the given phi."""
+  """Encoded batches of `examples` (streamed; several processes: each encodes its share), or the given phi."""
   if phi is not None:
     if examples is not None:
       raise ValueError(f"Pass {what} examples or their phi, not both.")
@@ -159,9 +158,9 @@ def _phis(encoder, examples, phi, *, batch_size: int, what: str, name: str = "en
   if encoder is None:
     raise ValueError(f"Encoding {what} examples needs encoder=.")
 
-  if jax.process_count() == 1:  # streamed into R batch by batch: no [N, d] phi on the host or device
-    return encoding.phi_batches(encoder, examples, batch_size=batch_size, name=name)
-  return encoding.encode_to_array(encoder, examples, batch_size=batch_size)  # every process needs every row
+  # Streamed into R batch by batch: no [N, d] phi on any host or device (several processes: per-device
+  # partial sums, reduced once; see hessian.second_moment).
+  return encoding.phi_batches(encoder, examples, batch_size=batch_size, name=name)
 
 
 def fit_hessian(

@@ -2,7 +2,7 @@
 
   store = encode_to_store(encoder, corpus, store=open_store(url, ...), batch_size=256)
   phi = encode_to_array(encoder, queries, batch_size=64)        # [N, d] float32 on every process
-  for phi, valid in phi_batches(encoder, corpus, batch_size=64): ...   # device arrays, for streamed sums
+  for phi, valid in phi_batches(encoder, corpus, batch_size=64): ...   # device arrays (global), for streamed sums
 
 `examples` is anything with `len()` and `.batch(rows) -> batch dict` (a
 `data.batching.Examples`, or `as_examples(...)` of batch dicts).
@@ -167,21 +167,32 @@ def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
 def phi_batches(
   encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0, prefetch: int = 2
 ):
-  """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums.
+  """Yields (phi [B, d] on the devices, valid [B]) per batch of `examples`: for streamed sums.
 
-  Padded batches are built on a background thread `prefetch` batches ahead
-  (0: inline). Logs progress (batches, examples/s, ETA) every `log_every_s`
-  seconds under `name`.
+  Several processes: every process calls it with the same examples and encodes
+  its own share of the rows (as `encode_to_array`), in the same number of
+  batches; phi and valid are then global arrays over the encoder's mesh, never
+  gathered on a host. Padded batches are built on a background thread
+  `prefetch` batches ahead (0: inline). Logs progress (batches, examples/s,
+  ETA) every `log_every_s` seconds under `name`.
   """
   examples = as_examples(examples)
-  n = len(examples)
-  prog = progress_lib.Progress(total=-(-n // batch_size), unit="batch", item_unit="examples", name=name)
-  batches = _host_batches(examples, np.arange(n), host_batch=batch_size, num_batches=prog.total)
+  n, pi, pc = len(examples), jax.process_index(), jax.process_count()
+  per_host = -(-n // pc)
+  rows = np.arange(pi * per_host, min((pi + 1) * per_host, n))
+  host_batch = max(1, batch_size // pc)
+  prog = progress_lib.Progress(total=-(-per_host // host_batch), unit="batch", item_unit="examples", name=name)
+  batches = _host_batches(examples, rows, host_batch=host_batch, num_batches=prog.total)
   if prefetch:
     batches = prefetch_lib.ahead(batches, depth=prefetch, name=f"{name}-batches")
-  for i, (rows, batch) in enumerate(batches):
-    yield encoder.encode(batch), batch["ids"] >= 0
-    prog.update(i + 1, items=rows)
+  for i, (m, batch) in enumerate(batches):
+    phi, valid = encoder.encode(batch), batch["ids"] >= 0
+    if pc > 1:  # this process's rows of the global phi: the encoder pads them to a multiple of its local devices
+      local = np.zeros(phi.shape[0] // pc, bool)
+      local[: len(valid)] = valid
+      valid = mesh_lib.shard_batch({"valid": local}, encoder.mesh)["valid"]
+    yield phi, valid
+    prog.update(i + 1, items=m * pc)
     if i == 0:
       prog.mark()  # exclude compilation from the rate
     if prog.due(every_s=log_every_s) or i + 1 == prog.total:

@@ -290,7 +290,7 @@ def run(
     dataset=dataset.name,
     skipped=dict(skipped or {}),
     tail_patch=tp,
-    results={n: os.path.abspath(p) for n, p in results.items()},
+    results={n: fileio.absolute(p) for n, p in results.items()},
     model_accuracy={
       "accuracy": acc["accuracy"],
       "n": acc["n"],
