@@ -60,7 +60,7 @@ def test_8b_preset_fits_the_paper_shape_on_a_pod_mesh():
     total += a.size
     per_device += np.prod(s.shard_shape(a.shape))
   assert total > 6e9  # DecoderLM has no gated MLP: 6.2B at this vocabulary
-  assert per_device < total / 7.9  # only the norm scales are replicated
+  assert per_device < total / 7.5  # blocks split 8 ways, embeddings 4, norm scales replicated
 
 
 def test_config_section_and_cli_style_rules():
@@ -173,3 +173,116 @@ def test_adafactor_factored_moments_keep_the_sharding_of_the_kept_axes():
   params = training.init_params(DecoderLM(cfg), seq_len=8, seed=0, sharding=pshard)
   placed = training.init_opt_state(optimizer, params, sharding=sharding.opt_state_shardings(state, with_shapes, mesh))
   assert projection.flatten_paths(placed)["1/v_col/params/block_0/mlp/wi/kernel"].sharding.spec == P("model")
+
+
+# ----------------------------------------------------------------------------
+# The jobs on a (data 2 x model 4) mesh = on (data 8): train, encode, fit_hessian, retrieve.
+
+SHARDED = dict(mesh=(("data", 2), ("model", 4)), preset="fsdp_tp")
+
+
+def _sharded(config, *, mesh=SHARDED["mesh"], preset=SHARDED["preset"]):
+  config.mesh = mesh
+  config.sharding.preset = preset
+  return config
+
+
+def _tree_close(a, b, **tol):
+  fa, fb = projection.flatten_paths(a), projection.flatten_paths(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    np.testing.assert_allclose(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k, **tol)
+
+
+def _sharded_workdir(trained, name):
+  import os
+  import shutil
+
+  workdir = os.path.join(os.path.dirname(trained.workdir), name)
+  os.makedirs(workdir)
+  for f in ("tokenizer.model", "tokenizer.model.json"):
+    shutil.copy(os.path.join(trained.workdir, f), workdir)
+  return workdir
+
+
+# Adam's normalized updates amplify float32 summation-order differences of near-zero gradients: after 4 steps
+# at lr 1e-2, 1 element in ~1e5 differs by up to ~4e-6 (the rest by < 1e-7).
+PARAM_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_training_gives_the_replicated_checkpoint(trained, monkeypatch):
+  from trackstar_jax import checkpointing
+  from trackstar_jax.jobs import train
+  from trackstar_jax.jobs import workdir as workdir_lib
+
+  ref = checkpointing.restore(trained.workdir)  # the fixture's run: mesh (data 8), replicated, 4 steps
+  workdir = _sharded_workdir(trained, "sharded_train")
+  config = _sharded(trained.config)
+  seen = []
+  make = training.make_train_step
+  monkeypatch.setattr(training, "make_train_step", lambda *a, **kw: seen.append(kw) or make(*a, **kw))
+  train.run(config, workdir)
+  wi = projection.flatten_paths(seen[0]["param_sharding"])["params/block_0/mlp/wi/kernel"]
+  assert wi.spec == P("data", "model") and wi.mesh.shape == {"data": 2, "model": 4}
+  nu = projection.flatten_paths(seen[0]["opt_sharding"])["1/nu/params/block_0/mlp/wi/kernel"]
+  assert nu.spec == P("data", "model")
+  got = checkpointing.restore(workdir, step=4)
+  _tree_close(got.params, ref.params, **PARAM_TOL)
+  _tree_close(got.opt_state, ref.opt_state, rtol=1e-4, atol=1e-9)
+  # Restored into the sharding (load_run with a mesh: config.sharding on it).
+  run = workdir_lib.load_run(workdir, config=config, data=False, mesh=_mesh())
+  query = projection.flatten_paths(run.params)["params/block_1/attn/query/kernel"]
+  assert query.sharding.spec == P("data", "model", None)
+  mu = projection.flatten_paths(run.opt_state)["1/mu/params/block_1/attn/query/kernel"]
+  assert mu.sharding.spec == P("data", "model", None) and mu.addressable_shards[0].data.shape == (64, 1, 32)
+  _tree_close(run.params, got.params, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_sharded_training_resumes_into_the_sharding(trained):
+  import os
+  import shutil
+
+  from trackstar_jax import checkpointing
+  from trackstar_jax.jobs import train
+
+  ref = checkpointing.restore(trained.workdir)
+  workdir = _sharded_workdir(trained, "sharded_resume")
+  config = _sharded(trained.config)
+  config.train.checkpoint_every = 2
+  train.run(config, workdir)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  train.run(config, workdir)  # resumes from step 2, restored into the sharding
+  _tree_close(checkpointing.restore(workdir, step=4).params, ref.params, **PARAM_TOL)
+
+
+def test_sharded_encoder_hessian_and_retrieval_match_data_parallel(trained):
+  """load_encoder on (data 2 x model 4) with fsdp_tp: the phis, R^{-1/2} and top-k of (data 8)."""
+  from trackstar_jax import api
+  from trackstar_jax.jobs import workdir as workdir_lib
+
+  rd = workdir_lib.load_data(trained.config, trained.workdir)
+  corpus, queries = rd.corpus.select(np.arange(64)), rd.queries.select(np.arange(16))
+  out = {}
+  for name in ("data8", "sharded"):
+    config = _sharded(trained.config) if name == "sharded" else trained.config
+    enc, _ = workdir_lib.load_encoder(config, trained.workdir, rd.tokenizer)
+    if name == "sharded":  # params, projections and correction factors really are split
+      kernel = projection.flatten_paths(enc.params)["params/block_0/attn/query/kernel"]
+      assert kernel.sharding.spec == P("data", "model", None)
+      assert kernel.addressable_shards[0].data.shape == (64, 1, 32)  # [128, 4, 32] over 2 x 4
+      arrays = enc.arrays["block_0/attn/query/kernel"]
+      assert arrays["p_in"].sharding.spec == P("data", None)  # the kernel's input axis (d_model)
+      assert arrays["p_out"].sharding.spec == P("model", None, None)  # [H, Dh, d_out]: heads over model
+    cp = api.encode(enc, corpus, batch_size=32)
+    qp = api.encode(enc, queries, batch_size=16)
+    h = api.fit_hessian(train_phi=cp, query_phi=qp, config=config.hessian)
+    res = api.retrieve(corpus_phi=cp, corpus_ids=corpus.ids, query_phi=qp, hessian=h, k=5, matmul_dtype="float32")
+    out[name] = (np.asarray(cp), np.asarray(qp), h, res)
+  (c8, q8, h8, r8), (cs, qs, hs, rs) = out["data8"], out["sharded"]
+  for got, ref in ((cs, c8), (qs, q8)):
+    rel = np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
+    assert rel.max() < 1e-5, rel.max()
+  np.testing.assert_allclose(hs.inv_sqrt, h8.inv_sqrt, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(rs.top_ids, r8.top_ids)
+  np.testing.assert_allclose(rs.top_scores, r8.top_scores, rtol=1e-4, atol=1e-5)

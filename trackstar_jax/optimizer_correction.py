@@ -427,6 +427,7 @@ def restore_second_moments(
   step: int | None = None,
   paths: Iterable[str] | str | None = None,
   sharding: jax.sharding.Sharding | None = None,
+  param_sharding: Any = None,
 ) -> tuple[int, Any]:
   """Restores only the optimizer's second moments from a training workdir.
 
@@ -434,7 +435,9 @@ def restore_second_moments(
   `trackstar_jax.checkpointing`) with an Orbax partial restore: Adam's `nu`
   (+ `count`) and Adafactor's `v_row/v_col/v` are read, first moments and
   everything else are not. `paths` (canonical paths, or a regex) limits
-  Adam's `nu` to the traced parameters.
+  Adam's `nu` to the traced parameters. `sharding` places every array (default
+  replicated); `param_sharding` (the params' pytree of NamedShardings,
+  `sharding.param_shardings`) places each moment like its parameter instead.
 
   Returns:
     (step, raw state tree): dicts/lists, None where nothing was restored;
@@ -471,6 +474,12 @@ def restore_second_moments(
   item = jax.tree.map(
     lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_meta(m) else m, item, is_leaf=is_meta
   )
+  if param_sharding is not None:
+    from trackstar_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+    mesh = jax.tree.leaves(param_sharding)[0].mesh
+    placed = sharding_lib.opt_state_shardings(item, param_sharding, mesh)
+    item = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), item, placed)
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape), item)
   state = checkpointer.restore(
     item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)

@@ -22,8 +22,9 @@ Presets (`PRESETS`, for `models.DecoderLM`; the batch is always split over
             XLA gathers each layer's weights where it is used);
   tp        Megatron-style tensor parallelism over "model": attention heads,
             the MLP hidden axis, embeddings along d_model;
-  fsdp_tp   both: every matrix split over "data" x "model" (the preset for the
-            8B shape, where neither alone fits: `PRESETS["8b"]` is this one).
+  fsdp_tp   both: every block matrix split over "data" x "model", embeddings
+            over "model" (the preset for the 8B shape, where neither alone
+            fits: `PRESETS["8b"]` is this one).
 
 Optimizer state (`opt_state_shardings`): every leaf whose tree path ends in a
 parameter's path is a moment of that parameter (Adam's mu/nu inside chains,
@@ -61,7 +62,6 @@ Rule = tuple[str, Spec]
 _QKV, _OUT = r"attn/(query|key|value)/kernel$", r"attn/out/kernel$"
 _WI, _WO = r"mlp/wi/kernel$", r"mlp/wo/kernel$"
 _EMBED, _HEAD = r"embed/embedding$", r"lm_head/kernel$"
-_DM = ("data", "model")
 # Kernel layouts of DecoderLM: query/key/value [D, H, Dh], out [H, Dh, D], wi [D, F], wo [F, D],
 # embedding [V, D], lm_head [D, V]. d_model, heads and d_ff divide evenly in every model preset; the
 # vocabulary (a tokenizer's size) need not, so no preset splits it.
@@ -87,8 +87,10 @@ PRESETS: dict[str, tuple[Rule, ...]] = {
     (_OUT, ("model", None, "data")),
     (_WI, ("data", "model")),
     (_WO, ("model", "data")),
-    (_EMBED, (None, _DM)),
-    (_HEAD, (_DM, None)),
+    # Embeddings along d_model over "model" only: split over "data" too, the activations they produce would
+    # be split along d_model over the devices that split the batch (XLA then rematerializes them in full).
+    (_EMBED, (None, "model")),
+    (_HEAD, ("model", None)),
   ),
 }
 PRESETS["8b"] = PRESETS["fsdp_tp"]
