@@ -286,3 +286,65 @@ def test_sharded_encoder_hessian_and_retrieval_match_data_parallel(trained):
   np.testing.assert_allclose(hs.inv_sqrt, h8.inv_sqrt, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(rs.top_ids, r8.top_ids)
   np.testing.assert_allclose(rs.top_scores, r8.top_scores, rtol=1e-4, atol=1e-5)
+
+
+_TWO_PROCESS = """
+import sys, numpy as np
+from trackstar_jax import mesh as mesh_lib
+mesh_lib.maybe_initialize_distributed()
+import jax
+sys.path.insert(0, "tests")
+import conftest
+from trackstar_jax.jobs import workdir as workdir_lib
+config = conftest.trained_config()
+config.mesh, config.sharding.preset = (("data", 2), ("model", 4)), "fsdp_tp"
+workdir, out = sys.argv[1], sys.argv[2]
+rd = workdir_lib.load_data(config, workdir)
+enc, _ = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
+kernel = [l for p, l in jax.tree_util.tree_flatten_with_path(enc.params)[0] if "wi" in str(p)][0]
+assert not kernel.is_fully_addressable and kernel.addressable_shards[0].data.shape == (64, 128), kernel.sharding
+rows = np.arange(64).reshape(2, 32)[jax.process_index()]  # each process encodes its own rows
+batch = {k: getattr(rd.corpus, k)[rows] for k in ("inputs", "targets", "loss_mask", "pad_mask", "ids")}
+np.save(out, enc.encode_local(batch))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_times_four_devices_sharded_encode_matches_one_process(trained, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed, gloo), mesh (data 2 x model 4): the phis of (data 8)."""
+  import os
+  import socket
+  import subprocess
+  import sys
+
+  from trackstar_jax.jobs import workdir as workdir_lib
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  procs = []
+  for i in range(2):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+    env.update(
+      PYTHONPATH=repo,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    )
+    cmd = ["timeout", "300", sys.executable, "-c", _TWO_PROCESS, trained.workdir, str(tmp_path / f"phi{i}.npy")]
+    procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  logs = [p.communicate(timeout=330)[0].decode(errors="replace") for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-4000:]
+  got = np.concatenate([np.load(tmp_path / f"phi{i}.npy") for i in range(2)])
+  rd = workdir_lib.load_data(trained.config, trained.workdir)
+  enc, _ = workdir_lib.load_encoder(trained.config, trained.workdir, rd.tokenizer)  # one process, data 8
+  ref = np.asarray(
+    enc.encode({k: getattr(rd.corpus, k)[:64] for k in ("inputs", "targets", "loss_mask", "pad_mask", "ids")})
+  )
+  rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
+  assert rel.max() < 1e-5, rel.max()
