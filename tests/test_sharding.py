@@ -262,7 +262,7 @@ def test_sharded_encoder_hessian_and_retrieval_match_data_parallel(trained):
   from trackstar_jax.jobs import workdir as workdir_lib
 
   rd = workdir_lib.load_data(trained.config, trained.workdir)
-  corpus, queries = rd.corpus.select(np.arange(64)), rd.queries.select(np.arange(16))
+  corpus, queries = rd.corpus.select(np.arange(64)), rd.queries.select(np.arange(32))  # one batch shape: 1 compile
   out = {}
   for name in ("data8", "sharded"):
     config = _sharded(trained.config) if name == "sharded" else trained.config
@@ -275,7 +275,7 @@ def test_sharded_encoder_hessian_and_retrieval_match_data_parallel(trained):
       assert arrays["p_in"].sharding.spec == P("data", None)  # the kernel's input axis (d_model)
       assert arrays["p_out"].sharding.spec == P("model", None, None)  # [H, Dh, d_out]: heads over model
     cp = api.encode(enc, corpus, batch_size=32)
-    qp = api.encode(enc, queries, batch_size=16)
+    qp = api.encode(enc, queries, batch_size=32)
     h = api.fit_hessian(train_phi=cp, query_phi=qp, config=config.hessian)
     res = api.retrieve(corpus_phi=cp, corpus_ids=corpus.ids, query_phi=qp, hessian=h, k=5, matmul_dtype="float32")
     out[name] = (np.asarray(cp), np.asarray(qp), h, res)
