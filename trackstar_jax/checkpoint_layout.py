@@ -157,7 +157,11 @@ def _is_array_meta(x) -> bool:
 
 
 def restore_subtree(
-  where: Location, *, prune: Callable[[Any], Any] | None = None, sharding: jax.sharding.Sharding | None = None
+  where: Location,
+  *,
+  prune: Callable[[Any], Any] | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+  place: Callable[[Any], Any] | None = None,
 ) -> Any:
   """Reads only the subtree at `where` (Orbax partial restore), as a raw tree of arrays.
 
@@ -166,6 +170,8 @@ def restore_subtree(
     prune: metadata subtree -> the part of it to read (None entries are skipped),
       e.g. `optimizer_correction`'s second moments only. Default: all of it.
     sharding: where to place the arrays (default: replicated on all devices).
+    place: instead, the abstract subtree (ShapeDtypeStructs) -> a matching tree of
+      shardings, e.g. optimizer moments sharded like their parameters.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -181,6 +187,8 @@ def restore_subtree(
     sub,
     is_leaf=_is_array_meta,
   )
+  if place is not None:
+    target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), target, place(target))
   item = _nest(where.keys, target, full)
   restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape), item)
   state = ocp.PyTreeCheckpointer().restore(

@@ -168,6 +168,8 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 def _abstract(tree, sharding) -> Any:
   """ShapeDtypeStructs with shardings from arrays/abstract arrays/metadata."""
+  if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+    sharding = sharding(tree)  # e.g. sharding.param_shardings of the saved shapes
   sharding = sharding or _default_sharding()
   if not isinstance(sharding, jax.sharding.Sharding):  # a pytree of shardings
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
@@ -199,6 +201,7 @@ def restore(
   abstract_opt_state=None,
   restore_opt_state: bool = True,
   sharding=None,
+  opt_sharding=None,
 ) -> Checkpoint:
   """Restores params (+ optimizer state) and metadata from `workdir`.
 
@@ -212,8 +215,13 @@ def restore(
       optax NamedTuples back (without it the raw saved structure is returned).
     restore_opt_state: False restores params and meta only.
     sharding: a Sharding for every leaf or a pytree of them matching the
-      targets; leaves of the targets that carry a sharding keep it. Default:
+      targets, or a function from the target tree (its leaves have `.shape`)
+      to such a pytree (`lambda t: sharding.from_config(t, config, mesh)`);
+      leaves of the targets that carry a sharding keep it. Default:
       replicated over all devices.
+    opt_sharding: the optimizer state's (a Sharding or a pytree matching it,
+      e.g. `sharding.opt_state_shardings`); default: `sharding` when that is
+      one Sharding, else replicated.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) under the workdir.
@@ -226,7 +234,8 @@ def restore(
   args = dict(params=ocp.args.StandardRestore(_abstract(abstract_params, sharding)), meta=ocp.args.JsonRestore())
   if restore_opt_state:
     target = metadata["opt_state"] if abstract_opt_state is None else abstract_opt_state
-    opt_sharding = sharding if isinstance(sharding, jax.sharding.Sharding) or sharding is None else None
+    if opt_sharding is None:
+      opt_sharding = sharding if isinstance(sharding, jax.sharding.Sharding) else None
     args["opt_state"] = ocp.args.StandardRestore(_abstract(target, opt_sharding))
   out = manager.restore(step, args=ocp.args.Composite(**args))
   logging.info("Restored step %d from %s", step, checkpoint_dir(workdir))

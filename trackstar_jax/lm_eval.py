@@ -29,9 +29,16 @@ FREQUENCY_BUCKETS = (("1", 1, 1), ("2", 2, 2), ("3-9", 3, 9), ("10+", 10, None),
 _FIELDS = ("inputs", "targets", "loss_mask", "pad_mask")
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.lru_cache(maxsize=8)
+def _greedy_fn(apply_fn: ApplyFn, out_sharding):
+  return jax.jit(lambda p, x, m: jnp.argmax(apply_fn(p, x, m), axis=-1).astype(jnp.int32), out_shardings=out_sharding)
+
+
 def _greedy_tokens(apply_fn: ApplyFn, params, inputs, pad_mask):
-  return jnp.argmax(apply_fn(params, inputs, pad_mask), axis=-1).astype(jnp.int32)
+  # Model-sharded params (several processes): a replicated result, readable on every host.
+  s = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  out = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()) if hasattr(s, "mesh") else None
+  return _greedy_fn(apply_fn, out)(params, inputs, pad_mask)
 
 
 def query_accuracy(apply_fn: ApplyFn, params, query_examples, *, batch_size: int = 64, frequencies=None) -> dict:

@@ -437,6 +437,7 @@ def restore_second_moments_at(
   *,
   paths: Iterable[str] | str | None = None,
   sharding: jax.sharding.Sharding | None = None,
+  param_sharding: Any = None,
 ) -> Any:
   """Restores only the second moments of the optimizer state at `where` (any Orbax layout).
 
@@ -456,7 +457,13 @@ def restore_second_moments_at(
   _check_paths(meta, keep_path, paths, label)
   if _prune(meta, keep_path) is None:
     raise ValueError(f"No second moments in {label!r}. Supported: {SUPPORTED_STATES}.")
-  state = checkpoint_layout.restore_subtree(where, prune=lambda m: _prune(m, keep_path), sharding=sharding)
+  place = None
+  if param_sharding is not None:
+    from trackstar_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+    mesh = jax.tree.leaves(param_sharding)[0].mesh
+    place = lambda item: sharding_lib.opt_state_shardings(item, param_sharding, mesh)  # noqa: E731
+  state = checkpoint_layout.restore_subtree(where, prune=lambda m: _prune(m, keep_path), sharding=sharding, place=place)
   logging.info("Restored second moments from %s", label)
   return state
 
@@ -467,12 +474,14 @@ def restore_second_moments(
   step: int | None = None,
   paths: Iterable[str] | str | None = None,
   sharding: jax.sharding.Sharding | None = None,
+  param_sharding: Any = None,
 ) -> tuple[int, Any]:
   """Restores only the optimizer's second moments from a training workdir of this project.
 
   Reads `<workdir>/checkpoints/<step>/opt_state` (the layout of
   `trackstar_jax.checkpointing`) with an Orbax partial restore
-  (`restore_second_moments_at`; other layouts: `checkpoint_layout.locate`).
+  (`restore_second_moments_at`, which says what `sharding` and `param_sharding` do; other layouts:
+  `checkpoint_layout.locate`).
 
   Returns:
     (step, raw state tree): dicts/lists, None where nothing was restored;
@@ -488,4 +497,4 @@ def restore_second_moments(
   where = checkpoint_layout.Location(
     path=ckpt_dir, name="opt_state", step=step, item_dir=os.path.join(ckpt_dir, str(step), "opt_state"), keys=()
   )
-  return step, restore_second_moments_at(where, paths=paths, sharding=sharding)
+  return step, restore_second_moments_at(where, paths=paths, sharding=sharding, param_sharding=param_sharding)

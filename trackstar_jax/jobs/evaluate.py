@@ -41,7 +41,9 @@ import jax
 import numpy as np
 
 from trackstar_jax import checkpointing, fileio, lm_eval, optim
+from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import results as results_lib
+from trackstar_jax import sharding as sharding_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.evaluation import ablation
 from trackstar_jax.evaluation import metrics as metrics_lib
@@ -216,8 +218,10 @@ def run(
   step = workdir_lib.checkpoint_step(config, workdir)
   check_checkpoint(ckpt_meta=checkpointing.load_meta(workdir, step=step), dataset=dataset, workdir=workdir)
   # Params and optimizer state on one device (no redundant SPMD copies); the optimizer at the final rate.
+  # A model-sharded config (config.sharding) keeps its placement on config.mesh instead.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device)
+  mesh = mesh_lib.make_mesh(config.mesh) if sharding_lib.is_sharded(config) else None
+  lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device, mesh=mesh)
   records = load_checked(
     results, dataset=dataset, workdir=workdir, step=step, checkpoint=checkpointing.params_fingerprint(lm.params)
   )

@@ -32,6 +32,7 @@ import numpy as np
 from trackstar_jax import checkpointing, fileio, training
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import optimizer_correction as oc
+from trackstar_jax import sharding as sharding_lib
 from trackstar_jax.data import batching
 from trackstar_jax.data import tokenizer as tokenizer_lib
 from trackstar_jax.data import tokenizers as tokenizers_lib
@@ -222,25 +223,33 @@ def load_encoder(config, workdir: str, tokenizer, *, mesh=None) -> tuple[TrackSt
   """(TrackStarEncoder, step) from the checkpoint at config.encoder.step (default: latest).
 
   Only the optimizer's second moments of the traced parameters are restored
-  (Orbax partial restore), not the whole optimizer state.
+  (Orbax partial restore), not the whole optimizer state. Params and moments
+  are placed on `mesh` (default `config.mesh`) by `config.sharding`.
   """
   from trackstar_jax import api  # pylint: disable=g-import-not-at-top
 
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
   if uses_own_model(config):
     apply_fn, params, opt_state, step = _own_model_and_checkpoint(config, tokenizer)
+    param_sharding = sharding_lib.from_config(params, config, mesh)  # the encoder places params and moments
   else:
     step = checkpoint_step(config, workdir)
     apply_fn = build_model(config, tokenizer).apply
-    params = checkpointing.restore_params(workdir, step=step)
+    params = checkpointing.restore_params(
+      workdir, step=step, sharding=lambda t: sharding_lib.from_config(t, config, mesh)
+    )
+    param_sharding = jax.tree.map(lambda a: a.sharding, params)
     opt_state = None
     if config.encoder.correction != "none":
-      _, opt_state = oc.restore_second_moments(workdir, step=step, paths=config.encoder.param_regex)
+      _, opt_state = oc.restore_second_moments(
+        workdir, step=step, paths=config.encoder.param_regex, param_sharding=param_sharding
+      )
   encoder = api.build_encoder(
     apply_fn=apply_fn,
     params=params,
     opt_state=opt_state,
     mesh=mesh,
+    param_sharding=param_sharding,
     seq_len=config.seq_len,
     config=config.encoder,
     **encoder_correction_options(config),
@@ -288,13 +297,21 @@ class TrainedRun:
 
 
 def load_run(
-  workdir: str, *, step: int | None = None, opt_state: bool = True, data: bool = True, config=None, sharding=None
+  workdir: str,
+  *,
+  step: int | None = None,
+  opt_state: bool = True,
+  data: bool = True,
+  config=None,
+  sharding=None,
+  mesh=None,
 ) -> TrainedRun:
   """Model, params, optimizer state, tokenizer (and data) of a training workdir (default: latest step).
 
   The config comes from the checkpoint's metadata unless given; the tokenizer
   from `<workdir>/tokenizer.model` (or the path recorded at training time).
-  `sharding`: where to place params and optimizer state (default replicated).
+  `sharding`: where to place params and optimizer state (default replicated);
+  `mesh` instead: params and optimizer state placed on it by `config.sharding`.
   """
   meta = checkpointing.load_meta(workdir, step=step)
   config = config or ml_collections.ConfigDict(meta["config"])
@@ -309,6 +326,11 @@ def load_run(
   abstract_opt = None
   if opt_state:
     abstract_opt = jax.eval_shape(training.optimizer_for(config.train).init, abstract)
+  opt_sharding = None
+  if mesh is not None:
+    sharding, opt_sharding = training.state_shardings(
+      model, training.optimizer_for(config.train), config, mesh, seq_len=config.seq_len
+    )
   ckpt = checkpointing.restore(
     workdir,
     step=meta["step"],
@@ -316,6 +338,7 @@ def load_run(
     abstract_opt_state=abstract_opt,
     restore_opt_state=opt_state,
     sharding=sharding,
+    opt_sharding=opt_sharding,
   )
   run_data = load_data(config, workdir) if data else None
   return TrainedRun(
