@@ -9,6 +9,7 @@ Every job reads one `ml_collections.ConfigDict` with these sections:
   model                           `TransformerConfig` fields
   train                           optimizer, schedule, batch, checkpoint cadence
   mesh                            (("data", -1),) style mesh axes; -1 = the rest
+  sharding                        parameter sharding rules over the mesh axes (FSDP / tensor parallel)
   encoder                         traced params, projection, optimizer correction
   hessian                         R_train / R_eval sample sizes, damping, lambda
   store, retrieve, evaluate       later pipeline stages
@@ -234,6 +235,9 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.train.num_sample_answers = 5
 
   c.mesh = (("data", -1),)
+  # Parameter sharding over the mesh axes (trackstar_jax/sharding.py): a preset ("" | fsdp | tp | fsdp_tp) and
+  # rules ((path regex, (mesh axis | None, ...)), ...) searched before it; unmatched params are replicated.
+  c.sharding = ml_collections.ConfigDict(dict(preset="", rules=()))
 
   c.encoder = ml_collections.ConfigDict(options.defaults(encoder_lib.EncoderOptions))
   c.encoder.b2 = ml_collections.FieldReference(None, field_type=float)  # None: from the state (or train.b2)
