@@ -19,6 +19,7 @@ signal). Ctrl-C / SIGTERM to the launcher is passed on the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+import contextlib
 import os
 import re
 import signal
@@ -35,7 +36,9 @@ PLATFORM = flags.DEFINE_enum("platform", "cpu", ["cpu", "cuda"], "cpu: fake CPU 
 DEVICES = flags.DEFINE_integer("devices_per_process", 4, "CPU devices per process (--platform=cpu).", lower_bound=1)
 GPUS = flags.DEFINE_list("gpus", [], "--platform=cuda: GPU ids to split evenly over the processes (default: 0..N-1).")
 PORT = flags.DEFINE_integer("port", 0, "Coordinator port on 127.0.0.1 (0: a free one).")
-PROCESS_LOGS = flags.DEFINE_string("process_logs", "", "Write process I's output to <process_logs>/process_I.log instead of stdout.")
+PROCESS_LOGS = flags.DEFINE_string(
+  "process_logs", "", "Write process I's output to <process_logs>/process_I.log instead of stdout."
+)
 GRACE_S = flags.DEFINE_float("grace_s", 10.0, "Seconds between SIGTERM and SIGKILL when stopping the others.")
 
 _DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=\S+")
@@ -100,10 +103,8 @@ def _stop(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
 
 
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
-  try:
+  with contextlib.suppress(ProcessLookupError):
     os.killpg(p.pid, sig)  # each child leads its own process group (start_new_session)
-  except ProcessLookupError:
-    pass
 
 
 def exit_code(returncode: int) -> int:

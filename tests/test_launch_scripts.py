@@ -133,7 +133,11 @@ def test_process_env_splits_gpus_and_sets_cpu_devices():
   base = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_dump_to=/tmp/x", "JAX_PROCESS_ID": "5"}
   cpu = lm.process_env(base, process_id=1, num_processes=2, port=1234, platform="cpu", devices_per_process=3)
   assert cpu["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=3"]
-  assert (cpu["JAX_PROCESS_ID"], cpu["JAX_NUM_PROCESSES"], cpu["JAX_COORDINATOR_ADDRESS"]) == ("1", "2", "127.0.0.1:1234")
+  assert (cpu["JAX_PROCESS_ID"], cpu["JAX_NUM_PROCESSES"], cpu["JAX_COORDINATOR_ADDRESS"]) == (
+    "1",
+    "2",
+    "127.0.0.1:1234",
+  )
   gpu = lm.process_env({}, process_id=1, num_processes=2, port=1, platform="cuda", gpus=["0", "1", "2", "3"])
   assert gpu["CUDA_VISIBLE_DEVICES"] == "2,3"
   with pytest.raises(ValueError, match="3 GPUs do not split evenly over 2 processes"):
