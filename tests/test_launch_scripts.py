@@ -62,6 +62,7 @@ def _read_store(url: str) -> store_lib.Chunk:
 # local_multiprocess
 
 
+@pytest.mark.slow  # ~90 s on 2 busy cores: three JAX processes encoding the corpus
 def test_two_local_processes_encode_like_one(trained, tmp_path):
   ref, multi = str(tmp_path / "ref.zarr"), str(tmp_path / "multi.zarr")
   one = _run(

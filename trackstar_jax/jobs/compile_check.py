@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import os
 import re
 import time
 from typing import Any
@@ -77,6 +78,9 @@ def topology_devices(topo: Topology) -> list[Any]:
   """Compile-only devices of the slice (needs libtpu; nothing is allocated on them)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
 
+  # libtpu takes /tmp/libtpu_lockfile to keep a second process off the chips; with no chips attached
+  # (compile only) several checks, or a check beside a test run, may load it at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "true")
   try:
     desc = topologies.get_topology_desc(
       topology_name=topo.libtpu_name,
