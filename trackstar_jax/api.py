@@ -1,6 +1,7 @@
 """The public attribution API: from a trained model to proponents in four calls.
 
   encoder = build_encoder(model=model, params=params, opt_state=opt_state)   # Flax LM + its optax state
+  encoder = build_encoder(model=nnx_model, opt_state=optimizer.opt_state)    # or an NNX module (carries its params)
   store = encode(encoder, corpus, store="/tmp/enc.zarr")      # phi of every example (resumable, with ETA)
   hessian = fit_hessian(encoder=encoder, train=corpus, queries=queries)      # R^{-1/2}
   results = retrieve(encoder=encoder, queries=queries, store=store, hessian=hessian, k=10)
