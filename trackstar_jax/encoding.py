@@ -16,7 +16,8 @@ chunks not yet committed (the store is the same as an uninterrupted run's).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+import functools
 import hashlib
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 from trackstar_jax import batch as batch_lib
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import progress as progress_lib
+from trackstar_jax import quantize
 from trackstar_jax import store as store_lib
 
 _FIELDS = batch_lib.BATCH_KEYS
@@ -120,15 +122,28 @@ def store_meta(
   )
 
 
+def device_converter(dtype: str) -> Callable[[jax.Array], Any] | None:
+  """phi [B, d] on the device -> what a store of `dtype` holds, before the copy to the host (None: as is).
+
+  bfloat16: half the bytes to copy and no host-side conversion (the same
+  round-to-nearest-even); int8 / int4: `quantize.Quantized` codes and scales
+  (a quarter / an eighth of the float32 bytes, and no host-side quantization).
+  """
+  if dtype == "bfloat16":
+    return lambda phi: phi.astype(jnp.bfloat16)
+  if quantize.is_quantized(dtype):
+    return jax.jit(functools.partial(quantize.quantize, dtype=dtype, xp=jnp))
+  return None
+
+
 def _dispatch_rows(
-  encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, dtype=None
+  encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, convert=None
 ) -> list[tuple[int, Any]]:
   """Starts encoding this process's `rows` in exactly `num_batches` encoder calls (lockstep across hosts).
 
   One process: returns device arrays still being computed (JAX dispatch is
   asynchronous), so the caller can do host work meanwhile; `_collect` waits.
-  `dtype` (e.g. the store's bfloat16) converts on the device: half the bytes to
-  copy to the host, and no host-side conversion (the same round-to-nearest-even).
+  `convert` (`device_converter` of the store's dtype) runs on the device.
   """
   out = []
   for j in range(num_batches):
@@ -136,16 +151,16 @@ def _dispatch_rows(
     batch = batch_lib.pad_rows(examples.batch(part), host_batch)
     if jax.process_count() == 1:
       phi = encoder.encode(batch)
-      out.append((len(part), phi if dtype is None else phi.astype(dtype)))
+      out.append((len(part), phi if convert is None else convert(phi)))
     else:
       out.append((len(part), encoder.encode_local(batch)))
   return out
 
 
-def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
-  """[rows, d] numpy of `_dispatch_rows`' output (waits for the device)."""
-  parts = [np.asarray(phi)[:n] for n, phi in parts if n]
-  return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+def _collect(parts: list[tuple[int, Any]], dim: int) -> Any:
+  """[rows, d] numpy of `_dispatch_rows`' output (waits for the device); `Quantized` rows stay `Quantized`."""
+  parts = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], phi) for n, phi in parts if n]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def phi_batches(encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0):
@@ -201,7 +216,7 @@ def encode_to_store(
   n_iter = int(mesh_lib.allgather(np.asarray([len(pending)])).max())
   host_batch = max(1, int(batch_size) // pc)
   per_chunk = -(-store.chunk_rows // host_batch)
-  store_dtype = jnp.bfloat16 if store.meta.dtype == "bfloat16" else None
+  convert = device_converter(store.meta.dtype)
   logging.info(
     "encode: %d rows in %d chunks; this process: %d pending of %d; store %s",
     store.num_rows,
@@ -231,7 +246,7 @@ def encode_to_store(
       chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
       a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
       parts = _dispatch_rows(
-        encoder, examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk, dtype=store_dtype
+        encoder, examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk, convert=convert
       )
       if in_flight is not None:
         finish(i, *in_flight)

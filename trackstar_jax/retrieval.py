@@ -30,6 +30,10 @@ because each device sees its rows in increasing order, candidates keep
 increasing-row order, `lax.top_k` keeps the lower index of equal values, and
 the merges sort by (score, row).
 
+Compact stores (int8 / int4, `quantize`): a chunk crosses to the device as
+codes and scales and is dequantized there, right before the step, so the
+host-to-device copy shrinks with the store (see `StreamingTopK(store_dtype=)`).
+
 Scores are float32. `matmul_dtype="bfloat16"` feeds the matmuls (scores, and
 the R^{-1/2} of the norms) bf16 inputs with float32 accumulation (the GPU fast
 path); "float32" runs them at full float32 precision (no TF32).
@@ -53,6 +57,7 @@ import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import progress as progress_lib
+from trackstar_jax import quantize
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 
@@ -134,12 +139,19 @@ class InMemoryEncodings:
 
   Lets `retrieve` score in-memory phis (e.g. from `trackstar_jax.encode` with
   no store) through the same streaming, sharded step as a store on disk.
+  `dtype="int8"` / `"int4"` holds them quantized (`quantize`), as such a store would.
   """
 
-  def __init__(self, phi, ids=None, *, name: str = "memory"):
+  def __init__(self, phi, ids=None, *, name: str = "memory", dtype: str | None = None):
     self.phi = np.asarray(phi)
     if self.phi.ndim != 2:
       raise ValueError(f"Corpus encodings must be [N, d], got shape {self.phi.shape}.")
+    self._dim, self.dtype, self.scale = int(self.phi.shape[1]), str(self.phi.dtype), None
+    if dtype is not None and quantize.is_quantized(dtype):
+      self.dtype, (self.phi, self.scale) = dtype, quantize.quantize(self.phi, dtype)
+    elif dtype is not None:
+      self.phi = self.phi.astype(jnp.dtype(quantize.layout(dtype, self._dim).codes_dtype))
+      self.dtype = dtype
     self.ids = np.arange(len(self.phi), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if self.ids.shape != (len(self.phi),):
       raise ValueError(f"ids has shape {self.ids.shape}; expected one per row ({len(self.phi)},).")
@@ -151,7 +163,7 @@ class InMemoryEncodings:
 
   @property
   def dim(self) -> int:
-    return int(self.phi.shape[1])
+    return self._dim
 
   def require_complete(self) -> None:
     return None
@@ -163,7 +175,7 @@ class InMemoryEncodings:
   def iter_chunks(self, *, rows_per_chunk: int, process_index: int = 0, process_count: int = 1):
     for a in range(process_index * rows_per_chunk, self.num_rows, process_count * rows_per_chunk):
       b = min(a + rows_per_chunk, self.num_rows)
-      yield store_lib.Chunk(a, self.ids[a:b], self.phi[a:b])
+      yield store_lib.Chunk(a, self.ids[a:b], self.phi[a:b], None if self.scale is None else self.scale[a:b])
 
 
 def group_sizes(rows: int, k: int) -> tuple[int, ...]:
@@ -234,6 +246,11 @@ class StreamingTopK:
     normalize: unit-normalize train encodings (cosine); False = dot product.
     matmul_dtype: "bfloat16" (f32 accumulation) or "float32".
     hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
+    store_dtype: the chunks' dtype (`EncodingStore.dtype`). "int8" / "int4":
+      `update` takes the stored codes and scales, which go to the device as they
+      are and are dequantized there, into the matmul dtype, right before the step
+      (scores equal, bit for bit, those of a float32 store of the dequantized rows
+      with matmul_dtype="float32", of a bfloat16 one with "bfloat16").
   """
 
   def __init__(
@@ -246,6 +263,7 @@ class StreamingTopK:
     normalize: bool = RetrieveOptions.normalize,
     matmul_dtype: str = RetrieveOptions.matmul_dtype,
     hierarchical: bool = True,
+    store_dtype: str = "float32",
   ):
     queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
     if queries.ndim != 2 or queries.shape[0] == 0:
@@ -258,6 +276,8 @@ class StreamingTopK:
     if any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
       raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
     self.k, self.dim, self.hierarchical = k, queries.shape[1], hierarchical
+    quantized = quantize.is_quantized(store_dtype)
+    self.store_dtype, self._layout = store_dtype, quantize.layout(store_dtype if quantized else "float32", self.dim)
     self.n_dev = self.mesh.devices.size
     axes = tuple(self.mesh.axis_names)
     rep = NamedSharding(self.mesh, P())
@@ -316,28 +336,48 @@ class StreamingTopK:
       donate_argnums=(2,),
     )
     self._final = jax.jit(_shard_map(local_final, mesh=self.mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
+    # int8 / int4 chunks cross to the device as codes + scales and become rows in the matmul dtype there, in
+    # their own small program: the step is then the very program (and input) of a float store of the
+    # dequantized rows, so the scores are the same bit for bit (fused into the step, XLA would reorder the
+    # norms' reductions). Costs nothing extra: the matmul reads a materialized operand either way.
+    self._dequantize = None
+    if quantized:
+      self._dequantize = jax.jit(
+        lambda codes, scale: quantize.dequantize(codes, scale, store_dtype, dim=self.dim, xp=jnp).astype(mm),
+        out_shardings=self._phi_sharding,
+      )
 
   def padded_rows(self, rows: int) -> int:
     """Chunk rows rounded up to a multiple of the device count (one compiled shape)."""
     return -(-rows // self.n_dev) * self.n_dev
 
-  def update(self, *, start: int, ids: np.ndarray, phi: np.ndarray, pad_to: int | None = None) -> None:
+  def update(
+    self, *, start: int, ids: np.ndarray, phi: np.ndarray, pad_to: int | None = None, scale: np.ndarray | None = None
+  ) -> None:
     """Scores rows [start, start + n) against the queries (asynchronous dispatch).
 
     Rows with id -1 are ignored. `pad_to` pads the chunk (to keep one compiled
-    shape); it is rounded up to a multiple of the device count.
+    shape); it is rounded up to a multiple of the device count. For an int8 /
+    int4 `store_dtype`, `phi` is the chunk's codes and `scale` its scales.
     """
     n = ids.shape[0]
-    if phi.shape != (n, self.dim):
-      raise ValueError(f"Chunk phi shape {phi.shape} != ({n}, {self.dim}).")
+    lay = self._layout
+    if phi.shape != (n, lay.codes_cols) or (scale is None) != (lay.scale_cols == 0):
+      raise ValueError(
+        f"Chunk phi shape {phi.shape} != ({n}, {lay.codes_cols}) of {self.store_dtype} rows of d={self.dim}, "
+        f"or scale {'given' if scale is not None else 'missing'} (needed for int8 / int4 only)."
+      )
     c = self.padded_rows(max(n, pad_to or 0))
     if start + c >= 2**31:
       raise ValueError("Store rows beyond 2**31 are not supported (int32 row indices).")
     valid = np.zeros((c,), bool)
     valid[:n] = ids >= 0
     if c != n:
-      phi = np.concatenate([phi, np.zeros((c - n, self.dim), phi.dtype)])
+      phi = np.concatenate([phi, np.zeros((c - n, phi.shape[1]), phi.dtype)])
+      scale = None if scale is None else np.concatenate([scale, np.zeros((c - n, scale.shape[1]), scale.dtype)])
     phi = jax.device_put(phi, self._phi_sharding)
+    if self._dequantize is not None:
+      phi = self._dequantize(phi, jax.device_put(np.asarray(scale, np.float32), self._phi_sharding))
     valid = jax.device_put(valid, self._rows_sharding)
     self._state = self._step(self._q, self._inv, self._state, phi, valid, jnp.int32(start))
 
@@ -396,13 +436,21 @@ def retrieve(
     logging.warning("k=%d > %d rows in %s; clamping k to %d.", k, store.num_rows, store.url, store.num_rows)
     k = store.num_rows
   rows_per_chunk = min(rows_per_chunk, store.num_rows)
-  topk = StreamingTopK(queries, k=k, mesh=mesh, inv_sqrt=inv_sqrt, normalize=normalize, matmul_dtype=matmul_dtype)
+  topk = StreamingTopK(
+    queries,
+    k=k,
+    mesh=mesh,
+    inv_sqrt=inv_sqrt,
+    normalize=normalize,
+    matmul_dtype=matmul_dtype,
+    store_dtype=getattr(store, "dtype", "float32"),
+  )
   pi, pc = jax.process_index(), jax.process_count()
   n_chunks = 0
   mine = len(range(pi * rows_per_chunk, store.num_rows, pc * rows_per_chunk))
   prog = progress_lib.Progress(total=mine, unit="chunk", item_unit="rows", name="retrieve")
   for chunk in store.iter_chunks(rows_per_chunk=rows_per_chunk, process_index=pi, process_count=pc):
-    topk.update(start=chunk.start, ids=chunk.ids, phi=chunk.phi, pad_to=rows_per_chunk)
+    topk.update(start=chunk.start, ids=chunk.ids, phi=chunk.phi, pad_to=rows_per_chunk, scale=chunk.scale)
     n_chunks += 1
     prog.update(n_chunks, items=len(chunk.ids))
     if prog.due(every_s=30) or n_chunks == mine:
