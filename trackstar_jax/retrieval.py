@@ -152,10 +152,32 @@ class InMemoryEncodings:
     elif dtype is not None:
       self.phi = self.phi.astype(jnp.dtype(quantize.layout(dtype, self._dim).codes_dtype))
       self.dtype = dtype
+    self._set_ids(ids, name)
+
+  def _set_ids(self, ids, name: str) -> None:
     self.ids = np.arange(len(self.phi), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if self.ids.shape != (len(self.phi),):
       raise ValueError(f"ids has shape {self.ids.shape}; expected one per row ({len(self.phi)},).")
-    self.url = f"<in-memory {name}: {self.phi.shape[0]} x {self.phi.shape[1]}>"
+    self.url = f"<in-memory {name}: {self.phi.shape[0]} x {self.dim} {self.dtype}>"
+
+  @classmethod
+  def from_codes(cls, codes, scale, ids=None, *, dtype: str, dim: int, name: str = "memory") -> InMemoryEncodings:
+    """Rows already quantized to `dtype` (int8 | int4; e.g. a store's `Chunk.phi` and `Chunk.scale`), as they are."""
+    lay = quantize.layout(dtype, dim)
+    codes, scale = np.asarray(codes), np.asarray(scale, np.float32)
+    if (
+      not quantize.is_quantized(dtype)
+      or codes.shape[1:] != (lay.codes_cols,)
+      or scale.shape != (len(codes), lay.scale_cols)
+    ):
+      raise ValueError(
+        f"from_codes needs int8 / int4 codes [n, {lay.codes_cols}] and scales [n, {lay.scale_cols}] for d={dim}, "
+        f"got dtype {dtype!r}, {codes.shape} and {scale.shape}."
+      )
+    self = cls.__new__(cls)
+    self.phi, self.scale, self.dtype, self._dim = codes, scale, dtype, int(dim)
+    self._set_ids(ids, name)
+    return self
 
   @property
   def num_rows(self) -> int:
