@@ -8,9 +8,9 @@
 Symmetric, round to nearest (half to even), one scale per row (int8) or per
 group of `INT4_GROUP` columns (int4):
 
-  scale = absmax * fl32(1 / QMAX),   code = rint(x / scale) in [-QMAX, QMAX],   x_hat = code * scale
+  scale = absmax * fl32(1 / QMAX),   code = rint(x * fl32(1 / scale)) in [-QMAX, QMAX],   x_hat = code * scale
 
-so |x - x_hat| <= scale / 2 elementwise. An all-zero row (group) has scale 0
+so |x - x_hat| <= scale / 2 elementwise (up to float32 rounding of x / scale). An all-zero row (group) has scale 0
 and codes 0, so it decodes to exact zeros; one with a non-finite value has a
 non-finite scale and decodes to NaN (a float store keeps it non-finite too).
 
@@ -104,8 +104,10 @@ def quantize(x, dtype: str, *, xp: Any = np) -> Quantized:
   # and numpy then computes the same scales bit for bit.
   scale = xp.max(xp.abs(xg), axis=-1) * np.float32(1 / qmax)
   ok = xp.isfinite(scale) & (scale > 0)
-  div = xp.where(ok, scale, xp.float32(1))[..., None]
-  codes = xp.where(ok[..., None], xp.clip(xp.rint(xg / div), -qmax, qmax), 0).astype(xp.int8)
+  # x * (1 / scale), not x / scale: XLA rewrites a division by a broadcast so, and numpy then rounds the
+  # same values to the same codes (a division would differ at a few exact halves in a million).
+  inv = (xp.float32(1) / xp.where(ok, scale, xp.float32(1)))[..., None]
+  codes = xp.where(ok[..., None], xp.clip(xp.rint(xg * inv), -qmax, qmax), 0).astype(xp.int8)
   codes = codes.reshape(n, xg.shape[1] * xg.shape[2])[:, :d]
   scale = scale.astype(xp.float32)
   if dtype == "int8":
