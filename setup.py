@@ -3,6 +3,7 @@
 pip install -e .                  the attribution library and its public API
 pip install -e ".[data,eval]"     + the fact datasets, tokenizer and BM25: everything the jobs run
 pip install -e ".[data,eval,test]"   + the test and lint tools (what .ci/run installs)
+pip install -e ".[tpu-aot]"       + libtpu, for the TPU compile check on a CPU-only machine
 """
 
 import setuptools
@@ -47,6 +48,9 @@ setuptools.setup(
     "test": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "ruff>=0.6"],
     "gpu": ["jax[cuda12]>=0.4.35"],
     "tpu": ["jax[tpu]>=0.4.35"],
+    # libtpu without TPUs: launch/compile_check.py compiles for TPU slices on a CPU machine. jax[tpu] pins the
+    # libtpu release that matches the installed jax (libtpu 0.0.42.* for jax 0.10.2).
+    "tpu-aot": ["jax[tpu]>=0.4.35"],
     "all": ["trackstar_jax[data,eval,parquet]"],
   },
 )

@@ -4,6 +4,13 @@
   python benchmarks/bench_encoder.py --mode=train|none|adafactor|adam|adam_rank1
   python benchmarks/bench_encoder.py --mode=all --model=tiny --dtype=float32 --batch=2 --seq=16 --vocab=256 \
       --d=4 --steps=2                                            # CPU smoke test (tests/test_benchmarks.py)
+  python benchmarks/bench_encoder.py --mode=all --arch=gemma3 --model=gemma3_1b --batch=16 --seq=256  # Gemma 3 1B
+
+--arch=gemma3 runs the Gemma 3 architecture of google-deepmind's `gemma`
+package (`gm.nn.Transformer`, random weights; needs gemma installed, see
+trackstar_jax/models/gemma_lm.py): --model=gemma3_1b is Gemma3_1B's published
+shape (26 layers, width 1152, 262,144-token vocabulary: ~1.0B parameters),
+--model=tiny a toy one. Its traced matrices are gemma's `Einsum` weights.
 
 Same model, batch and sequence length for every case; random tokens, every
 position in the loss. Train = jit(value_and_grad(mean loss) + AdamW update),
@@ -23,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--mode", default="all")
+p.add_argument("--arch", default="decoder", choices=("decoder", "gemma3"))
+p.add_argument("--modes", default="train,none,adafactor,adam_rank1,adam", help="the cases of --mode=all")
 p.add_argument("--model", default="small")
 p.add_argument("--dtype", default="bfloat16")
 p.add_argument("--batch", type=int, default=64)
@@ -44,7 +53,8 @@ from trackstar_jax.models import DecoderLM, TransformerConfig
 def run_all(args) -> None:
   """Every mode in its own process (peak memory per case), then the ratio table."""
   results = []
-  for mode in ("train", "none", "adafactor", "adam_rank1", "adam"):
+  modes = args.modes.split(",")
+  for mode in modes:
     cmd = [sys.executable, __file__] + [a for a in sys.argv[1:] if not a.startswith("--mode=")] + [f"--mode={mode}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     line = [l for l in out.stdout.splitlines() if l.startswith("{")]
@@ -60,14 +70,38 @@ def run_all(args) -> None:
         f"{r['mode']:>11}: tok/s ratio {r['tok_s'] / base[0]['tok_s']:.3f}  peak ratio "
         f"{r['peak_gib'] / max(base[0]['peak_gib'], 1e-9):.3f}  ({r['tok_s']:.0f} tok/s, {r['peak_gib']:.2f} GiB)"
       )
-  if len(results) != 5:
+  if len(results) != len(modes):
     sys.exit(1)
 
 
+# Gemma3_1B's published shape (gemma.gm.nn._gemma); every 6th layer global, the others sliding-window.
+GEMMA3_SHAPES = {
+  "gemma3_1b": dict(
+    embed_dim=1152, hidden_dim=6 * 1152, num_heads=4, head_dim=256, num_kv_heads=1, num_layers=26, global_every=6
+  ),
+  "tiny": dict(embed_dim=16, hidden_dim=32, num_heads=2, head_dim=8, num_kv_heads=1, num_layers=2),
+}
+
+
+def make_model(args):
+  """(apply_fn(params, inputs, pad_mask) -> logits, params, encoder options) of --arch / --model."""
+  tokens = np.ones((1, args.seq), np.int32)
+  if args.arch == "decoder":
+    mc = configs.model_config(args.model, max_len=args.seq)
+    mc.dtype = args.dtype
+    model = DecoderLM(TransformerConfig.from_config(mc, vocab_size=args.vocab))
+    return model.apply, jax.jit(model.init)(jax.random.key(0), tokens), {}
+  from trackstar_jax.models import gemma_lm  # pylint: disable=g-import-not-at-top  (needs gemma)
+
+  model = gemma_lm.tiny_gemma3(
+    vocab_size=args.vocab, sliding_window_size=512, dtype=jnp.dtype(args.dtype), **GEMMA3_SHAPES[args.model]
+  )
+  params = jax.jit(model.init)(jax.random.key(0), tokens)
+  return gemma_lm.model_apply(model), params, dict(param_regex=gemma_lm.PARAM_REGEX, block_regex=gemma_lm.BLOCK_REGEX)
+
+
 def run_one(args) -> None:
-  mc = configs.model_config(args.model, max_len=args.seq)
-  mc.dtype = args.dtype
-  model = DecoderLM(TransformerConfig.from_config(mc, vocab_size=args.vocab))
+  apply_fn, params, enc_opts = make_model(args)
   rng = np.random.default_rng(0)
   tokens = rng.integers(1, args.vocab, (args.batch, args.seq)).astype(np.int32)
   batch = dict(
@@ -77,7 +111,7 @@ def run_one(args) -> None:
     pad_mask=np.ones(tokens.shape, bool),
     ids=np.arange(args.batch),
   )
-  params = jax.jit(model.init)(jax.random.key(0), tokens[:1])
+  n_params = sum(x.size for x in jax.tree.leaves(params))
   dev = jax.devices()[0]
 
   def timeit(fn):
@@ -98,7 +132,7 @@ def run_one(args) -> None:
 
     def step(params, opt_state, batch):
       def loss(p):
-        return losses.mean_token_loss(model.apply(p, batch["inputs"], batch["pad_mask"]), batch)
+        return losses.mean_token_loss(apply_fn(p, batch["inputs"], batch["pad_mask"]), batch)
 
       l, g = jax.value_and_grad(loss)(params)
       u, opt_state = tx.update(g, opt_state, params)
@@ -130,7 +164,14 @@ def run_one(args) -> None:
     else:
       st = None
     enc = tsj.build_encoder(
-      model=model, params=params, opt_state=st, seq_len=args.seq, d_in=args.d, d_out=args.d, correction=args.mode
+      apply_fn=apply_fn,
+      params=params,
+      opt_state=st,
+      seq_len=args.seq,
+      d_in=args.d,
+      d_out=args.d,
+      correction=args.mode,
+      **enc_opts,
     )
     del st
     params = None
@@ -141,7 +182,9 @@ def run_one(args) -> None:
     json.dumps(
       dict(
         mode=args.mode,
+        arch=args.arch,
         model=args.model,
+        params=n_params,
         dtype=args.dtype,
         batch=args.batch,
         seq=args.seq,

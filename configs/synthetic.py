@@ -37,4 +37,7 @@ def get_config(arg=None):
     c.train.checkpoint_every = 10
     c.train.batch_size = 16
     c.hessian.train_sample = 64
+    c.lds.num_models = 8
+    c.lds.models_per_step = 4
+    c.lds.bootstrap_samples = 200
   return c

@@ -72,3 +72,24 @@ def test_bench_compact_small():
   size = {r["dtype"]: r["store_bytes"] for r in records}
   assert size["bfloat16"] > 1.8 * size["int8"] > 1.8 * 1.6 * size["int4"], size  # d = 256: 512 vs 260 vs 136 B/row
   assert all(r["rows_per_s"] > 0 and r["N"] == 512 for r in records), records
+
+
+def test_bench_perf_small_prints_every_ratio():
+  records = _run("bench_perf.py", "--small", "--repeat=1")
+  sections = [r["section"] for r in records]
+  assert sections == ["retrieval", "retrieval", "stream", "encode"], sections
+  for r in records[:2]:
+    assert r["bitwise_equal"] is True and r["rows_equal_inline_norms"] is True, r  # fused == reference selection
+    assert r["max_score_diff_inline_norms"] <= 1e-6, r
+  assert set(records[2]["gbps"]) >= {"sequential_read", "h2d_pageable", "h2d_pinned", "retrieve_new", "feed_pinned"}
+  assert all(v > 0 for v in records[2]["gbps"].values()), records[2]
+  rates = records[3]["examples_per_s"]
+  assert set(rates) == {
+    "train",
+    "kernel",
+    "job_disk_pipelined",
+    "job_disk_previous_loop",
+    "job_memory_pipelined",
+    "job_memory_previous_loop",
+  }
+  assert all(v > 0 for v in rates.values()), rates

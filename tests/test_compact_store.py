@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import trackstar_jax as tsj
-from trackstar_jax import quantize, retrieval
+from trackstar_jax import norms, quantize, retrieval
 from trackstar_jax import store as store_lib
 from trackstar_jax.jobs import verify_store
 
@@ -206,6 +206,20 @@ def test_retrieval_equals_float_store_of_dequantized_rows(dtype, matmul_dtype):
     )
     for name, a in got.to_arrays().items():
       np.testing.assert_array_equal(a, getattr(want, name), err_msg=f"{name} {kw}")
+  # The other feeds of the compact store: a second scan on the norms cached from the first (those of the
+  # dequantized rows), and the reference step with inline norms and copies (rows equal; scores to an ulp).
+  cache = norms.NormCache.for_source(compact, inv_sqrt=None, matmul_dtype=matmul_dtype, layout="5x8")
+  norm = np.maximum(np.linalg.norm(deq[:40].astype(np.float64), axis=1), np.sqrt(np.finfo(np.float32).tiny))
+  np.testing.assert_allclose(cache.get(0, 40), 1 / norm, rtol=1e-2)  # row 7 = 0: `hessian.inv_norm`'s floor
+  again = retrieval.retrieve(compact, q, k=5, rows_per_chunk=40, matmul_dtype=matmul_dtype)
+  for name, a in got.to_arrays().items():
+    np.testing.assert_array_equal(getattr(again, name), a, err_msg=name)
+  inline = retrieval.retrieve(
+    compact, q, k=5, rows_per_chunk=40, matmul_dtype=matmul_dtype, select="reference", transfers_ahead=0, pinned=False
+  )
+  np.testing.assert_array_equal(inline.top_rows, got.top_rows)
+  np.testing.assert_array_equal(inline.bottom_rows, got.bottom_rows)
+  np.testing.assert_allclose(inline.top_scores, got.top_scores, rtol=1e-6)
   # In memory (`InMemoryEncodings(dtype=...)`) the same as through the store (last case: cosine, no R).
   mem = retrieval.retrieve(
     retrieval.InMemoryEncodings(x, np.arange(150) * 3, dtype=dtype),

@@ -195,6 +195,22 @@ def test_tfds_generates_once_and_separates_params(tmp_path):
   assert other.fingerprint != ds.fingerprint
 
 
+def test_build_prepared_by_another_process_while_waiting_is_reopened(tmp_path, monkeypatch):
+  """Two jobs start on one unprepared build: the one that waited for the lock must not keep its stale builder."""
+  pytest.importorskip("tensorflow_datasets")
+  from trackstar_jax import data
+
+  stale = data.make_builder(_config(tmp_path))  # made before the build exists, as by the waiting process
+  built = data.load_dataset(_config(tmp_path))  # "the other process" prepares it
+  real = data.make_builder
+  calls = iter([stale])
+  monkeypatch.setattr(data, "make_builder", lambda *a, **k: next(calls, None) or real(*a, **k))
+  prepared = iter([False])  # unprepared when first asked (before the lock), prepared once the lock is held
+  monkeypatch.setattr(type(stale), "is_prepared", lambda self: next(prepared, True))
+  again = data.load_dataset(_config(tmp_path))
+  assert again.fingerprint == built.fingerprint and len(again.corpus) == len(built.corpus)
+
+
 def test_default_data_dir(monkeypatch, tmp_path):
   from trackstar_jax import data
 

@@ -160,6 +160,39 @@ def test_encoder_on_nnx_model(trained):
   assert rel(enc.encode(batch), enc.reference(batch)) < 1e-4
 
 
+def test_public_api_takes_the_nnx_module(trained):
+  """tsj.build_encoder(model=<nnx.Module>): params read from the module (or given as a State / pure dict)."""
+  import trackstar_jax as tsj
+
+  model, optimizer = trained["adam"]
+  kw = dict(d_in=3, d_out=4, correction="adam")
+  enc = tsj.build_encoder(model=model, opt_state=optimizer.opt_state, call=NnxLM.call, seq_len=T, **kw)
+  apply_fn, params = nnx_adapter.functional(model=model, call=NnxLM.call)
+  ref = TrackStarEncoder(model_apply=apply_fn, params=params, config=kw, opt_state=optimizer.opt_state, seq_len=T)
+  batch = make_batch(4, seed=5)
+  phi = np.asarray(enc.encode(batch))
+  np.testing.assert_array_equal(phi, np.asarray(ref.encode(batch)))
+  assert rel(phi, enc.reference(batch)) < 1e-4
+  # The default call, model(inputs), gives the same phi for a causal LM (padding comes after every real token).
+  default = tsj.build_encoder(model=model, opt_state=optimizer, seq_len=T, **kw).encode(batch)
+  assert rel(default, phi) < 1e-5
+  # params= as an nnx.State or a pure dict replaces the module's values; the module is untouched.
+  zeroed = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  enc0 = tsj.build_encoder(model=model, params=zeroed, correction="none", d_in=3, d_out=4, seq_len=T)
+  assert (
+    float(jnp.abs(enc0.encode(batch)).max()) == 0.0
+  )  # all-zero params (the given ones, not the module's): every kernel input is 0
+  assert float(jnp.abs(model.block_0.mlp.wi.kernel[...]).max()) > 0
+  with pytest.raises(ValueError, match=r"do not match the parameters of the NNX module NnxLM: missing \['block_0"):
+    tsj.build_encoder(model=model, params={"w": jnp.zeros(3)}, correction="none")
+  with pytest.raises(ValueError, match="call= is for Flax NNX modules"):
+    tsj.build_encoder(apply_fn=apply_fn, params=params, call=NnxLM.call, correction="none")
+  with pytest.raises(ValueError, match="Flax Linen module .* or a Flax NNX module, got object"):
+    tsj.build_encoder(model=object(), params=params)
+  with pytest.raises(ValueError, match="needs params="):
+    tsj.build_encoder(apply_fn=apply_fn, correction="none")
+
+
 class RawDense(nnx.Module):
   """A matmul on a bare nnx.Param: not a registered layer type."""
 

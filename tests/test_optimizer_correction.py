@@ -195,3 +195,27 @@ def test_wrong_correction_names_the_ones_the_checkpoint_supports():
   ):
     oc.make_correction(kind="adam", layouts=LAYOUTS, opt_state=fact)
   assert oc.supported_kinds(oc.find_second_moments(optax.sgd(0.1).init(PARAMS))) == ("none",)
+
+
+@pytest.mark.parametrize("name", sorted(_nested_states()))
+def test_second_moments_restored_from_a_user_layout(tmp_path, name):
+  """Every nested optax state saved the user's way (one item `state` = {params, opt_state}) and partially
+  restored from "state/opt_state": the same correction as the in-memory state, no first moments read."""
+  import orbax.checkpoint as ocp
+
+  from trackstar_jax import checkpoint_layout
+
+  state = randomize(_nested_states()[name].init(PARAMS))
+  mgr = ocp.CheckpointManager(str(tmp_path), item_names=("state",))
+  mgr.save(2, args=ocp.args.Composite(state=ocp.args.PyTreeSave(dict(params=PARAMS, opt_state=state))))
+  mgr.wait_until_finished()
+  where = checkpoint_layout.locate(str(tmp_path), "state/opt_state")
+  raw = oc.restore_second_moments_at(where, paths=list(LAYOUTS))
+  assert not any("/mu/" in p for p in projection.flatten_paths(raw))
+  kind = "auto" if name == "multi_transform" else "adam"
+  want = oc.make_correction(kind=kind, layouts=LAYOUTS, opt_state=state)
+  got = oc.make_correction(kind=kind, layouts=LAYOUTS, opt_state=raw)
+  for p in LAYOUTS:
+    np.testing.assert_array_equal(got.elementwise(p), want.elementwise(p))
+  with pytest.raises(ValueError, match=r"no key 'opt' at the top level; the keys there are \['opt_state', 'params'\]"):
+    oc.restore_second_moments_at(checkpoint_layout.locate(str(tmp_path), "state/opt"), paths=list(LAYOUTS))

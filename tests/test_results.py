@@ -40,7 +40,13 @@ def test_build_write_read_validate(tmp_path):
   assert lines[0]["opponent_scores"] == pytest.approx([-0.7, -0.2, 0.0])
   assert lines[0]["inputs_plaintext"] + lines[0]["targets_plaintext"] == "The capital of A is B"
   assert (lines[0]["fact_id"], lines[0]["relation"], lines[0]["frequency"]) == ("f0", "capital", 2)
-  assert set(lines[0]) == set(results.REQUIRED_FIELDS) | set(results.OPTIONAL_FIELDS)
+  sources = {"proponent_sources", "opponent_sources"}  # only for corpora of windowed documents (below)
+  assert set(lines[0]) == set(results.REQUIRED_FIELDS) | set(results.OPTIONAL_FIELDS) - sources
+  named = results.build_results(queries=QUERIES, result=_result(), text_of=TEXTS, source_of=lambda i: f"doc{i}#0")
+  assert named[0]["proponent_sources"] == [f"doc{i}#0" for i in named[0]["proponent_ids"]]
+  assert named[1]["opponent_sources"] == [f"doc{i}#0" for i in named[1]["opponent_ids"]]
+  with pytest.raises(ValueError, match="proponent_sources"):
+    results.validate_results_line({**named[0], "proponent_sources": named[0]["proponent_sources"][:-1]})
   path = str(tmp_path / "out" / "results.jsonl")
   meta = dict(dataset="synthetic_facts", fingerprint="ab12", num_examples=5, method="trackstar")
   results.write_results(path, lines, metadata=meta)

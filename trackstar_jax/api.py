@@ -1,6 +1,7 @@
 """The public attribution API: from a trained model to proponents in four calls.
 
   encoder = build_encoder(model=model, params=params, opt_state=opt_state)   # Flax LM + its optax state
+  encoder = build_encoder(model=nnx_model, opt_state=optimizer.opt_state)    # or an NNX module (carries its params)
   store = encode(encoder, corpus, store="/tmp/enc.zarr")      # phi of every example (resumable, with ETA)
   hessian = fit_hessian(encoder=encoder, train=corpus, queries=queries)      # R^{-1/2}
   results = retrieve(encoder=encoder, queries=queries, store=store, hessian=hessian, k=10)
@@ -22,12 +23,12 @@ The jobs (`trackstar_jax.jobs`, `launch/`) are built on these functions.
 from __future__ import annotations
 
 from collections.abc import Callable
+import sys
 from typing import Any
 
-import jax
 import numpy as np
 
-from trackstar_jax import encoding, retrieval
+from trackstar_jax import encoding, projection, retrieval
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import options as opts_lib
 from trackstar_jax import store as store_lib
@@ -39,30 +40,61 @@ from trackstar_jax.retrieval import RetrievalResult
 BATCH_SIZE = 64
 
 
+def _nnx_functional(model: Any, params: Any, call: Callable | None):
+  """(apply_fn, params) of a Flax NNX module, or None when `model` is not one."""
+  nnx = sys.modules.get("flax.nnx")  # not imported: `model` cannot be an NNX module (no import cost for Linen)
+  if nnx is None or not isinstance(model, nnx.Module):
+    return None
+  from trackstar_jax import nnx_adapter  # pylint: disable=g-import-not-at-top
+
+  apply_fn, own = nnx_adapter.functional(model=model, call=call)
+  if params is None:
+    return apply_fn, own
+  if isinstance(params, nnx.State):
+    params = nnx.to_pure_dict(params)
+  want, got = set(projection.flatten_paths(own)), set(projection.flatten_paths(params))
+  if want != got:
+    raise ValueError(
+      f"params= do not match the parameters of the NNX module {type(model).__name__}: missing"
+      f" {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}. Pass nnx.state(model, nnx.Param)"
+      " (or its nnx.to_pure_dict), or leave params= out to use the module's own values."
+    )
+  return apply_fn, params
+
+
 def build_encoder(
   *,
-  params: Any,
+  params: Any = None,
   model: Any = None,
   apply_fn: Callable | None = None,
   opt_state: Any = None,
   loss_fn: Callable | None = None,
+  call: Callable | None = None,
   mesh=None,
   config: Any = None,
   seq_len: int = 8,
   param_sharding: Any = None,
   **options,
 ) -> TrackStarEncoder:
-  """A `TrackStarEncoder`: per-example projected, optimizer-corrected gradients of an LM.
+  r"""A `TrackStarEncoder`: per-example projected, optimizer-corrected gradients of an LM.
 
   Args:
-    params: the model's variables (e.g. `{"params": ...}` for Linen).
+    params: the model's variables (e.g. `{"params": ...}` for Linen). For an
+      NNX `model`, optional: default the module's own `nnx.Param` values.
     model: a Flax Linen module called as `model.apply(params, inputs, pad_mask)`
-      -> logits [B, T, V]; or give `apply_fn` with that signature, or `loss_fn`.
+      -> logits [B, T, V]; or a Flax NNX module (its `nnx.Linear`,
+      `nnx.LinearGeneral`, `nnx.Einsum` layers are traced; the module is not
+      modified; parameter paths are its attribute paths, `layers/0/attn/query/kernel`);
+      or give `apply_fn` with that signature, or `loss_fn`.
     apply_fn: `(params, inputs [B, T], pad_mask [B, T]) -> logits [B, T, V]`.
     opt_state: the optax state the model was trained with (Adam, AdamW,
-      Adafactor, in any chain): its second moments correct the gradients.
+      Adafactor, in any chain; an `nnx.Optimizer` or its `opt_state`; or the
+      same state restored from a checkpoint as plain dicts): its second moments
+      correct the gradients.
     loss_fn: `(params, batch) -> [B]` per-example losses, instead of the summed
       masked next-token NLL of the logits.
+    call: NNX only: `(module, inputs [B, T], pad_mask [B, T]) -> logits`;
+      default `module(inputs)` (enough for a causal LM: padding comes last).
     mesh: a `jax.sharding.Mesh` with a "data" axis (default: all devices).
     config: a ConfigDict / mapping of `EncoderOptions` fields (e.g. `config.encoder`).
     seq_len: sequence length of the one abstract trace (shapes only).
@@ -75,13 +107,32 @@ def build_encoder(
     >>> encoder = build_encoder(model=model, params=params, opt_state=opt_state, d_in=4, d_out=4)
     >>> encoder.dim, encoder.correction.kind
     (64, 'adam')
+
+    An NNX model carries its params; name its kernels and blocks by its own attribute paths
+    (colabs/bring_your_own_model.ipynb):
+
+      optimizer = nnx.Optimizer(nnx_model, optax.adamw(1e-3), wrt=nnx.Param)   # ... trained
+      encoder = build_encoder(model=nnx_model, opt_state=optimizer.opt_state,
+                              param_regex=r"layers/\d+/.*/kernel$", block_regex=r"layers/(?P<layer>\d+)/")
   """
   if model is not None and apply_fn is not None:
     raise ValueError("Pass model= or apply_fn=, not both.")
-  if model is not None:
+  nnx_fns = _nnx_functional(model, params, call) if model is not None else None
+  if nnx_fns is not None:
+    apply_fn, params = nnx_fns
+  elif call is not None:
+    raise ValueError("call= is for Flax NNX modules (model=<nnx.Module>); a Linen model is called as model.apply.")
+  elif model is not None:
+    if not hasattr(model, "apply"):
+      raise ValueError(
+        f"model= must be a Flax Linen module (with .apply) or a Flax NNX module, got {type(model).__name__};"
+        " for another model give apply_fn=(params, inputs, pad_mask) -> logits."
+      )
     apply_fn = model.apply
   if apply_fn is None and loss_fn is None:
     raise ValueError("build_encoder needs the model: model=, apply_fn= or loss_fn=.")
+  if params is None:
+    raise ValueError("build_encoder needs params= (only an NNX model= carries its own).")
   opts = opts_lib.from_config(EncoderOptions, config, ignore=("batch_size", "step"), **options)
   return TrackStarEncoder(
     model_apply=apply_fn,
@@ -151,7 +202,7 @@ def encode(
 
 
 def _phis(encoder, examples, phi, *, batch_size: int, what: str, name: str = "encode"):
-  """Encoded batches of `examples` (streamed in one process), or the given phi."""
+  """Encoded batches of `examples` (streamed; several processes: each encodes its share), or the given phi."""
   if phi is not None:
     if examples is not None:
       raise ValueError(f"Pass {what} examples or their phi, not both.")
@@ -161,9 +212,9 @@ def _phis(encoder, examples, phi, *, batch_size: int, what: str, name: str = "en
   if encoder is None:
     raise ValueError(f"Encoding {what} examples needs encoder=.")
 
-  if jax.process_count() == 1:  # streamed into R batch by batch: no [N, d] phi on the host or device
-    return encoding.phi_batches(encoder, examples, batch_size=batch_size, name=name)
-  return encoding.encode_to_array(encoder, examples, batch_size=batch_size)  # every process needs every row
+  # Streamed into R batch by batch: no [N, d] phi on any host or device (several processes: per-device
+  # partial sums, reduced once; see hessian.second_moment).
+  return encoding.phi_batches(encoder, examples, batch_size=batch_size, name=name)
 
 
 def fit_hessian(

@@ -53,6 +53,17 @@ FROZEN_FIELDS = (
   "train.seed",
 )
 
+# Frozen fields added after checkpoints were written: a saved config without one had this value.
+ADDED_FIELD_DEFAULTS = {
+  "model.factory": "trackstar_jax.models.factory:decoder_lm",
+  "tokenizer.path": "",
+  "tokenizer.kind": "",
+  "tokenizer.add_bos": None,
+  "tokenizer.add_eos": None,
+  "tokenizer.bos_token": "",
+  "tokenizer.eos_token": "",
+}
+
 
 class _DropOrbaxInfo(logging_std.Filter):
   def filter(self, record: logging_std.LogRecord) -> bool:
@@ -157,6 +168,8 @@ def _default_sharding() -> jax.sharding.Sharding:
 
 def _abstract(tree, sharding) -> Any:
   """ShapeDtypeStructs with shardings from arrays/abstract arrays/metadata."""
+  if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+    sharding = sharding(tree)  # e.g. sharding.param_shardings of the saved shapes
   sharding = sharding or _default_sharding()
   if not isinstance(sharding, jax.sharding.Sharding):  # a pytree of shardings
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
@@ -188,6 +201,7 @@ def restore(
   abstract_opt_state=None,
   restore_opt_state: bool = True,
   sharding=None,
+  opt_sharding=None,
 ) -> Checkpoint:
   """Restores params (+ optimizer state) and metadata from `workdir`.
 
@@ -201,8 +215,13 @@ def restore(
       optax NamedTuples back (without it the raw saved structure is returned).
     restore_opt_state: False restores params and meta only.
     sharding: a Sharding for every leaf or a pytree of them matching the
-      targets; leaves of the targets that carry a sharding keep it. Default:
+      targets, or a function from the target tree (its leaves have `.shape`)
+      to such a pytree (`lambda t: sharding.from_config(t, config, mesh)`);
+      leaves of the targets that carry a sharding keep it. Default:
       replicated over all devices.
+    opt_sharding: the optimizer state's (a Sharding or a pytree matching it,
+      e.g. `sharding.opt_state_shardings`); default: `sharding` when that is
+      one Sharding, else replicated.
 
   Raises:
     FileNotFoundError: no checkpoint (or not that step) under the workdir.
@@ -215,7 +234,8 @@ def restore(
   args = dict(params=ocp.args.StandardRestore(_abstract(abstract_params, sharding)), meta=ocp.args.JsonRestore())
   if restore_opt_state:
     target = metadata["opt_state"] if abstract_opt_state is None else abstract_opt_state
-    opt_sharding = sharding if isinstance(sharding, jax.sharding.Sharding) or sharding is None else None
+    if opt_sharding is None:
+      opt_sharding = sharding if isinstance(sharding, jax.sharding.Sharding) else None
     args["opt_state"] = ocp.args.StandardRestore(_abstract(target, opt_sharding))
   out = manager.restore(step, args=ocp.args.Composite(**args))
   logging.info("Restored step %d from %s", step, checkpoint_dir(workdir))
@@ -255,6 +275,8 @@ def config_differences(saved_config: dict[str, Any], config, *, frozen: Iterable
   old = _flatten(saved_config)
   new = _flatten(config_to_dict(config))
   diffs = []
+  for key in (set(ADDED_FIELD_DEFAULTS) & set(new)) - set(old):
+    old[key] = ADDED_FIELD_DEFAULTS[key]
   for key in sorted(set(old) | set(new)):
     if _frozen(key, frozen) and old.get(key, "<unset>") != new.get(key, "<unset>"):
       diffs.append(f"{key}: {old.get(key, '<unset>')!r} -> {new.get(key, '<unset>')!r}")

@@ -4,11 +4,13 @@ Every job reads one `ml_collections.ConfigDict` with these sections:
 
   dataset, data_dir, manual_dir   which fact dataset and where it lives
   world                           synthetic fact-world generator settings
-  tokenizer                       vocab size of the corpus-trained tokenizer
+  tokenizer                       vocab size of the corpus-trained tokenizer; or a user's tokenizer file
+  corpus, queries, checkpoint     a user's own corpus, queries and Orbax checkpoint (configs/own_model.py)
   seq_len                         padded length of every example
-  model                           `TransformerConfig` fields
+  model                           `TransformerConfig` fields; `factory`: the model's import path
   train                           optimizer, schedule, batch, checkpoint cadence
   mesh                            (("data", -1),) style mesh axes; -1 = the rest
+  sharding                        parameter sharding rules over the mesh axes (FSDP / tensor parallel)
   encoder                         traced params, projection, optimizer correction
   hessian                         R_train / R_eval sample sizes, damping, lambda
   store, retrieve, evaluate       later pipeline stages
@@ -30,6 +32,7 @@ from trackstar_jax import encoder as encoder_lib
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import optim, options, retrieval
 from trackstar_jax import store as store_lib
+from trackstar_jax.models import factory as model_factory
 
 # Model shapes. `small` is our GPU benchmark model (~33M parameters with a 16k
 # vocabulary); the `paper_*` shapes approximate the TrackStar paper's three
@@ -191,9 +194,34 @@ def model_config(preset: str, *, max_len: int) -> ml_collections.ConfigDict:
     raise ValueError(f"Unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}.")
   cfg = ml_collections.ConfigDict(dict(MODEL_PRESETS[preset]))
   cfg.preset = preset
+  cfg.factory = model_factory.DEFAULT  # "pkg.module:function" building the model (models/factory.py)
   cfg.max_len = max_len
   cfg.dtype = "float32"
   return cfg
+
+
+def add_own_data_sections(c: ml_collections.ConfigDict) -> None:
+  """The sections naming a user's own corpus, queries, tokenizer file and checkpoint; empty = not used.
+
+  Every field is explained in configs/own_model.py. With `corpus.path` set,
+  the jobs read that corpus and `queries.path` instead of `dataset`; with
+  `checkpoint.path` set, they restore `checkpoint.params` / `.opt_state` from
+  it instead of the workdir's own checkpoints.
+  """
+  bool_or_none = lambda: ml_collections.FieldReference(None, field_type=bool)
+  c.tokenizer.path = ""  # a sentencepiece .model or a Hugging Face tokenizer.json ("" = corpus-trained)
+  c.tokenizer.kind = ""  # sentencepiece | huggingface ("" = by the file's extension)
+  c.tokenizer.add_bos = bool_or_none()  # None: where the tokenizer has the token
+  c.tokenizer.add_eos = bool_or_none()
+  c.tokenizer.bos_token = ""  # Hugging Face only ("" = the first of data.tokenizers.BOS_TOKENS it has)
+  c.tokenizer.eos_token = ""
+  c.corpus = ml_collections.ConfigDict(
+    dict(path="", format="", split="", text_field="text", ids_field="", id_field="", overflow="window", stride=0)
+  )
+  c.queries = ml_collections.ConfigDict(
+    dict(path="", prompt_field="prompt", target_field="target", id_field="id", gold_field="", overflow="error")
+  )
+  c.checkpoint = ml_collections.ConfigDict(dict(path="", step=-1, params="params", opt_state="opt_state"))
 
 
 def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.ConfigDict:
@@ -221,6 +249,7 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
 
   c.seq_len = seq_len
   c.model = model_config(model, max_len=seq_len)
+  add_own_data_sections(c)
 
   # Library options (defaults in their dataclasses) plus the jobs' own fields.
   c.train = ml_collections.ConfigDict(options.defaults(optim.OptimizerOptions))
@@ -234,6 +263,9 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.train.num_sample_answers = 5
 
   c.mesh = (("data", -1),)
+  # Parameter sharding over the mesh axes (trackstar_jax/sharding.py): a preset ("" | fsdp | tp | fsdp_tp) and
+  # rules ((path regex, (mesh axis | None, ...)), ...) searched before it; unmatched params are replicated.
+  c.sharding = ml_collections.ConfigDict(dict(preset="", rules=()))
 
   c.encoder = ml_collections.ConfigDict(options.defaults(encoder_lib.EncoderOptions))
   c.encoder.b2 = ml_collections.FieldReference(None, field_type=float)  # None: from the state (or train.b2)
@@ -262,4 +294,19 @@ def base_config(*, dataset: str, model: str, seq_len: int) -> ml_collections.Con
   c.evaluate.seed = 0  # random-proponent floor
   c.evaluate.baselines = ("bm25", "dense", "random")  # dense needs the [dense] extra
   c.evaluate.subset = "model_correct"  # headline rows: queries the model gets right
+
+  # Query accuracy on a fixed split of relations (jobs/accuracy.py): variants are chosen on "dev", reported on "test".
+  c.accuracy = ml_collections.ConfigDict(dict(dev_fraction=0.5, split_seed=0))
+
+  # Linear datamodeling score (jobs/lds.py): M models on random subsets, the ladder's predicted effects vs their losses.
+  c.lds = ml_collections.ConfigDict()
+  c.lds.num_models = 64  # M subset models
+  c.lds.fraction = 0.5  # of the corpus in each subset
+  c.lds.models_per_step = 8  # models trained together by one jit(vmap(step)) (memory: x params + opt state)
+  c.lds.num_steps = -1  # steps per model; -1 = train.num_steps (the main run's recipe)
+  c.lds.seed = 0  # subsets, the models' seeds, random scores, bootstrap
+  c.lds.shared_init = False  # True: every model starts from train.seed's init (less noise, one init only)
+  c.lds.methods = ()  # ladder method names or kinds; () = every method but dense
+  c.lds.bootstrap_samples = 1000
+  c.lds.output = ""  # "" = <workdir>/lds.json (+ lds.md, lds_models.npz, lds_per_query.npz)
   return c

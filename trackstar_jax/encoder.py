@@ -17,9 +17,11 @@ projection_dtype), given as `options=` or as a ConfigDict (`config=config.encode
 Distribution: one jitted program per process with explicit shardings on
 `mesh`: the batch split over the "data" axis, params and projection matrices
 replicated. For a model too large for one device, pass `param_sharding` (a
-Sharding or a pytree of them, e.g. over a "model" mesh axis): the batch stays
-split over "data" only and XLA partitions the taps with the layers. Each
-process passes its own rows; `encode_local` returns them, unpadded.
+Sharding or a pytree of them, `sharding.param_shardings`, e.g. over a "model"
+mesh axis): the batch stays split over "data" only, each traced kernel's
+P_in / P_out and correction factors are split along the same mesh axes as the
+kernel axes they span (`array_specs`), and XLA partitions the taps with the
+layers. Each process passes its own rows; `encode_local` returns them, unpadded.
 
 Public API:
   TrackStarEncoder(*, model_apply, params, options=None | config=None, opt_state=None,
@@ -58,6 +60,36 @@ def _host(a: Any) -> np.ndarray:
   return np.asarray(a)
 
 
+def _kernel_specs(params: Any, param_sharding: Any) -> dict[str, tuple]:
+  """canonical path -> the kernel's spec entries (one per axis), from a pytree of NamedShardings."""
+  if param_sharding is None or isinstance(param_sharding, jax.sharding.Sharding):
+    return {}
+  out = {}
+  for path, s in projection.flatten_paths(param_sharding).items():
+    spec = tuple(getattr(s, "spec", ()))
+    out[projection.canonical_path(path)] = spec
+  shapes = {projection.canonical_path(p): np.ndim(a) for p, a in projection.flatten_paths(params).items()}
+  return {p: spec + (None,) * (shapes.get(p, len(spec)) - len(spec)) for p, spec in out.items()}
+
+
+def array_specs(projector: gradients.GradientProjector, kernel_specs: Mapping[str, tuple]) -> dict[str, Any]:
+  """PartitionSpecs of `projector.arrays` matching their kernels' shardings.
+
+  P_in [*in_shape, d_in] is split like the kernel's input axes, P_out [*out_shape, d_out] like its output
+  axes, a correction factor over kernel axes like those axes; d_in / d_out are replicated.
+  """
+  out = {}
+  for path, st in projector.static.items():
+    spec = kernel_specs.get(projection.canonical_path(path), (None,) * len(st.layout.shape))
+    on = lambda axes, extra=(), spec=spec: P(*(tuple(spec[a] for a in axes) + extra))
+    out[path] = dict(
+      p_in=on(st.layout.in_axes, (None,)),
+      p_out=on(st.layout.out_axes, (None,)),
+      factors=tuple(on(axes) for axes in st.factor_axes),
+    )
+  return out
+
+
 def _place(tree: Any, sharding: Any) -> Any:
   """Puts a pytree on `sharding` (one Sharding or a matching pytree of them)."""
   if isinstance(sharding, jax.sharding.Sharding):
@@ -67,6 +99,9 @@ def _place(tree: Any, sharding: Any) -> Any:
     if isinstance(a, jax.Array) and (a.sharding == s or a.sharding.is_equivalent_to(s, a.ndim)):
       return a
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      if a.sharding.is_fully_replicated:  # any local copy is the whole array
+        a = _host(a)
+        return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
       return jax.device_put(a, s)
     a = np.asarray(a)
     return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
@@ -209,8 +244,18 @@ class TrackStarEncoder:
     replicated = NamedSharding(self.mesh, P())
     self._param_sharding = param_sharding if param_sharding is not None else replicated
     self.params = _place(params, self._param_sharding)
-    self.arrays = _place(jax.tree.map(_host, self.projector.arrays), replicated)
+    specs = array_specs(self.projector, _kernel_specs(params, param_sharding))
+    self.array_shardings = jax.tree.map(
+      lambda sp: NamedSharding(self.mesh, sp), specs, is_leaf=lambda x: isinstance(x, P)
+    )
+    self.arrays = _place(self.projector.arrays, self.array_shardings)
     self._n_data = self.mesh.shape["data"]
+    if self._n_data % jax.process_count():
+      raise ValueError(
+        f"The encoder mesh's 'data' axis ({self._n_data}) must split over the {jax.process_count()} processes"
+        f" (each encodes its own rows): use a mesh whose 'data' size is a multiple of {jax.process_count()}"
+        f" (mesh axes {dict(self.mesh.shape)})."
+      )
     self._local_data = max(1, self._n_data // jax.process_count())
     self._fn = jax.jit(
       lambda params, arrays, batch: self.projector.phi(self.loss_fn, params, arrays, batch),

@@ -2,7 +2,7 @@
 
   store = encode_to_store(encoder, corpus, store=open_store(url, ...), batch_size=256)
   phi = encode_to_array(encoder, queries, batch_size=64)        # [N, d] float32 on every process
-  for phi, valid in phi_batches(encoder, corpus, batch_size=64): ...   # device arrays, for streamed sums
+  for phi, valid in phi_batches(encoder, corpus, batch_size=64): ...   # device arrays (global), for streamed sums
 
 `examples` is anything with `len()` and `.batch(rows) -> batch dict` (a
 `data.batching.Examples`, or `as_examples(...)` of batch dicts).
@@ -28,6 +28,7 @@ import numpy as np
 
 from trackstar_jax import batch as batch_lib
 from trackstar_jax import mesh as mesh_lib
+from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
 from trackstar_jax import quantize
 from trackstar_jax import store as store_lib
@@ -122,6 +123,7 @@ def store_meta(
   )
 
 
+@functools.cache  # one compiled quantizer per dtype (later encode calls reuse it)
 def device_converter(dtype: str) -> Callable[[jax.Array], Any] | None:
   """phi [B, d] on the device -> what a store of `dtype` holds, before the copy to the host (None: as is).
 
@@ -136,25 +138,42 @@ def device_converter(dtype: str) -> Callable[[jax.Array], Any] | None:
   return None
 
 
+def _host_batches(examples, rows: np.ndarray, *, host_batch: int, num_batches: int):
+  """(valid rows, padded batch) of this process's `rows` in exactly `num_batches` batches (lockstep across hosts)."""
+  for j in range(num_batches):
+    part = rows[j * host_batch : (j + 1) * host_batch]
+    yield len(part), batch_lib.pad_rows(examples.batch(part), host_batch)
+
+
+def _dispatch(encoder, batches, *, convert=None, copy_early: bool = False) -> list[tuple[int, Any]]:
+  """Starts encoding (valid rows, padded batch) pairs; returns [(valid rows, phi)] still being computed.
+
+  One process: device arrays (JAX dispatch is asynchronous), so the caller can
+  do host work meanwhile; `_collect` waits. `convert` (`device_converter` of
+  the store's dtype) runs on the device, before the copy to the host.
+  `copy_early` starts each device-to-host copy as soon as its batch is
+  computed, instead of when `_collect` asks for it.
+  """
+  out = []
+  for n, batch in batches:
+    if jax.process_count() == 1:
+      phi = encoder.encode(batch)
+      phi = phi if convert is None else convert(phi)
+      if copy_early:
+        for x in jax.tree.leaves(phi):  # codes and scales of a quantized store
+          x.copy_to_host_async()
+      out.append((n, phi))
+    else:
+      out.append((n, encoder.encode_local(batch)))
+  return out
+
+
 def _dispatch_rows(
   encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, convert=None
 ) -> list[tuple[int, Any]]:
-  """Starts encoding this process's `rows` in exactly `num_batches` encoder calls (lockstep across hosts).
-
-  One process: returns device arrays still being computed (JAX dispatch is
-  asynchronous), so the caller can do host work meanwhile; `_collect` waits.
-  `convert` (`device_converter` of the store's dtype) runs on the device.
-  """
-  out = []
-  for j in range(num_batches):
-    part = rows[j * host_batch : (j + 1) * host_batch]
-    batch = batch_lib.pad_rows(examples.batch(part), host_batch)
-    if jax.process_count() == 1:
-      phi = encoder.encode(batch)
-      out.append((len(part), phi if convert is None else convert(phi)))
-    else:
-      out.append((len(part), encoder.encode_local(batch)))
-  return out
+  """`_dispatch` of `rows` in exactly `num_batches` encoder calls (lockstep across hosts)."""
+  batches = _host_batches(examples, rows, host_batch=host_batch, num_batches=num_batches)
+  return _dispatch(encoder, batches, convert=convert)
 
 
 def _collect(parts: list[tuple[int, Any]], dim: int) -> Any:
@@ -163,18 +182,35 @@ def _collect(parts: list[tuple[int, Any]], dim: int) -> Any:
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts) if parts else np.zeros((0, dim), np.float32)
 
 
-def phi_batches(encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0):
-  """Yields (phi [B, d] on the device, valid [B]) per batch of `examples` (one process): for streamed sums.
+def phi_batches(
+  encoder, examples, *, batch_size: int, name: str = "encode", log_every_s: float = 30.0, prefetch: int = 2
+):
+  """Yields (phi [B, d] on the devices, valid [B]) per batch of `examples`: for streamed sums.
 
-  Logs progress (batches, examples/s, ETA) every `log_every_s` seconds under `name`.
+  Several processes: every process calls it with the same examples and encodes
+  its own share of the rows (as `encode_to_array`), in the same number of
+  batches; phi and valid are then global arrays over the encoder's mesh, never
+  gathered on a host. Padded batches are built on a background thread
+  `prefetch` batches ahead (0: inline). Logs progress (batches, examples/s,
+  ETA) every `log_every_s` seconds under `name`.
   """
   examples = as_examples(examples)
-  n = len(examples)
-  prog = progress_lib.Progress(total=-(-n // batch_size), unit="batch", item_unit="examples", name=name)
-  for i, a in enumerate(range(0, n, batch_size)):
-    batch = batch_lib.pad_rows(examples.batch(np.arange(a, min(a + batch_size, n))), batch_size)
-    yield encoder.encode(batch), batch["ids"] >= 0
-    prog.update(i + 1, items=min(batch_size, n - a))
+  n, pi, pc = len(examples), jax.process_index(), jax.process_count()
+  per_host = -(-n // pc)
+  rows = np.arange(pi * per_host, min((pi + 1) * per_host, n))
+  host_batch = max(1, batch_size // pc)
+  prog = progress_lib.Progress(total=-(-per_host // host_batch), unit="batch", item_unit="examples", name=name)
+  batches = _host_batches(examples, rows, host_batch=host_batch, num_batches=prog.total)
+  if prefetch:
+    batches = prefetch_lib.ahead(batches, depth=prefetch, name=f"{name}-batches")
+  for i, (m, batch) in enumerate(batches):
+    phi, valid = encoder.encode(batch), batch["ids"] >= 0
+    if pc > 1:  # this process's rows of the global phi: the encoder pads them to a multiple of its local devices
+      local = np.zeros(phi.shape[0] // pc, bool)
+      local[: len(valid)] = valid
+      valid = mesh_lib.shard_batch({"valid": local}, encoder.mesh)["valid"]
+    yield phi, valid
+    prog.update(i + 1, items=m * pc)
     if i == 0:
       prog.mark()  # exclude compilation from the rate
     if prog.due(every_s=log_every_s) or i + 1 == prog.total:
@@ -199,20 +235,47 @@ def encode_to_array(encoder, examples, *, batch_size: int) -> np.ndarray:
   return mesh_lib.allgather(padded)[:n]
 
 
+def _pending_chunks(store, examples, *, process_index: int, process_count: int) -> list[int]:
+  """This process's uncommitted chunks: c % process_count == process_index, or, when the examples are one host's
+  slice (`local_rows` = [lo, hi): `data.corpus.HostView`), the chunks that start in [lo, hi)."""
+  if getattr(examples, "local_rows", None) is None:
+    return store.pending_chunks(process_index=process_index, process_count=process_count)
+  lo, hi = examples.local_rows
+  done = store.completed_chunks()
+  first = -(-lo // store.chunk_rows)
+  return [c for c in range(first, -(-hi // store.chunk_rows)) if c not in done]
+
+
 def encode_to_store(
-  encoder, examples, *, store: store_lib.EncodingStore, batch_size: int, log_every_s: float = 30.0
+  encoder,
+  examples,
+  *,
+  store: store_lib.EncodingStore,
+  batch_size: int,
+  log_every_s: float = 30.0,
+  pipeline: bool = True,
 ) -> store_lib.EncodingStore:
   """phi of every example into `store` (rows in example order); resumes where a killed run stopped.
 
   Every process calls it with the same (complete) store; returns it complete.
+  `examples` are all of them on every process, or each process's slice as a
+  `data.corpus.HostView` (it encodes the chunks that start in its rows).
   Logs progress (chunks, examples/s, ETA) every `log_every_s` seconds.
+
+  `pipeline` (default) keeps the accelerator busy: the next chunks' padded
+  batches are built on a background thread, chunk i + 1 is dispatched before
+  chunk i is collected, each batch's device-to-host copy starts as soon as it
+  is computed, and store writes are handed to a writer thread (only a full
+  write queue, i.e. storage slower than the encoder, ever stops the loop).
+  False: the same computation one chunk at a time, every write waited for (a
+  reference: both give bitwise the same store).
   """
   examples = as_examples(examples)
   if len(examples) != store.num_rows:
     raise ValueError(f"{len(examples)} examples but the store {store.url} has {store.num_rows} rows.")
   pi, pc = jax.process_index(), jax.process_count()
   ids = np.asarray(examples.ids)
-  pending = store.pending_chunks(process_index=pi, process_count=pc)
+  pending = _pending_chunks(store, examples, process_index=pi, process_count=pc)
   n_iter = int(mesh_lib.allgather(np.asarray([len(pending)])).max())
   host_batch = max(1, int(batch_size) // pc)
   per_chunk = -(-store.chunk_rows // host_batch)
@@ -226,15 +289,17 @@ def encode_to_store(
     store.url,
   )
   prog = progress_lib.Progress(total=n_iter, unit="chunk", item_unit="examples", name="encode")
-  # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is copied to the host
-  # and handed to the writer, so host work (batching, device-to-host copy, store writes) overlaps
-  # device work instead of idling the accelerator between chunks.
-  in_flight = None  # (chunk, a, b, dispatched parts)
+
+  def chunk_batches():  # (chunk or None, a, b, its padded batches), in loop order
+    for i in range(n_iter):
+      chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
+      a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
+      yield chunk, a, b, list(_host_batches(examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk))
 
   def finish(done: int, chunk, a: int, b: int, parts) -> None:
     phi = _collect(parts, encoder.dim)
     if chunk is not None:
-      writer.submit(start=a, ids=ids[a:b], phi=phi)  # committed (and marked) asynchronously
+      write(start=a, ids=ids[a:b], phi=phi)  # committed (and marked) asynchronously
     prog.update(done, items=b - a)
     if done == 1:
       prog.mark()  # exclude compilation from the rate
@@ -242,17 +307,24 @@ def encode_to_store(
       logging.info(prog.line())
 
   with store_lib.AsyncWriter(store, max_pending=2) as writer:
-    for i in range(n_iter):
-      chunk = pending[i] if i < len(pending) else None  # None: keep the other processes company
-      a, b = store.chunk_range(chunk) if chunk is not None else (0, 0)
-      parts = _dispatch_rows(
-        encoder, examples, np.arange(a, b), host_batch=host_batch, num_batches=per_chunk, convert=convert
-      )
-      if in_flight is not None:
-        finish(i, *in_flight)
-      in_flight = (chunk, a, b, parts)
-    if in_flight is not None:
-      finish(n_iter, *in_flight)
+    if not pipeline:
+      for i, (chunk, a, b, batches) in enumerate(chunk_batches()):
+        write = writer.submit
+        finish(i + 1, chunk, a, b, _dispatch(encoder, batches, convert=convert))
+        writer.flush()
+    else:
+      # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is collected and handed
+      # to the writer thread, so host work (batching, device-to-host copy, store writes) overlaps device work.
+      with prefetch_lib.BackgroundCalls(writer.submit, depth=2, name="encode-writes") as calls:
+        write = calls.put
+        in_flight = None  # (chunk, a, b, dispatched parts)
+        for i, (chunk, a, b, batches) in enumerate(prefetch_lib.ahead(chunk_batches(), depth=2, name="encode-batches")):
+          parts = _dispatch(encoder, batches, convert=convert, copy_early=True)
+          if in_flight is not None:
+            finish(i, *in_flight)
+          in_flight = (chunk, a, b, parts)
+        if in_flight is not None:
+          finish(n_iter, *in_flight)
   mesh_lib.sync("encode:done")
   store.require_complete()
   return store

@@ -40,8 +40,18 @@ def is_local(path: str) -> bool:
   return split_url(path)[0] is None
 
 
+def absolute(path: str) -> str:
+  """A local path made absolute; a kvstore URL (gs://, s3://, memory://, file://) unchanged."""
+  return os.path.abspath(path) if "://" not in path else path
+
+
+def parent(path: str) -> str:
+  """The folder of a local path or kvstore URL (`gs://b/run/x.npz` -> `gs://b/run`)."""
+  return os.path.dirname(absolute(path)) if "://" not in path else path.rstrip("/").rpartition("/")[0]
+
+
 def _kvstore(url: str) -> ts.KvStore:
-  return remote.wait(ts.KvStore.open(url, context=CONTEXT), url=url, what="Opening")
+  return remote.wait(ts.KvStore.open(remote.kvstore_spec(url), context=CONTEXT), url=url, what="Opening")
 
 
 def write_bytes(path: str, data: bytes) -> str:

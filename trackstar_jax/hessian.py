@@ -11,14 +11,17 @@
 Second moments accumulate in float32 (matmuls at HIGHEST precision) under
 jit: inputs may be data-sharded global arrays, the sum over examples is then
 a cross-device reduction; the full [d, d] accumulator can be kept sharded by
-rows over the mesh's data axis (`SecondMoment(mesh=...)`). Eigendecompositions
+rows over the mesh's data axis (`SecondMoment(mesh=...)`). Several processes:
+each device sums phi phi^T over its own rows and the partial sums are reduced
+once at the end (`SecondMoment(partials=True)`, chosen by `second_moment` for
+phi spread over processes), so no host gathers phi. Eigendecompositions
 run in float32 on the default device, or float64 on the host
 (`config.hessian.dtype`), never in bf16. Block-diagonal mode
 (`config.hessian.block_diagonal`) keeps one [d_b, d_b] matrix per projection
 block (d_b = d_in * d_out) and its eigenvalues pool for the lambda rule.
 
 Public API:
-  SecondMoment(dim, *, n_blocks=1, block_diagonal=False, mesh=None)
+  SecondMoment(dim, *, n_blocks=1, block_diagonal=False, mesh=None, partials=False)
       .update(phi [B, d], *, valid=None), .count, .result() -> R
   mixing_lambda(sigma_train, sigma_eval, *, k) -> float
   inverse_sqrt(R, *, damping, dtype) -> (R^{-1/2}, eigenvalues)
@@ -32,9 +35,9 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
-import os
 from typing import Any
 import zipfile
 import zlib
@@ -52,36 +55,70 @@ from trackstar_jax import options as opts_lib
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@jax.jit
 def _outer(phi, valid):
   phi = jnp.where(valid[:, None], phi.astype(jnp.float32), 0.0)
   return jnp.einsum("ni,nj->ij", phi, phi, precision=_HIGHEST)
 
 
-@jax.jit
 def _outer_blocks(phi, valid):
   phi = jnp.where(valid[:, None, None], phi.astype(jnp.float32), 0.0)
   return jnp.einsum("nbi,nbj->bij", phi, phi, precision=_HIGHEST)
 
 
-class SecondMoment:
-  """Running (1/N) sum phi phi^T over batches, padding rows excluded."""
+if hasattr(jax, "shard_map"):
+  _shard_map = functools.partial(jax.shard_map, check_vma=False)
+else:  # jax < 0.6
+  from jax.experimental.shard_map import shard_map as _experimental_shard_map  # pylint: disable=g-import-not-at-top
 
-  def __init__(self, dim: int, *, n_blocks: int = 1, block_diagonal: bool = False, mesh=None):
+  _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
+
+
+def _mesh_of(phi: Any):
+  """The mesh of a phi batch spread over several processes (a global array no host holds whole), else None."""
+  if isinstance(phi, jax.Array) and not phi.is_fully_addressable and isinstance(phi.sharding, NamedSharding):
+    return phi.sharding.mesh
+  return None
+
+
+class SecondMoment:
+  """Running (1/N) sum phi phi^T over batches, padding rows excluded.
+
+  Three placements of the accumulator (the sum, [d, d] or [n_blocks, d_b, d_b]):
+    default           on the default device; phi may be a data-sharded array (a reduction per batch).
+    mesh=             rows sharded over the mesh's "data" axis (a reduce-scatter per batch).
+    partials=True     (with mesh=; for phi spread over several processes) one partial sum per
+                      data shard, each device adding its own rows: no communication per batch;
+                      `result()` reduces the partials once (one all-reduce) and returns R on every host.
+  """
+
+  def __init__(self, dim: int, *, n_blocks: int = 1, block_diagonal: bool = False, mesh=None, partials: bool = False):
     if block_diagonal and dim % n_blocks:
       raise ValueError(f"phi dim {dim} is not a multiple of the number of blocks {n_blocks}.")
+    if partials and (mesh is None or "data" not in mesh.axis_names):
+      raise ValueError("SecondMoment(partials=True) needs a mesh with a 'data' axis (the mesh of phi).")
     self.dim, self.n_blocks, self.block_diagonal = dim, n_blocks, block_diagonal
     shape = (n_blocks, dim // n_blocks, dim // n_blocks) if block_diagonal else (dim, dim)
-    sharding = None
-    if mesh is not None and "data" in mesh.axis_names and shape[0] % mesh.shape["data"] == 0:
-      sharding = NamedSharding(mesh, P("data", *([None] * (len(shape) - 1))))
-    self._sum = jnp.zeros(shape, jnp.float32, device=sharding)
     fn = _outer_blocks if block_diagonal else _outer
-    self._add = jax.jit(lambda acc, phi, valid: acc + fn(phi, valid), donate_argnums=0, out_shardings=sharding)
+    self._partials = partials
+    if partials:
+      data = P("data")
+      sharding = NamedSharding(mesh, data)
+      self._sum = jnp.zeros((mesh.shape["data"], *shape), jnp.float32, device=sharding)
+      add = _shard_map(
+        lambda acc, phi, valid: acc + fn(phi, valid)[None], mesh=mesh, in_specs=(data, data, data), out_specs=data
+      )
+      self._add = jax.jit(add, donate_argnums=0, out_shardings=sharding)
+      self._reduce = jax.jit(lambda acc: jnp.sum(acc, axis=0), out_shardings=NamedSharding(mesh, P()))
+    else:
+      sharding = None
+      if mesh is not None and "data" in mesh.axis_names and shape[0] % mesh.shape["data"] == 0:
+        sharding = NamedSharding(mesh, P("data", *([None] * (len(shape) - 1))))
+      self._sum = jnp.zeros(shape, jnp.float32, device=sharding)
+      self._add = jax.jit(lambda acc, phi, valid: acc + fn(phi, valid), donate_argnums=0, out_shardings=sharding)
     self.count = 0
 
   def update(self, phi: Any, *, valid: Any = None) -> None:
-    """phi [B, d]; valid [B] bool (default: all rows, e.g. ids >= 0)."""
+    """phi [B, d]; valid [B] bool (default: all rows, e.g. ids >= 0); with partials both global arrays on the mesh."""
     if phi.shape[-1] != self.dim:
       raise ValueError(f"phi has dim {phi.shape[-1]}, expected {self.dim}.")
     if valid is None:
@@ -92,21 +129,33 @@ class SecondMoment:
     self._sum = self._add(self._sum, phi, valid)
     self.count += int(jnp.sum(valid))
 
-  def result(self) -> jax.Array:
+  def result(self) -> jax.Array | np.ndarray:
+    """R = sum / N; with partials a host array, the same on every process."""
     if not self.count:
       raise ValueError("No examples were accumulated into the second moment.")
+    if self._partials:
+      total = self._reduce(self._sum)  # the one cross-device (cross-host) reduction, [d, d] / [nb, db, db]
+      return np.asarray(total.addressable_data(0)) / np.float32(self.count)
     return self._sum / self.count
 
 
-def second_moment(phis: Any, *, n_blocks: int = 1, block_diagonal: bool = False) -> tuple[jax.Array, int]:
-  """R and N from an array [N, d] or an iterable of arrays / (phi, valid) pairs."""
+def second_moment(phis: Any, *, n_blocks: int = 1, block_diagonal: bool = False) -> tuple[Any, int]:
+  """R and N from an array [N, d] or an iterable of arrays / (phi, valid) pairs.
+
+  Batches spread over several processes (global arrays, as `encoding.phi_batches`
+  yields there) are summed per device and reduced once (`SecondMoment(partials=True)`):
+  no host holds more than one batch of phi, whatever the sample size.
+  """
   if hasattr(phis, "shape"):
     phis = [phis]
   acc = None
   for item in phis:
     phi, valid = item if isinstance(item, tuple) else (item, None)
     if acc is None:
-      acc = SecondMoment(phi.shape[-1], n_blocks=n_blocks, block_diagonal=block_diagonal)
+      mesh = _mesh_of(phi)
+      acc = SecondMoment(
+        phi.shape[-1], n_blocks=n_blocks, block_diagonal=block_diagonal, mesh=mesh, partials=mesh is not None
+      )
     acc.update(phi, valid=valid)
   if acc is None:
     raise ValueError("No phi batches given.")
@@ -206,7 +255,7 @@ class Hessian:
     """
     rerun = (
       f"Re-run `python -m launch.fit_hessian --config=<this experiment's config> "
-      f"--workdir={os.path.dirname(os.path.abspath(path))}` (the workdir whose config.hessian.path is "
+      f"--workdir={fileio.parent(path)}` (the workdir whose config.hessian.path is "
       f"this file) to write it again."
     )
     if not fileio.exists(path):

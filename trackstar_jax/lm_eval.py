@@ -2,6 +2,7 @@
 
   acc = query_accuracy(model.apply, params, query_examples, frequencies=freq)
   acc["accuracy"], acc["by_frequency"][">=3"], acc["correct"]   # [Q] bool
+  loss = query_losses(model.apply, params, query_examples)        # [Q] target NLL
 
 `apply_fn(params, inputs [B, T], pad_mask [B, T]) -> logits [B, T, V]` is any
 LM's apply function (the project's `DecoderLM.apply`, or a user's).
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from trackstar_jax import batch as batch_lib
+from trackstar_jax import losses
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -27,9 +29,16 @@ FREQUENCY_BUCKETS = (("1", 1, 1), ("2", 2, 2), ("3-9", 3, 9), ("10+", 10, None),
 _FIELDS = ("inputs", "targets", "loss_mask", "pad_mask")
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.lru_cache(maxsize=8)
+def _greedy_fn(apply_fn: ApplyFn, out_sharding):
+  return jax.jit(lambda p, x, m: jnp.argmax(apply_fn(p, x, m), axis=-1).astype(jnp.int32), out_shardings=out_sharding)
+
+
 def _greedy_tokens(apply_fn: ApplyFn, params, inputs, pad_mask):
-  return jnp.argmax(apply_fn(params, inputs, pad_mask), axis=-1).astype(jnp.int32)
+  # Model-sharded params (several processes): a replicated result, readable on every host.
+  s = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  out = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec()) if hasattr(s, "mesh") else None
+  return _greedy_fn(apply_fn, out)(params, inputs, pad_mask)
 
 
 def query_accuracy(apply_fn: ApplyFn, params, query_examples, *, batch_size: int = 64, frequencies=None) -> dict:
@@ -77,6 +86,38 @@ def query_accuracy(apply_fn: ApplyFn, params, query_examples, *, batch_size: int
       out["count_by_frequency"][name] = int(sel.sum())
       out["by_frequency"][name] = float(correct[sel].mean()) if sel.any() else float("nan")
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _example_losses(apply_fn: ApplyFn, stacked: bool, params, batch):
+  one = lambda p: losses.example_losses(apply_fn(p, batch["inputs"], batch["pad_mask"]), batch)
+  return jax.vmap(one)(params) if stacked else one(params)
+
+
+def query_losses(apply_fn: ApplyFn, params, query_examples, *, batch_size: int = 64, stacked: bool = False):
+  """Each query's target loss L(q), the summed NLL of its answer tokens (`losses.example_losses`).
+
+  Args:
+    apply_fn, params: the LM (see the module docstring).
+    query_examples: tokenized queries, as for `query_accuracy`.
+    batch_size: rows per forward pass (the last batch is padded).
+    stacked: `params` holds G models stacked on a leading axis (e.g. trained
+      together under `jax.vmap`): every batch goes through all of them at once.
+
+  Returns:
+    [Q] float32, or [G, Q] when stacked, in row order.
+  """
+  arrays = {k: np.asarray(getattr(query_examples, k)) for k in _FIELDS}
+  n = len(arrays["inputs"])
+  parts = []
+  for start in range(0, n, batch_size):
+    m = min(batch_size, n - start)
+    chunk = batch_lib.pad_rows({k: v[start : start + m] for k, v in arrays.items()}, batch_size)
+    parts.append(np.asarray(_example_losses(apply_fn, stacked, params, chunk))[..., :m])
+  if not parts:
+    lead = (jax.tree.leaves(params)[0].shape[0],) if stacked else ()
+    return np.zeros(lead + (0,), np.float32)
+  return np.concatenate(parts, axis=-1)
 
 
 def accuracy_metrics(result: dict, prefix: str = "query_accuracy") -> dict[str, float]:

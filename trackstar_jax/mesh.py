@@ -45,18 +45,32 @@ def maybe_initialize_distributed(*, force: bool = False) -> None:
 
 
 def mesh_shape(axes: Sequence[tuple[str, int]], n_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
-  """Resolves -1 in mesh axes against the device count."""
+  """Resolves -1 in mesh axes against the device count.
+
+  Raises:
+    ValueError: the axes' sizes do not multiply to the device count (or, with a -1, do not divide it), a
+      size is 0 or below -1, or more than one axis is -1; the message names the axes and the device count.
+  """
   names = tuple(str(a) for a, _ in axes)
   sizes = [int(s) for _, s in axes]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"At most one mesh axis may be -1, got {axes}.")
+  shown = ", ".join(f"{n}={s}" for n, s in zip(names, sizes))
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.mesh {tuple(axes)} names an axis twice.")
+  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"config.mesh ({shown}): sizes must be positive, with at most one -1 (= the rest).")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"Mesh {axes} does not divide {n_devices} devices.")
+      raise ValueError(
+        f"config.mesh ({shown}) does not divide the {n_devices} devices: the fixed axes need a multiple of"
+        f" {known} devices. Use sizes whose product divides {n_devices}."
+      )
     sizes[sizes.index(-1)] = n_devices // known
   if math.prod(sizes) != n_devices:
-    raise ValueError(f"Mesh {axes} needs {math.prod(sizes)} devices, have {n_devices}.")
+    raise ValueError(
+      f"config.mesh ({shown}) needs {math.prod(sizes)} devices, but there are {n_devices}"
+      f" ({jax.process_count()} process(es)): make the sizes multiply to {n_devices}, or use -1 for one axis."
+    )
   return names, tuple(sizes)
 
 

@@ -11,6 +11,9 @@ turns an NNX module (or the graphdef and states of `nnx.split`) into that:
   encoder = TrackStarEncoder(model_apply=apply_fn, params=params, config=config.encoder,
                              opt_state=optimizer.opt_state)
 
+The public API does this itself: `trackstar_jax.build_encoder(model=model,
+opt_state=optimizer.opt_state, ...)` (see colabs/bring_your_own_model.ipynb).
+
 `params` is `nnx.to_pure_dict` of the module's `nnx.Param` state: a nested
 dict with the attribute paths of the module (`block_0/attn/query/kernel`,
 `blocks/0/mlp/wi/kernel` for an `nnx.List`), so `encoder.param_regex` and the

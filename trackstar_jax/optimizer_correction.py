@@ -34,7 +34,9 @@ Public API:
   make_correction(*, kind, layouts, opt_state=None, eps=1e-8,
                   bias_correction=False, b2=None) -> Correction
   restore_second_moments(workdir, *, step=None, paths=None, sharding=None)
-      partial Orbax restore of only the second-moment subtrees.
+      partial Orbax restore of only the second-moment subtrees (this project's layout);
+  restore_second_moments_at(checkpoint_layout.locate(path, "state/opt_state"), paths=None)
+      the same from any Orbax checkpoint layout.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trackstar_jax import projection
+from trackstar_jax import checkpoint_layout, projection
 
 KINDS = ("none", "adam", "adam_rank1", "adafactor", "auto")
 SUPPORTED_STATES = (
@@ -343,7 +345,7 @@ def _prune(meta: Any, keep_path: Any, prefix: str = "") -> Any:
   """The raw metadata tree reduced to second-moment subtrees (None elsewhere)."""
   fields = meta if isinstance(meta, Mapping) else None
   if fields is not None and set(fields) >= _FACTORED_KEYS:
-    return {k: fields[k] for k in ("v_row", "v_col", "v")}
+    return {k: fields[k] for k in ("count", "v_row", "v_col", "v")}  # count: how the state is recognised
   if fields is not None and set(fields) >= _ADAM_KEYS:
     nu = _filter_paths(fields["nu"], keep_path)
     return {"count": fields["count"], "nu": nu}
@@ -421,27 +423,70 @@ def _check_paths(meta: Any, keep_path, paths: Any, item_dir: str) -> None:
     )
 
 
+def _keep_path(paths: Iterable[str] | str | None):
+  if isinstance(paths, str):
+    return lambda p, rx=re.compile(paths): bool(rx.search(p))
+  if paths is not None:
+    wanted = {projection.canonical_path(p) for p in paths}
+    return lambda p: projection.canonical_path(p) in wanted
+  return None
+
+
+def restore_second_moments_at(
+  where: checkpoint_layout.Location,
+  *,
+  paths: Iterable[str] | str | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+  param_sharding: Any = None,
+) -> Any:
+  """Restores only the second moments of the optimizer state at `where` (any Orbax layout).
+
+  `where` is `checkpoint_layout.locate(path, "state/opt_state", step=...)`:
+  the subtree may be an optax state nested any way (chain, inject_hyperparams,
+  masked, multi_transform, MultiSteps). Adam's `nu` (+ `count`) and
+  Adafactor's `v_row/v_col/v` are read, nothing else; `paths` (canonical
+  paths, or a regex) limits Adam's `nu` to the traced parameters.
+
+  Returns:
+    The raw state tree (dicts/lists, None where nothing was read) for
+    `make_correction(opt_state=...)`.
+  """
+  keep_path = _keep_path(paths)
+  meta = checkpoint_layout.subtree_metadata(where)
+  label = where.item_dir + ("/" + "/".join(where.keys) if where.keys else "")
+  _check_paths(meta, keep_path, paths, label)
+  if _prune(meta, keep_path) is None:
+    raise ValueError(f"No second moments in {label!r}. Supported: {SUPPORTED_STATES}.")
+  place = None
+  if param_sharding is not None:
+    from trackstar_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top  (it imports this module)
+
+    mesh = jax.tree.leaves(param_sharding)[0].mesh
+    place = lambda item: sharding_lib.opt_state_shardings(item, param_sharding, mesh)  # noqa: E731
+  state = checkpoint_layout.restore_subtree(where, prune=lambda m: _prune(m, keep_path), sharding=sharding, place=place)
+  logging.info("Restored second moments from %s", label)
+  return state
+
+
 def restore_second_moments(
   workdir: str,
   *,
   step: int | None = None,
   paths: Iterable[str] | str | None = None,
   sharding: jax.sharding.Sharding | None = None,
+  param_sharding: Any = None,
 ) -> tuple[int, Any]:
-  """Restores only the optimizer's second moments from a training workdir.
+  """Restores only the optimizer's second moments from a training workdir of this project.
 
   Reads `<workdir>/checkpoints/<step>/opt_state` (the layout of
-  `trackstar_jax.checkpointing`) with an Orbax partial restore: Adam's `nu`
-  (+ `count`) and Adafactor's `v_row/v_col/v` are read, first moments and
-  everything else are not. `paths` (canonical paths, or a regex) limits
-  Adam's `nu` to the traced parameters.
+  `trackstar_jax.checkpointing`) with an Orbax partial restore
+  (`restore_second_moments_at`, which says what `sharding` and `param_sharding` do; other layouts:
+  `checkpoint_layout.locate`).
 
   Returns:
     (step, raw state tree): dicts/lists, None where nothing was restored;
     pass it to `make_correction(opt_state=...)`.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit()) if os.path.isdir(ckpt_dir) else []
   if not steps:
@@ -449,31 +494,7 @@ def restore_second_moments(
   step = steps[-1] if step is None else int(step)
   if step not in steps:
     raise FileNotFoundError(f"No checkpoint for step {step} in {ckpt_dir!r}; have {steps}.")
-  item_dir = os.path.join(ckpt_dir, str(step), "opt_state")
-  checkpointer = ocp.PyTreeCheckpointer()
-  meta = checkpointer.metadata(item_dir)
-  meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-  if isinstance(paths, str):
-    keep_path = lambda p, rx=re.compile(paths): bool(rx.search(p))
-  elif paths is not None:
-    wanted = {projection.canonical_path(p) for p in paths}
-    keep_path = lambda p: projection.canonical_path(p) in wanted
-  else:
-    keep_path = None
-  _check_paths(meta, keep_path, paths, item_dir)
-  item = _prune(meta, keep_path)
-  if item is None:
-    raise ValueError(f"No second moments in {item_dir!r}. Supported: {SUPPORTED_STATES}.")
-  if sharding is None:
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("replica",))
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  is_meta = lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
-  item = jax.tree.map(
-    lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding) if is_meta(m) else m, item, is_leaf=is_meta
+  where = checkpoint_layout.Location(
+    path=ckpt_dir, name="opt_state", step=step, item_dir=os.path.join(ckpt_dir, str(step), "opt_state"), keys=()
   )
-  restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape), item)
-  state = checkpointer.restore(
-    item_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-  )
-  logging.info("Restored second moments of step %d from %s", step, item_dir)
-  return step, state
+  return step, restore_second_moments_at(where, paths=paths, sharding=sharding, param_sharding=param_sharding)

@@ -12,12 +12,30 @@ The bound is `TIMEOUT_S` (default 60 s; environment TRACKSTAR_REMOTE_TIMEOUT_S,
 or set the module attribute) plus the transfer time at `MIN_BYTES_PER_S`, so
 large chunk writes on slow links still finish. Local paths, file:// and
 memory:// are never bounded.
+
+Endpoints. Every kvstore the project opens is specified by `kvstore_spec(url)`,
+which points the cloud drivers at another server when the environment says so
+(a local emulator in tests, a private or S3-compatible endpoint):
+
+  gs://   TENSORSTORE_GCS_HTTP_URL (TensorStore's own, e.g. http://127.0.0.1:9023),
+          or STORAGE_EMULATOR_HOST (the Google Cloud client libraries' variable,
+          `host:port` or a URL), copied to TENSORSTORE_GCS_HTTP_URL when this module
+          is imported (so Orbax checkpoints on gs:// use it too).
+  s3://   AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (the AWS SDKs' variables), put
+          into the spec's `endpoint` (TensorStore's s3 driver does not read them).
+
+Credentials are TensorStore's usual lookup (GOOGLE_APPLICATION_CREDENTIALS or
+gcloud's application-default file, then the GCE metadata server; for S3 the
+AWS_ACCESS_KEY_ID / profile chain). With none found, GCS requests go out
+without credentials, as an emulator expects.
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
+
+import tensorstore as ts
 
 TIMEOUT_S = float(os.environ.get("TRACKSTAR_REMOTE_TIMEOUT_S", "60"))
 MIN_BYTES_PER_S = 1e6
@@ -33,6 +51,39 @@ def is_remote(url: str) -> bool:
   return "://" in url and url.split("://", 1)[0] not in _LOCAL_SCHEMES
 
 
+def gcs_endpoint() -> str | None:
+  """The GCS server that replaces storage.googleapis.com, from the environment (None: Google's)."""
+  url = os.environ.get("TENSORSTORE_GCS_HTTP_URL") or os.environ.get("STORAGE_EMULATOR_HOST")
+  if not url:
+    return None
+  return url if "://" in url else f"http://{url}"
+
+
+def s3_endpoint() -> str | None:
+  """The S3 endpoint URL from the environment (None: AWS, by the bucket's region)."""
+  return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def kvstore_spec(url: str) -> dict[str, Any]:
+  """TensorStore's kvstore JSON spec of a kvstore URL, pointed at the endpoints the environment names.
+
+  kvstore_spec("gs://bucket/run/")  # {"driver": "gcs", "bucket": "bucket", "path": "run/"}
+  """
+  spec = ts.KvStore.Spec(url).to_json()
+  if spec.get("driver") == "s3" and s3_endpoint() and "endpoint" not in spec:
+    spec["endpoint"] = s3_endpoint()
+  return spec
+
+
+def _use_emulator_host() -> None:
+  """TensorStore reads TENSORSTORE_GCS_HTTP_URL whenever a gcs kvstore opens: mirror STORAGE_EMULATOR_HOST there."""
+  if "TENSORSTORE_GCS_HTTP_URL" not in os.environ and gcs_endpoint():
+    os.environ["TENSORSTORE_GCS_HTTP_URL"] = gcs_endpoint()
+
+
+_use_emulator_host()
+
+
 def timeout_s(nbytes: int = 0) -> float:
   """The bound for an operation that transfers `nbytes`."""
   return TIMEOUT_S + nbytes / MIN_BYTES_PER_S
@@ -44,8 +95,14 @@ def timeout_message(url: str, what: str, timeout: float) -> str:
   if url.startswith("gs://"):
     hint = (
       "credentials (GOOGLE_APPLICATION_CREDENTIALS, or `gcloud auth application-default login`), "
-      "network access to storage.googleapis.com (or $TENSORSTORE_GCS_HTTP_URL), and that the bucket exists "
-      "and this account may access it"
+      f"network access to {gcs_endpoint() or 'storage.googleapis.com'} (the endpoint: $TENSORSTORE_GCS_HTTP_URL "
+      "or $STORAGE_EMULATOR_HOST), and that the bucket exists and this account may access it"
+    )
+  elif url.startswith("s3://"):
+    hint = (
+      "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile), network access to "
+      f"{s3_endpoint() or 'the bucket region endpoint'} (the endpoint: $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL), "
+      "and that the bucket exists and this account may access it"
     )
   return (
     f"{what} {url} did not finish within {timeout:.0f} s. Likely cause: check {hint}. The limit is "

@@ -12,7 +12,9 @@ One line per query:
 
 and where known: `fact_id`, `relation`, `proponent_correct` (per proponent:
 does it state the query's fact, from the gold sentence ids), `frequency`
-(how often the fact occurs in the corpus).
+(how often the fact occurs in the corpus), `proponent_sources` /
+`opponent_sources` (per example, "doc_id#window": the document and window
+of a user's corpus it comes from, `data.corpus.Corpus.id_of`).
 
 Files are written atomically (temporary file + rename on local disks, a single
 object write on gs://), so a results file that exists is complete. Run
@@ -36,7 +38,7 @@ REQUIRED_FIELDS = (
     "proponents", "proponent_ids", "proponent_scores",
     "opponents", "opponent_ids", "opponent_scores",
 )  # fmt: skip
-OPTIONAL_FIELDS = ("fact_id", "relation", "proponent_correct", "frequency")
+OPTIONAL_FIELDS = ("fact_id", "relation", "proponent_correct", "frequency", "proponent_sources", "opponent_sources")
 
 
 def make_results_line(
@@ -85,7 +87,11 @@ def _py(x):
 
 
 def build_results(
-  *, queries: Sequence[Mapping[str, Any]], result, text_of: Mapping[int, str] | Callable[[int], str]
+  *,
+  queries: Sequence[Mapping[str, Any]],
+  result,
+  text_of: Mapping[int, str] | Callable[[int], str],
+  source_of: Callable[[int], str | None] | None = None,
 ) -> list[dict[str, Any]]:
   """Results lines from query records (the data module's query dicts) and a `RetrievalResult`.
 
@@ -94,6 +100,8 @@ def build_results(
       relation, gold_sentence_ids, frequency; in the order of the query encodings.
     result: `retrieval.RetrievalResult` with [Q, k] arrays.
     text_of: training example id -> text (a dict or a function).
+    source_of: training example id -> "doc_id#window" (or None): adds
+      `proponent_sources` / `opponent_sources`.
   """
   get = text_of.__getitem__ if isinstance(text_of, Mapping) else text_of
   if len(queries) != result.top_ids.shape[0]:
@@ -119,6 +127,10 @@ def build_results(
         frequency=q.get("frequency"),
       )
     )
+    sources = [[source_of(d) for d, _ in side] for side in (top, bot)] if source_of is not None else None
+    if sources is not None and all(x is not None for side in sources for x in side):
+      lines[-1]["proponent_sources"], lines[-1]["opponent_sources"] = sources
+      validate_results_line(lines[-1])
   return lines
 
 
@@ -175,6 +187,14 @@ def validate_results_line(obj: Any) -> None:
       _check(isinstance(obj[f], str), f, "a string")
   if "frequency" in obj:
     _check(isinstance(obj["frequency"], int) and not isinstance(obj["frequency"], bool), "frequency", "an int")
+  for side in ("proponent", "opponent"):
+    if f"{side}_sources" in obj:
+      src = obj[f"{side}_sources"]
+      _check(
+        isinstance(src, list) and all(isinstance(x, str) for x in src) and len(src) == len(obj[f"{side}_ids"]),
+        f"{side}_sources",
+        f"a list of strings, one per {side}",
+      )
 
 
 def _check(ok: bool, field: str, what: str) -> None:

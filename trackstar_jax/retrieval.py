@@ -18,10 +18,22 @@ processes and merged once more on the host. Memory per device: a
 
 Speed. R^{-1/2} is folded into the queries once (e_q . R^{-1/2} phi =
 (R^{-1/2} e_q) . phi), so only the norm ||R^{-1/2} phi|| needs the train-side
-transform and scaled encodings are never written. The merge first narrows each
-score block hierarchically to a few groups of columns (group maxima, see
-`_candidates`) so that `lax.top_k` never runs over a long row: on a GPU a full
-`lax.top_k` over the block costs several times the score matmul.
+transform and scaled encodings are never written. The norms are computed by
+their own jitted function and kept per Hessian (`norms.NormCache`, in memory
+and beside an `EncodingStore`), so a later scan, e.g. another query set,
+skips the transform: with a full [d, d] R^{-1/2} it costs C x d^2 FLOP per
+chunk, several times the score matmul. The selection first narrows each score
+block hierarchically to a few groups of columns (group maxima, see
+`_candidates`) so that `lax.top_k` never runs over a long row; the default
+"fused" step (`_merge_both`) does it for both sides at once: the raw [Q, c]
+scores are the only block-sized buffer (keys recomputed where read) and every
+later op runs once over both sides' rows. select="reference" keeps the
+previous step (two `_merge_running` calls, norms inside the step).
+
+Feeding (`retrieve`): the store keeps `reads_in_flight` chunk reads
+outstanding, a background thread pads each chunk and copies it to the devices
+(staged in pinned host memory where the devices have it) `transfers_ahead`
+chunks in front of the step, so reads, copies and compute overlap.
 
 Tie order (deterministic, independent of device count, host count and chunk
 size): equal scores are ordered by lower store row first, for the top-k and the
@@ -31,8 +43,15 @@ increasing-row order, `lax.top_k` keeps the lower index of equal values, and
 the merges sort by (score, row).
 
 Compact stores (int8 / int4, `quantize`): a chunk crosses to the device as
-codes and scales and is dequantized there, right before the step, so the
-host-to-device copy shrinks with the store (see `StreamingTopK(store_dtype=)`).
+codes and scales (`StreamingTopK.put(scale=)`) and is dequantized there, in
+its own small jitted program right after the copy, so the host-to-device copy
+shrinks with the store while the step sees the very input a float store of the
+dequantized rows would give it (see `StreamingTopK(store_dtype=)`).
+
+Exactness: the fused step and the reference step fed the same norms return
+bitwise the same values and rows (same ops on the same values); XLA may round
+a norm computed inside a bigger fusion differently by an ulp, which is why
+the comparison shares the norms (tests/test_retrieval_fused.py).
 
 Scores are float32. `matmul_dtype="bfloat16"` feeds the matmuls (scores, and
 the R^{-1/2} of the norms) bf16 inputs with float32 accumulation (the GPU fast
@@ -41,11 +60,12 @@ path); "float32" runs them at full float32 precision (no TF32).
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping, Sequence
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -56,6 +76,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import norms as norms_lib
+from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
 from trackstar_jax import quantize
 from trackstar_jax import results as results_lib
@@ -78,12 +100,24 @@ class RetrieveOptions:
     chunk_rows: corpus rows read per host per step, split over its devices.
     normalize: unit-normalize the encodings (cosine); False: raw dot product.
     matmul_dtype: "bfloat16" (float32 accumulation; the fast path) or "float32" (exact).
+    select: "fused" (both sides' selection batched, norms computed outside the step or cached) or
+      "reference" (the previous step, kept to check "fused" against: bitwise-equal results).
+    cache_norms: keep 1 / ||R^{-1/2} phi|| per chunk from the first scan (`norms.NormCache`; beside
+      an `EncodingStore` on storage) so that later scans skip the transform.
+    reads_in_flight: store chunk reads outstanding while the devices work.
+    transfers_ahead: chunks already sent to the devices ahead of the step (2 = double buffering).
+    pinned: stage host chunks in pinned host memory before the device copy (where the device has it).
   """
 
   k: int = 10
   chunk_rows: int = 65536
   normalize: bool = True
   matmul_dtype: str = "bfloat16"
+  select: str = "fused"
+  cache_norms: bool = True
+  reads_in_flight: int = 4
+  transfers_ahead: int = 2
+  pinned: bool = True
 
 
 @dataclasses.dataclass
@@ -250,10 +284,178 @@ def _merge_running(vals, rows, new_vals, row0, k, groups=()):
   return v, jnp.take_along_axis(jnp.concatenate([rows, row0 + cols], axis=-1), i, axis=-1)
 
 
+def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=()):
+  """`_merge_running` of both sides at once, bitwise equal to the two calls the reference step makes.
+
+  run_v, run_r: [2Q, k] running lists, top side (keys s * scale) then bottom side (keys -(s * scale));
+  s: [Q, c] raw scores; scale: [c] or None; valid: [c]. Returns the new [2Q, k] lists.
+
+  The same selection as `_merge_running`, arranged for the accelerator: s is the only [Q, c] buffer
+  (the keys are recomputed where they are read: in the group maxima, one pass over s for both sides,
+  and at the k * g gathered candidates), and every later op runs once over both sides' [2Q, ...]
+  rows instead of once per side (half the small kernels). Same ops on the same values, same order.
+  """
+  q = s.shape[0]
+  pad = -s.shape[1] % math.prod(groups)
+  if pad:  # padded columns are invalid: -inf keys on both sides, as the reference pads its keys
+    s, valid = jnp.pad(s, ((0, 0), (0, pad))), jnp.pad(valid, (0, pad))
+    scale = None if scale is None else jnp.pad(scale, (0, pad), constant_values=1)
+
+  def keys(raw, sc, ok):  # (top keys, bottom keys) of raw scores: the reference's where(valid, +-(s * scale), -inf)
+    x = raw if sc is None else raw * sc
+    return jnp.where(ok, x, -jnp.inf), jnp.where(ok, -x, -jnp.inf)
+
+  if not groups:
+    top, bot = keys(s, None if scale is None else scale[None], valid[None])
+    cand_v = jnp.concatenate([top, bot])
+    cols = jnp.broadcast_to(jnp.arange(s.shape[1], dtype=jnp.int32), cand_v.shape)
+  else:
+    g, c = groups[0], s.shape[1]
+    top, bot = keys(s, None if scale is None else scale[None], valid[None])
+    maxima = jnp.concatenate([top.reshape(q, c // g, g).max(axis=-1), bot.reshape(q, c // g, g).max(axis=-1)])
+    cand_v, cand_i = _candidates(maxima, k, tuple(groups[1:]))
+    _, j = lax.top_k(cand_v, k)
+    gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [2Q, k] best groups, in column order
+    cols = (gi[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(2 * q, k * g)
+    raw = jnp.concatenate([jnp.take_along_axis(s, cols[:q], axis=-1), jnp.take_along_axis(s, cols[q:], axis=-1)])
+    sc = None if scale is None else scale[cols]
+    ok = valid[cols]
+    top, _ = keys(raw[:q], None if sc is None else sc[:q], ok[:q])
+    _, bot = keys(raw[q:], None if sc is None else sc[q:], ok[q:])
+    cand_v = jnp.concatenate([top, bot])
+  v, i = lax.top_k(jnp.concatenate([run_v, cand_v], axis=-1), k)
+  return v, jnp.take_along_axis(jnp.concatenate([run_r, row0 + cols], axis=-1), i, axis=-1)
+
+
+class DeviceChunk(NamedTuple):
+  """A chunk on the devices, ready for `StreamingTopK.update_device` (see `StreamingTopK.put`)."""
+
+  start: int
+  rows: int  # valid length before padding
+  phi: jax.Array  # [c, d], sharded by rows
+  valid: jax.Array  # [c] bool
+  inv_norms: jax.Array | None  # [c] float32 from a NormCache, or None (computed by the step's norm function)
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+  """x with zero rows appended up to `rows` (first axis)."""
+  out = np.zeros((rows,) + x.shape[1:], x.dtype)
+  out[: x.shape[0]] = x
+  return out
+
+
+def _pad_rows_any(x, rows: int):
+  """`_pad_rows` of a host array, or the same on the devices for a `jax.Array`."""
+  return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0))) if isinstance(x, jax.Array) else _pad_rows(x, rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _dequantizer(mesh: Mesh, store_dtype: str, dim: int, matmul_dtype: str):
+  """Jitted (codes, scales) -> [c, dim] rows in the matmul dtype, row-sharded like a float chunk (`quantize`)."""
+  mm = jnp.bfloat16 if matmul_dtype == "bfloat16" else jnp.float32
+  return jax.jit(
+    lambda codes, scale: quantize.dequantize(codes, scale, store_dtype, dim=dim, xp=jnp).astype(mm),
+    out_shardings=NamedSharding(mesh, P(tuple(mesh.axis_names), None)),
+  )
+
+
+def _pinned_like(sharding: NamedSharding) -> NamedSharding | None:
+  """`sharding` in pinned host memory, or None where the devices have none."""
+  try:
+    if all("pinned_host" in [m.kind for m in d.addressable_memories()] for d in sharding.mesh.devices.flat):
+      return sharding.with_memory_kind("pinned_host")
+  except (AttributeError, NotImplementedError, ValueError):  # older jax / backends without memory kinds
+    pass
+  return None
+
+
 def _sort_by_value_then_row(vals, rows, k):
   """[Q, M] (value descending, row ascending) -> first k; padding (-inf) last."""
   neg, r = lax.sort((-vals, rows), dimension=-1, num_keys=2)
   return -neg[:, :k], r[:, :k]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(
+  mesh: Mesh, *, k: int, normalize: bool, matmul_dtype: str, hierarchical: bool, select: str, has_inv: bool
+):
+  """(step, norms, final) jitted functions of a `StreamingTopK` configuration.
+
+  Shared by every instance with the same configuration, so a second `retrieve`
+  call (another query batch, another scan) reuses the compiled step.
+  """
+  axes = tuple(mesh.axis_names)
+  mm = jnp.bfloat16 if matmul_dtype == "bfloat16" else jnp.float32
+  hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
+
+  def local_norms(inv, phi):  # the reference step's 1 / ||R^{-1/2} phi||, as its own function
+    return hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
+
+  def local_step(qm, inv, state, phi, scale, valid, row0):  # select="reference": the previous step
+    top_v, top_r, bot_v, bot_r = (s[0] for s in state)
+    c = phi.shape[0]
+    row0 = row0 + lax.axis_index(axes) * c  # this device's first row
+    groups = group_sizes(c, k) if hierarchical else ()
+    phi = phi.astype(mm)
+    s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
+    if normalize:  # scale score columns by 1 / ||R^{-1/2} phi|| (given: the fused step's norms, to compare)
+      if scale is None:
+        scale = hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
+      s = s * scale[None, :]
+    top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
+    bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
+    return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
+
+  def local_step_fused(qm, state, phi, scale, valid, row0):
+    top_v, top_r, bot_v, bot_r = (s[0] for s in state)
+    c = phi.shape[0]
+    row0 = row0 + lax.axis_index(axes) * c  # this device's first row
+    groups = group_sizes(c, k) if hierarchical else ()
+    s = jnp.dot(qm, phi.astype(mm).T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
+    v, r = _merge_both(
+      jnp.concatenate([top_v, bot_v]), jnp.concatenate([top_r, bot_r]), s, scale, valid, row0, k, groups
+    )
+    q = top_v.shape[0]
+    return tuple(x[None] for x in (v[:q], r[:q], v[q:], r[q:]))
+
+  def local_final(state):
+    out = []
+    for v, r in ((state[0], state[1]), (state[2], state[3])):
+      # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
+      v = lax.all_gather(v[0], axes, axis=1, tiled=True)
+      r = lax.all_gather(r[0], axes, axis=1, tiled=True)
+      out += list(_sort_by_value_then_row(v, r, k))
+    return tuple(out)
+
+  sspec = (P(axes, None, None),) * 4
+  inv_spec = P() if has_inv else None
+  scale_spec = P(axes) if normalize else None
+  if select == "reference":
+    step = {  # norms inside the step (the previous step), or given
+      given: jax.jit(
+        _shard_map(
+          local_step,
+          mesh=mesh,
+          in_specs=(P(), inv_spec, sspec, P(axes, None), scale_spec if given else None, P(axes), P()),
+          out_specs=sspec,
+        ),
+        donate_argnums=(2,),
+      )
+      for given in (False, True)
+    }
+  else:
+    step = jax.jit(
+      _shard_map(
+        local_step_fused,
+        mesh=mesh,
+        in_specs=(P(), sspec, P(axes, None), scale_spec, P(axes), P()),
+        out_specs=sspec,
+      ),
+      donate_argnums=(1,),
+    )
+  norms = jax.jit(_shard_map(local_norms, mesh=mesh, in_specs=(inv_spec, P(axes, None)), out_specs=P(axes)))
+  final = jax.jit(_shard_map(local_final, mesh=mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
+  return step, norms, final
 
 
 class StreamingTopK:
@@ -268,11 +470,17 @@ class StreamingTopK:
     normalize: unit-normalize train encodings (cosine); False = dot product.
     matmul_dtype: "bfloat16" (f32 accumulation) or "float32".
     hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
+    select: "fused" (default) or "reference" (the previous step; see `RetrieveOptions`).
     store_dtype: the chunks' dtype (`EncodingStore.dtype`). "int8" / "int4":
-      `update` takes the stored codes and scales, which go to the device as they
-      are and are dequantized there, into the matmul dtype, right before the step
-      (scores equal, bit for bit, those of a float32 store of the dequantized rows
-      with matmul_dtype="float32", of a bfloat16 one with "bfloat16").
+      `put` / `update` take the stored codes and scales, which go to the device as
+      they are and are dequantized there, into the matmul dtype, right after the
+      copy (scores equal, bit for bit, those of a float32 store of the dequantized
+      rows with matmul_dtype="float32", of a bfloat16 one with "bfloat16").
+
+  Feeding: `update(start=, ids=, phi=)` per chunk, or `put(...)` (pad, copy to the devices; may run
+  on another thread, ahead of the step) then `update_device(chunk)`. With select="fused" the norms
+  1 / ||R^{-1/2} phi|| come from `put(inv_norms=...)` (a `norms.NormCache`) or are computed by a
+  separate jitted function that `update_device` returns, for the caller to cache.
   """
 
   def __init__(
@@ -285,6 +493,7 @@ class StreamingTopK:
     normalize: bool = RetrieveOptions.normalize,
     matmul_dtype: str = RetrieveOptions.matmul_dtype,
     hierarchical: bool = True,
+    select: str = RetrieveOptions.select,
     store_dtype: str = "float32",
   ):
     queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
@@ -294,17 +503,22 @@ class StreamingTopK:
       raise ValueError(f"k (config.retrieve.k) must be > 0, got {k}.")
     if matmul_dtype not in ("bfloat16", "float32"):
       raise ValueError(f"matmul_dtype must be 'bfloat16' or 'float32', got {matmul_dtype!r}.")
+    if select not in ("fused", "reference"):
+      raise ValueError(f"select (config.retrieve.select) must be 'fused' or 'reference', got {select!r}.")
     self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
     if any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
       raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
-    self.k, self.dim, self.hierarchical = k, queries.shape[1], hierarchical
+    self.k, self.dim, self.hierarchical, self.select = k, queries.shape[1], hierarchical, select
+    self.normalize = normalize
     quantized = quantize.is_quantized(store_dtype)
-    self.store_dtype, self._layout = store_dtype, quantize.layout(store_dtype if quantized else "float32", self.dim)
+    self.store_dtype = store_dtype
+    self._store_layout = quantize.layout(store_dtype if quantized else "float32", self.dim)
     self.n_dev = self.mesh.devices.size
     axes = tuple(self.mesh.axis_names)
     rep = NamedSharding(self.mesh, P())
     self._rows_sharding = NamedSharding(self.mesh, P(axes))
     self._phi_sharding = NamedSharding(self.mesh, P(axes, None))
+    self._pinned_sharding = _pinned_like(self._phi_sharding)
     mm = jnp.bfloat16 if matmul_dtype == "bfloat16" else jnp.float32
     if inv_sqrt is not None:
       inv_sqrt = jnp.asarray(inv_sqrt, jnp.float32)
@@ -325,90 +539,118 @@ class StreamingTopK:
       jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
       for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
     )
+    self._step, self._norms, self._final = _compiled(
+      self.mesh, k=k, normalize=normalize, matmul_dtype=matmul_dtype, hierarchical=hierarchical, select=select,
+      has_inv=self._inv is not None,
+    )  # fmt: skip
 
-    def local_step(qm, inv, state, phi, valid, row0):
-      top_v, top_r, bot_v, bot_r = (s[0] for s in state)
-      c = phi.shape[0]
-      row0 = row0 + lax.axis_index(axes) * c  # this device's first row
-      groups = group_sizes(c, k) if self.hierarchical else ()
-      phi = phi.astype(mm)
-      hi = lax.Precision.HIGHEST if mm == jnp.float32 else None  # no TF32 in the exact mode
-      s = jnp.dot(qm, phi.T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
-      if normalize:  # scale score columns by 1 / ||R^{-1/2} phi||
-        s = s * hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))[None, :]
-      top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
-      bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
-      return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
-
-    def local_final(state):
-      out = []
-      for v, r in ((state[0], state[1]), (state[2], state[3])):
-        # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
-        v = lax.all_gather(v[0], axes, axis=1, tiled=True)
-        r = lax.all_gather(r[0], axes, axis=1, tiled=True)
-        out += list(_sort_by_value_then_row(v, r, k))
-      return tuple(out)
-
-    sspec = (P(axes, None, None),) * 4
-    inv_spec = None if self._inv is None else P()
-    self._step = jax.jit(
-      _shard_map(
-        local_step, mesh=self.mesh, in_specs=(P(), inv_spec, sspec, P(axes, None), P(axes), P()), out_specs=sspec
-      ),
-      donate_argnums=(2,),
-    )
-    self._final = jax.jit(_shard_map(local_final, mesh=self.mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
     # int8 / int4 chunks cross to the device as codes + scales and become rows in the matmul dtype there, in
-    # their own small program: the step is then the very program (and input) of a float store of the
+    # their own small program (`put`): the step is then the very program (and input) of a float store of the
     # dequantized rows, so the scores are the same bit for bit (fused into the step, XLA would reorder the
     # norms' reductions). Costs nothing extra: the matmul reads a materialized operand either way.
-    self._dequantize = None
-    if quantized:
-      self._dequantize = jax.jit(
-        lambda codes, scale: quantize.dequantize(codes, scale, store_dtype, dim=self.dim, xp=jnp).astype(mm),
-        out_shardings=self._phi_sharding,
-      )
+    self._dequantize = _dequantizer(self.mesh, store_dtype, self.dim, matmul_dtype) if quantized else None
+
+  def layout(self, rows_per_chunk: int) -> str:
+    """The per-device shape the step computes norms over (part of a `norms.NormCache` key)."""
+    return f"{self.padded_rows(rows_per_chunk) // self.n_dev}x{self.n_dev}"
 
   def padded_rows(self, rows: int) -> int:
     """Chunk rows rounded up to a multiple of the device count (one compiled shape)."""
     return -(-rows // self.n_dev) * self.n_dev
 
-  def update(
-    self, *, start: int, ids: np.ndarray, phi: np.ndarray, pad_to: int | None = None, scale: np.ndarray | None = None
-  ) -> None:
-    """Scores rows [start, start + n) against the queries (asynchronous dispatch).
+  def put(
+    self,
+    *,
+    start: int,
+    ids: np.ndarray,
+    phi,
+    pad_to: int | None = None,
+    inv_norms: np.ndarray | None = None,
+    pinned: bool = False,
+    scale=None,
+  ) -> DeviceChunk:
+    """Pads rows [start, start + n) and copies them to the devices (asynchronously where jax can).
 
     Rows with id -1 are ignored. `pad_to` pads the chunk (to keep one compiled
-    shape); it is rounded up to a multiple of the device count. For an int8 /
-    int4 `store_dtype`, `phi` is the chunk's codes and `scale` its scales.
+    shape); it is rounded up to a multiple of the device count. `inv_norms`
+    [n]: cached 1 / ||R^{-1/2} phi|| of these rows (what `update_device` returned).
+    `pinned` stages a host `phi` in pinned host memory first (where the devices
+    have it): the device copy then runs at the link's DMA rate. For an int8 /
+    int4 `store_dtype`, `phi` is the chunk's codes and `scale` its scales: both
+    are copied as they are and dequantized on the devices (the chunk's `phi`).
     """
     n = ids.shape[0]
-    lay = self._layout
-    if phi.shape != (n, lay.codes_cols) or (scale is None) != (lay.scale_cols == 0):
+    lay = self._store_layout
+    want_scale = (n, lay.scale_cols) if lay.scale_cols else None
+    if phi.shape != (n, lay.codes_cols) or (None if scale is None else tuple(scale.shape)) != want_scale:
       raise ValueError(
         f"Chunk phi shape {phi.shape} != ({n}, {lay.codes_cols}) of {self.store_dtype} rows of d={self.dim}, "
-        f"or scale {'given' if scale is not None else 'missing'} (needed for int8 / int4 only)."
+        f"or scale shape {None if scale is None else scale.shape} != {want_scale} (scales: int8 / int4 only)."
       )
+    if scale is not None and scale.dtype != np.float32:
+      scale = scale.astype(np.float32)
     c = self.padded_rows(max(n, pad_to or 0))
     if start + c >= 2**31:
       raise ValueError("Store rows beyond 2**31 are not supported (int32 row indices).")
     valid = np.zeros((c,), bool)
     valid[:n] = ids >= 0
     if c != n:
-      phi = np.concatenate([phi, np.zeros((c - n, phi.shape[1]), phi.dtype)])
-      scale = None if scale is None else np.concatenate([scale, np.zeros((c - n, scale.shape[1]), scale.dtype)])
+      phi, scale = (None if x is None else _pad_rows_any(x, c) for x in (phi, scale))
+    if pinned and self._pinned_sharding is not None:
+      phi, scale = (
+        x if x is None or isinstance(x, jax.Array) else jax.device_put(x, self._pinned_sharding) for x in (phi, scale)
+      )
     phi = jax.device_put(phi, self._phi_sharding)
-    if self._dequantize is not None:
-      phi = self._dequantize(phi, jax.device_put(np.asarray(scale, np.float32), self._phi_sharding))
-    valid = jax.device_put(valid, self._rows_sharding)
-    self._state = self._step(self._q, self._inv, self._state, phi, valid, jnp.int32(start))
+    if self._dequantize is not None:  # codes + scales crossed; rows in the matmul dtype from here on
+      phi = self._dequantize(phi, jax.device_put(scale, self._phi_sharding))
+    if inv_norms is not None:
+      if not self.normalize:
+        raise ValueError("inv_norms (cached norms) need normalize=True.")
+      inv_norms = np.asarray(inv_norms, np.float32)
+      if inv_norms.shape != (n,):
+        raise ValueError(f"inv_norms has shape {inv_norms.shape}; expected ({n},).")
+      inv_norms = jax.device_put(_pad_rows(inv_norms, c), self._rows_sharding)
+    return DeviceChunk(start, n, phi, jax.device_put(valid, self._rows_sharding), inv_norms)
+
+  def update_device(self, chunk: DeviceChunk) -> jax.Array | None:
+    """Dispatches the step over a chunk from `put`; returns its [c] inverse norms when it computed them."""
+    computed = None
+    if self.select == "reference":
+      step = self._step[chunk.inv_norms is not None]
+      self._state = step(
+        self._q, self._inv, self._state, chunk.phi, chunk.inv_norms, chunk.valid, jnp.int32(chunk.start)
+      )
+      return None
+    scale = chunk.inv_norms
+    if self.normalize and scale is None:
+      scale = computed = self._norms(self._inv, chunk.phi)
+    self._state = self._step(self._q, self._state, chunk.phi, scale, chunk.valid, jnp.int32(chunk.start))
+    return computed
+
+  def update(
+    self,
+    *,
+    start: int,
+    ids: np.ndarray,
+    phi,
+    pad_to: int | None = None,
+    inv_norms: np.ndarray | None = None,
+    scale=None,
+  ) -> jax.Array | None:
+    """Scores rows [start, start + n) against the queries (asynchronous dispatch): `put` + `update_device`."""
+    return self.update_device(self.put(start=start, ids=ids, phi=phi, pad_to=pad_to, inv_norms=inv_norms, scale=scale))
 
   def step_memory(self, rows_per_chunk: int):
     """XLA's per-device `CompiledMemoryStats` of one chunk step (depends on Q, k, chunk rows; not on N)."""
     c = self.padded_rows(rows_per_chunk)
     phi = jax.ShapeDtypeStruct((c, self.dim), jnp.bfloat16, sharding=self._phi_sharding)
     valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=self._rows_sharding)
-    return self._step.lower(self._q, self._inv, self._state, phi, valid, jnp.int32(0)).compile().memory_analysis()
+    if self.select == "reference":
+      lowered = self._step[False].lower(self._q, self._inv, self._state, phi, None, valid, jnp.int32(0))
+    else:
+      scale = jax.ShapeDtypeStruct((c,), jnp.float32, sharding=self._rows_sharding) if self.normalize else None
+      lowered = self._step.lower(self._q, self._state, phi, scale, valid, jnp.int32(0))
+    return lowered.compile().memory_analysis()
 
   def wait(self) -> None:
     """Blocks until every dispatched `update` has run (for timing; results need no wait)."""
@@ -427,6 +669,26 @@ def _merge_hosts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
   return np.take_along_axis(v, order, 1), np.take_along_axis(r, order, 1)
 
 
+def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, pinned: bool = False, norms=None):
+  """`topk.put` of every chunk of the iterable `chunks`, run on a background thread `ahead` chunks in front.
+
+  The copy of chunk j + 1 to the devices then overlaps the step over chunk j
+  (double buffering at ahead=2), and the store reads that `chunks` keeps in
+  flight overlap both. `norms` (a `norms.NormCache`) supplies cached inverse
+  norms. Yields `DeviceChunk`s in order; an error in the reader is raised here.
+  At most `ahead` + 2 chunks are on the devices at once; ahead=0 copies inline (the previous loop).
+  """
+
+  def put_all():
+    for ch in chunks:
+      cached = None if norms is None else norms.get(ch.start, ch.start + len(ch.ids))
+      yield topk.put(
+        start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned, scale=ch.scale
+      )
+
+  return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed") if ahead > 0 else put_all()
+
+
 def retrieve(
   store: store_lib.EncodingStore | InMemoryEncodings,
   queries,
@@ -437,12 +699,17 @@ def retrieve(
   inv_sqrt=None,
   normalize: bool = RetrieveOptions.normalize,
   matmul_dtype: str = RetrieveOptions.matmul_dtype,
+  select: str = RetrieveOptions.select,
+  cache_norms: bool = RetrieveOptions.cache_norms,
+  reads_in_flight: int = RetrieveOptions.reads_in_flight,
+  transfers_ahead: int = RetrieveOptions.transfers_ahead,
+  pinned: bool = RetrieveOptions.pinned,
 ) -> RetrievalResult:
   """Exact top-k and bottom-k of every query over the whole (complete) store.
 
   `store`: an `EncodingStore`, or `InMemoryEncodings` for phis in memory.
   `queries`: [Q, d] query encodings, already R^{-1/2}-transformed and unit
-  (see `hessian.transform`).
+  (see `hessian.transform`). The other options: see `RetrieveOptions`.
 
   Multi-host: every process calls this with the same queries; each reads its own
   chunks and all processes get the same result. k > num_rows is clamped (with a
@@ -465,18 +732,44 @@ def retrieve(
     inv_sqrt=inv_sqrt,
     normalize=normalize,
     matmul_dtype=matmul_dtype,
+    select=select,
     store_dtype=getattr(store, "dtype", "float32"),
   )
+  cache = None
+  if cache_norms and normalize and select == "fused":
+    cache = norms_lib.NormCache.for_source(
+      store, inv_sqrt=inv_sqrt, matmul_dtype=matmul_dtype, layout=topk.layout(rows_per_chunk)
+    )
   pi, pc = jax.process_index(), jax.process_count()
   n_chunks = 0
   mine = len(range(pi * rows_per_chunk, store.num_rows, pc * rows_per_chunk))
   prog = progress_lib.Progress(total=mine, unit="chunk", item_unit="rows", name="retrieve")
-  for chunk in store.iter_chunks(rows_per_chunk=rows_per_chunk, process_index=pi, process_count=pc):
-    topk.update(start=chunk.start, ids=chunk.ids, phi=chunk.phi, pad_to=rows_per_chunk, scale=chunk.scale)
+  read_kw = dict(prefetch=max(1, reads_in_flight)) if isinstance(store, store_lib.EncodingStore) else {}
+  chunks = store.iter_chunks(rows_per_chunk=rows_per_chunk, process_index=pi, process_count=pc, **read_kw)
+  computed = collections.deque()  # (start, rows, device norms) to copy into the cache, one step behind
+
+  def keep(done_before: int) -> None:
+    while len(computed) > done_before:
+      start, n, inv = computed.popleft()
+      cache.put(start, start + n, np.asarray(inv)[:n])
+
+  for chunk in device_chunks(topk, chunks, pad_to=rows_per_chunk, ahead=transfers_ahead, pinned=pinned, norms=cache):
+    inv = topk.update_device(chunk)
+    if cache is not None and inv is not None:
+      inv.copy_to_host_async()
+      computed.append((chunk.start, chunk.rows, inv))
+      keep(1)
     n_chunks += 1
-    prog.update(n_chunks, items=len(chunk.ids))
+    prog.update(n_chunks, items=chunk.rows)
     if prog.due(every_s=30) or n_chunks == mine:
       logging.info(prog.line())
+  if cache is not None:
+    keep(0)
+    if cache.misses:
+      cache.save()
+    logging.info(
+      "Norm cache %s: %d chunks reused, %d computed.", cache.directory or "(memory)", cache.hits, cache.misses
+    )
   top_v, top_r, bot_v, bot_r = topk.local_result()
   logging.info("Process %d scored %d chunks of %d rows.", pi, n_chunks, rows_per_chunk)
   if pc > 1:

@@ -163,9 +163,9 @@ def kvstore_spec(url: str) -> dict[str, Any]:
   if not url.endswith("/"):
     url += "/"
   try:
-    return ts.KvStore.Spec(url).to_json()
+    return remote.kvstore_spec(url)  # endpoint overrides from the environment (emulators, S3-compatible)
   except ValueError as e:
-    raise ValueError(f"Unsupported store URL {url!r}: use a path, file://, gs:// or memory://.") from e
+    raise ValueError(f"Unsupported store URL {url!r}: use a path, file://, gs://, s3:// or memory://.") from e
 
 
 def _sub(spec: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -253,6 +253,9 @@ def load_dataset(config, *, data_dir: str | None = None, cache: bool = True) -> 
         download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
       logging.info("Preparing %s in %s.", builder.builder_config.name, builder.data_dir)
       builder.download_and_prepare(download_config=download_config)
+    elif builder.info.metadata is None or "fingerprint" not in builder.info.metadata:
+      # Another process prepared it while this one waited for the lock: this builder's info predates the build.
+      builder = make_builder(config, data_dir=data_dir)
   sources = builder.as_data_source()
   info = builder.info
   name = f"{builder.name}/{builder.builder_config.name}/{info.version}"

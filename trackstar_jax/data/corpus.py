@@ -31,15 +31,19 @@ range of rows (`sources.host_rows`) and numbers its examples from the sum of
 the example counts of the hosts before it (one allgather of a count, or
 `gather_counts=`). Contiguous slices make every host's ids one contiguous
 range, so the union of the slices, in process order, is exactly the
-single-process corpus, ids included. Note: `trackstar_jax.encode` takes the
-whole corpus on every process (it splits the rows itself); host slices are
-for per-host pipelines and for corpora too large to tokenize on every host.
+single-process corpus, ids included. To encode a store host by host, load
+with `align_rows=` the store's chunk_rows and pass `corpus.host_view()` to
+`trackstar_jax.encode`: each host encodes the chunks that start in its own
+examples (reading on into the next host's first rows to finish its last
+chunk), and the store is the same as one process's. `fingerprint()` is
+split-invariant too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 import dataclasses
+import hashlib
 from typing import Any
 
 from absl import logging
@@ -83,6 +87,8 @@ class CorpusStats:
   tokens: int = 0  # tokens of the documents, BOS/EOS included
   dropped_tokens: int = 0  # tokens cut by truncation
   example_offset: int = 0  # the global id of this host's first example
+  total_examples: int = 0  # examples of all hosts
+  extra_examples: int = 0  # examples read past this host's rows (align_rows), not counted above
 
   def summary(self) -> str:
     lo, hi = self.row_range
@@ -138,7 +144,9 @@ class Corpus:
     stats: `CorpusStats`.
   """
 
-  def __init__(self, examples: Examples, sources: list[ExampleSource], texts: dict, tokens: dict, tokenizer, stats):
+  def __init__(
+    self, examples: Examples, sources: list[ExampleSource], texts: dict, tokens: dict, tokenizer, stats, hosts=(0, 1)
+  ):
     self.examples = examples
     self.sources = sources
     self.stats = stats
@@ -146,6 +154,7 @@ class Corpus:
     self._tokens = tokens  # doc id -> ids (pre-tokenized documents)
     self._tokenizer = tokenizer
     self._offset = int(stats.example_offset)
+    self._hosts = hosts  # (process_index, process_count) of the slice
     self._doc_examples: dict[Any, list[int]] = {}
     for i, s in enumerate(sources):
       self._doc_examples.setdefault(s.doc_id, []).append(self._offset + i)
@@ -183,9 +192,78 @@ class Corpus:
     ids = self._tokens[s.doc_id][s.token_start : s.token_end]
     return self._tokenizer.decode(ids) if self._tokenizer is not None else " ".join(str(i) for i in ids)
 
+  def fingerprint(self, *, gather: Callable[[np.ndarray], np.ndarray] | None = None) -> str:
+    """A hash of the examples (ids, tokens, loss masks) that is the same for every host split of the corpus.
+
+    Each example is hashed on its own and the hashes are summed (mod 2^128), so
+    the hosts' partial sums add up to the single-process value. With a host
+    slice, `gather` (default: an allgather over the JAX processes) collects them.
+    """
+    n = int(self.stats.examples)  # this host's own examples (not the ones read past them)
+    b = self.examples.batch(np.arange(n))
+    total = 0
+    for i in range(n):
+      h = hashlib.blake2b(digest_size=16)
+      for k in ("ids", "inputs", "loss_mask"):
+        h.update(np.ascontiguousarray(b[k][i]).tobytes())
+      total += int.from_bytes(h.digest(), "little")
+    if self._hosts[1] > 1:
+      mine = np.frombuffer((total % 2**128).to_bytes(16, "little"), np.uint8)[None]
+      if gather is None:
+        from trackstar_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+        gather = mesh_lib.allgather
+      total = sum(int.from_bytes(np.asarray(row, np.uint8).tobytes(), "little") for row in gather(mine))
+    return f"corpus-{total % 2**128:032x}"
+
+  def host_view(self) -> HostView:
+    """This host's examples as rows of the whole corpus (for `trackstar_jax.encode` into a store)."""
+    return HostView(self.examples, offset=self._offset, own=int(self.stats.examples), total=self.stats.total_examples)
+
   def example_ids_of(self, doc_id) -> list[int]:
     """The example ids of a document's windows (empty when it is not in this corpus)."""
     return list(self._doc_examples.get(doc_id, []))
+
+
+class HostView:
+  """One host's examples seen as the rows of the whole corpus, for encoding into a store host by host.
+
+  `len()` is the whole corpus's example count and `.batch(rows)` serves the
+  global rows this host read; `local_rows` = [lo, hi) are its own examples:
+  `encoding.encode_to_store` then encodes just the chunks that start in them
+  (reading past hi into the rows `load_corpus(align_rows=chunk_rows)` added),
+  so every chunk is encoded by one host and every host reads only its slice.
+  """
+
+  def __init__(self, examples: Examples, *, offset: int, own: int, total: int):
+    self._examples, self._offset = examples, int(offset)
+    self.local_rows = (int(offset), int(offset) + int(own))
+    self._total = int(total)
+    self.ids = np.full((self._total,), -1, np.int64)  # known for the rows this host read
+    self.ids[self._offset : self._offset + len(examples)] = examples.ids
+
+  def __len__(self) -> int:
+    return self._total
+
+  def batch(self, rows) -> dict[str, np.ndarray]:
+    rows = np.asarray(rows, np.int64) - self._offset
+    if rows.size and (rows.min() < 0 or rows.max() >= len(self._examples)):
+      have = (self._offset, self._offset + len(self._examples))
+      raise IndexError(
+        f"Rows {int(rows.min()) + self._offset}..{int(rows.max()) + self._offset} are not in this host's slice "
+        f"[{have[0]}, {have[1]}): load the corpus with align_rows= the store's chunk_rows."
+      )
+    return self._examples.batch(rows)
+
+
+def _chunk_tail(offset: int, n: int, total: int, chunk_rows: int) -> int:
+  """Examples past [offset, offset + n) a host needs: to the end of the last chunk that starts in that range."""
+  if n == 0:
+    return 0
+  start = (offset + n - 1) // chunk_rows * chunk_rows  # the chunk holding this host's last example
+  if start < offset:
+    return 0  # it starts on an earlier host, which encodes it (and every row of this host)
+  return max(0, min(start + chunk_rows, total) - (offset + n))
 
 
 def _doc_id(source, row: int, rec: dict, id_field: str | None):
@@ -272,6 +350,7 @@ def load_corpus(
   process_index: int = 0,
   process_count: int = 1,
   gather_counts: Callable[[int], Sequence[int]] | None = None,
+  align_rows: int | None = None,
 ) -> Corpus:
   """Reads, tokenizes and windows a corpus into examples (this host's slice; default: all of it).
 
@@ -289,6 +368,9 @@ def load_corpus(
     process_index, process_count: read only this host's contiguous slice of rows.
     gather_counts: `count -> every host's count` (process order); default: an
       allgather over the JAX processes (needed only when process_count > 1).
+    align_rows: with host slices, the store's chunk size: the host also reads
+      the first examples of the next hosts' rows, up to the end of the last
+      chunk that starts in its own examples (`Corpus.host_view`).
 
   Returns:
     A `Corpus`: `.examples`, `.sources`, `.stats`, `.text_of`, `.id_of`.
@@ -314,49 +396,67 @@ def load_corpus(
   eos = [tokenizer.eos_id] if tokenizer is not None and tokenizer.add_eos else []
   fields = [f for f in (ids_field or text_field, id_field) if f]
   seqs, ranges, example_sources, texts, tokens, seen = [], [], [], {}, {}, {}
-  for row, rec in src.rows(lo, hi, fields=fields):
-    doc_id = _doc_id(src, row, rec, id_field)
-    toks, spans, text = _tokens(src, row, rec, text_field=text_field, ids_field=ids_field, tokenizer=tokenizer)
-    s = bos + toks + eos
-    if not toks or len(s) < 2:
-      stats.empty += 1
-      if len(stats.empty_rows) < 10:
-        stats.empty_rows.append(row)
-      continue
-    if doc_id in seen:
-      raise ValueError(f"{src.name}, row {row}: document id {doc_id!r} already used by row {seen[doc_id]}.")
-    seen[doc_id] = row
-    try:
-      wins = windows(len(s), seq_len=seq_len, stride=stride, overflow=overflow)
-    except ValueError as e:
-      raise ValueError(f"{src.name}, row {row} (document {doc_id!r}): {e}; use overflow='window' or 'truncate'.") from e
-    stats.documents += 1
-    stats.tokens += len(s)
-    stats.windowed += len(wins) > 1
-    if wins[-1][1] < len(s):
-      stats.truncated += 1
-      stats.dropped_tokens += len(s) - wins[-1][1]
-    if text is None:
-      tokens[doc_id] = toks
-    else:
-      texts[doc_id] = text
-    for w, (a, b, loss_lo, loss_hi) in enumerate(wins):
-      t0, t1 = max(a - len(bos), 0), min(b - len(bos), len(toks))  # the document's tokens in the window
-      c0 = c1 = None
-      if spans is not None:
-        c0, c1 = spans[t0][0], max(e for _, e in spans[t0:t1])
-      seqs.append(s[a:b])
-      ranges.append((loss_lo, loss_hi))
-      example_sources.append(ExampleSource(doc_id, w, t0, t1, c0, c1))
+
+  def read(lo: int, hi: int, *, stats: CorpusStats, limit: int | None = None) -> None:
+    """Rows [lo, hi) into examples; with `limit`, stops once that many examples were added."""
+    start = len(seqs)
+    for row, rec in src.rows(lo, hi, fields=fields):
+      if limit is not None and len(seqs) - start >= limit:
+        return
+      doc_id = _doc_id(src, row, rec, id_field)
+      toks, spans, text = _tokens(src, row, rec, text_field=text_field, ids_field=ids_field, tokenizer=tokenizer)
+      s = bos + toks + eos
+      if not toks or len(s) < 2:
+        stats.empty += 1
+        if len(stats.empty_rows) < 10:
+          stats.empty_rows.append(row)
+        continue
+      if doc_id in seen:
+        raise ValueError(f"{src.name}, row {row}: document id {doc_id!r} already used by row {seen[doc_id]}.")
+      seen[doc_id] = row
+      try:
+        wins = windows(len(s), seq_len=seq_len, stride=stride, overflow=overflow)
+      except ValueError as e:
+        raise ValueError(
+          f"{src.name}, row {row} (document {doc_id!r}): {e}; use overflow='window' or 'truncate'."
+        ) from e
+      stats.documents += 1
+      stats.tokens += len(s)
+      stats.windowed += len(wins) > 1
+      if wins[-1][1] < len(s):
+        stats.truncated += 1
+        stats.dropped_tokens += len(s) - wins[-1][1]
+      if text is None:
+        tokens[doc_id] = toks
+      else:
+        texts[doc_id] = text
+      for w, (a, b, loss_lo, loss_hi) in enumerate(wins):
+        t0, t1 = max(a - len(bos), 0), min(b - len(bos), len(toks))  # the document's tokens in the window
+        c0 = c1 = None
+        if spans is not None:
+          c0, c1 = spans[t0][0], max(e for _, e in spans[t0:t1])
+        seqs.append(s[a:b])
+        ranges.append((loss_lo, loss_hi))
+        example_sources.append(ExampleSource(doc_id, w, t0, t1, c0, c1))
+
+  read(lo, hi, stats=stats)
   stats.examples = len(seqs)
   counts = _exchange_counts(
     len(seqs), process_index=process_index, process_count=process_count, gather_counts=gather_counts
   )
   stats.example_offset = int(sum(counts[:process_index]))
+  stats.total_examples = int(sum(counts))
+  if align_rows:  # read on past this host's rows to the end of the last chunk that starts in them
+    extra = _chunk_tail(stats.example_offset, stats.examples, stats.total_examples, int(align_rows))
+    if extra:
+      read(hi, len(src), stats=CorpusStats(), limit=extra)
+      del seqs[stats.examples + extra :], ranges[stats.examples + extra :]
+      del example_sources[stats.examples + extra :]
+      stats.extra_examples = len(seqs) - stats.examples
   examples = pack(seqs, ranges, np.arange(len(seqs)) + stats.example_offset, seq_len=seq_len)
   logging.info("load_corpus: %s", stats.summary())
   if stats.empty:
     logging.warning(
       "load_corpus: skipped %d empty documents of %s (first rows %s).", stats.empty, src.name, stats.empty_rows
     )
-  return Corpus(examples, example_sources, texts, tokens, tokenizer, stats)
+  return Corpus(examples, example_sources, texts, tokens, tokenizer, stats, hosts=(process_index, process_count))

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 from trackstar_jax import fileio
+from trackstar_jax.evaluation import lds as lds_lib
 from trackstar_jax.evaluation import metrics as metrics_lib
 
 COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10", "tail_patch_rel@1", "tail_patch_rel@10")
@@ -136,6 +137,8 @@ def report_markdown(table: Mapping) -> str:
     out += rows + [""]
   out += _breakdown(table, "by_frequency", "fact frequency")
   out += _breakdown(table, "by_relation", "relation")
+  if table.get("lds"):  # jobs/lds.py's report
+    out += [lds_lib.to_markdown(table["lds"])]
   return "\n".join(out)
 
 

@@ -85,13 +85,9 @@ def bm25_retrieve(
     k1, b: BM25 parameters.
     stopwords: a bm25s stopword list name, or None to keep every token.
   """
-  import bm25s  # pylint: disable=g-import-not-at-top
-
   texts, ids, by_id = _corpus_arrays(corpus)
   k = min(k, len(texts))
-  tok = lambda x: bm25s.tokenize(x, stopwords=stopwords, show_progress=False)
-  retriever = bm25s.BM25(k1=k1, b=b)
-  retriever.index(tok(texts), show_progress=False)
+  retriever, tok = _bm25_index(texts, k1=k1, b=b, stopwords=stopwords)
   out = []
   qtexts = [query_text(q) for q in queries]
   if not qtexts:
@@ -101,6 +97,38 @@ def bm25_retrieve(
   for q, r, s in zip(queries, rows, scores):
     out.append(_record(q, ids[r], s, by_id))
   logging.info("BM25: %d queries over %d sentences.", len(out), len(texts))
+  return out
+
+
+def _bm25_index(texts: Sequence[str], *, k1: float, b: float, stopwords: str | None):
+  """(a bm25s retriever indexing `texts`, the tokenizer of its queries)."""
+  import bm25s  # pylint: disable=g-import-not-at-top
+
+  tok = lambda x, **kw: bm25s.tokenize(x, stopwords=stopwords, show_progress=False, **kw)
+  retriever = bm25s.BM25(k1=k1, b=b)
+  retriever.index(tok(texts), show_progress=False)
+  return retriever, tok
+
+
+def bm25_scores(
+  *,
+  corpus: Sequence[Mapping],
+  queries: Sequence[Mapping],
+  k1: float = 1.5,
+  b: float = 0.75,
+  stopwords: str | None = "en",
+) -> np.ndarray:
+  """The full BM25 score matrix [Q, N] float32 (corpus in row order), the scores `bm25_retrieve` ranks by.
+
+  A query none of whose tokens occurs in the corpus scores 0 everywhere.
+  """
+  texts, _, _ = _corpus_arrays(corpus)
+  retriever, tok = _bm25_index(texts, k1=k1, b=b, stopwords=stopwords)
+  out = np.zeros((len(queries), len(texts)), np.float32)
+  for i, words in enumerate(tok([query_text(q) for q in queries], return_ids=False) if len(queries) else []):
+    token_ids = retriever.get_tokens_ids(list(words))
+    if token_ids:
+      out[i] = retriever.get_scores_from_ids(token_ids)
   return out
 
 

@@ -84,15 +84,19 @@ def query_tail_patch(apply_fn: ApplyFn, optimizer, params, opt_state, query, pro
   return logp0, jax.vmap(after)(proponents)
 
 
-def make_tail_patch_fn(*, apply_fn: ApplyFn, optimizer: optax.GradientTransformation):
-  """Jitted fn(params, opt_state, queries [Q,T], proponents [Q,K,T]) -> (logp0 [Q], logp1 [Q,K])."""
+def make_tail_patch_fn(*, apply_fn: ApplyFn, optimizer: optax.GradientTransformation, mesh=None):
+  """Jitted fn(params, opt_state, queries [Q,T], proponents [Q,K,T]) -> (logp0 [Q], logp1 [Q,K]).
 
-  @jax.jit
+  Params and optimizer state keep their placement (e.g. model-sharded by `sharding.param_shardings`: the
+  patched copies are sharded like them); with `mesh` the outputs are replicated on it (readable on every host).
+  """
+
   def fn(params, opt_state, queries, proponents):
     one = functools.partial(query_tail_patch, apply_fn, optimizer, params, opt_state)
     return jax.vmap(one)(queries, proponents)
 
-  return fn
+  out = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.jit(fn, out_shardings=out)
 
 
 def _rows(examples, name: str) -> dict[str, np.ndarray]:
@@ -152,7 +156,8 @@ def tail_patch(
       p_idx[r, j] = crow[int(pid)]
       valid[r, j] = True
 
-  fn = make_tail_patch_fn(apply_fn=apply_fn, optimizer=optimizer)
+  mesh = getattr(getattr(jax.tree.leaves(params)[0], "sharding", None), "mesh", None)  # sharded params' mesh
+  fn = make_tail_patch_fn(apply_fn=apply_fn, optimizer=optimizer, mesh=mesh)
   logp0 = np.zeros(n, np.float64)
   logp1 = np.zeros((n, k), np.float64)
   prog = progress_lib.Progress(total=-(-n // query_chunk), unit="step", item_unit="queries", name="tail-patch")

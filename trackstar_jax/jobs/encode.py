@@ -3,7 +3,8 @@
   store = run(config, workdir)     # <workdir>/encodings.zarr (config.store.url)
 
 Reads the training workdir (checkpoint with optimizer state, tokenizer) and
-the dataset of `config`. Killed at any point and rerun, it encodes only the
+the dataset of `config`, or a user's checkpoint and corpus (configs/own_model.py:
+each host then reads only its slice of the corpus). Killed at any point and rerun, it encodes only the
 chunks not yet committed and yields the same store (`trackstar_jax.encode`).
 Raw phi is task-independent: one corpus store serves every query set.
 """
@@ -33,7 +34,7 @@ def provenance(config, encoder, *, step: int, dataset) -> dict[str, Any]:
 
 
 def run(config, workdir: str, *, dataset=None) -> store_lib.EncodingStore:
-  rd = workdir_lib.load_data(config, workdir, dataset=dataset)
+  rd = workdir_lib.load_data(config, workdir, dataset=dataset, host_slice=True)  # a user corpus: this host's slice
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
   url = workdir_lib.store_url(config, workdir)
   store = api.encode(
@@ -46,4 +47,9 @@ def run(config, workdir: str, *, dataset=None) -> store_lib.EncodingStore:
     provenance=provenance(config, encoder, step=step, dataset=rd.dataset),
   )
   logging.info("encode: %d x %d encodings in %s", store.num_rows, store.dim, store.url)
+  if getattr(rd, "stats", None):  # a user corpus: documents, empty ones skipped, windowed, truncated
+    logging.info("encode: corpus %s", rd.stats)
+    workdir_lib.append_metrics(
+      f"{url.rstrip('/').rpartition('/')[0] or '.'}/encode_metrics.jsonl", dict(corpus=rd.stats)
+    )
   return store

@@ -41,10 +41,13 @@ import jax
 import numpy as np
 
 from trackstar_jax import checkpointing, fileio, lm_eval, optim
+from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import results as results_lib
+from trackstar_jax import sharding as sharding_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.evaluation import ablation
 from trackstar_jax.evaluation import metrics as metrics_lib
+from trackstar_jax.jobs import own_model
 from trackstar_jax.jobs import workdir as workdir_lib
 
 TAIL_PATCH_KS = (1, 10)
@@ -201,6 +204,12 @@ def run(
   """
   from trackstar_jax.evaluation import tail_patch as tail_patch_lib  # pylint: disable=g-import-not-at-top
 
+  if workdir_lib.uses_own_model(config) or own_model.is_own_data(config):
+    raise ValueError(
+      "launch/evaluate.py (model accuracy, tail-patch) runs on this project's training workdirs only, not yet on "
+      "your own model or corpus (configs/own_model.py). results.jsonl already marks each proponent "
+      "(proponent_correct) when queries.gold_field is set."
+    )
   ec = config.evaluate
   workdir = os.path.abspath(workdir)
   prefix = output_prefix or os.path.join(workdir, "evaluation")
@@ -209,8 +218,10 @@ def run(
   step = workdir_lib.checkpoint_step(config, workdir)
   check_checkpoint(ckpt_meta=checkpointing.load_meta(workdir, step=step), dataset=dataset, workdir=workdir)
   # Params and optimizer state on one device (no redundant SPMD copies); the optimizer at the final rate.
+  # A model-sharded config (config.sharding) keeps its placement on config.mesh instead.
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device)
+  mesh = mesh_lib.make_mesh(config.mesh) if sharding_lib.is_sharded(config) else None
+  lm = workdir_lib.load_run(workdir, step=step, config=config, data=False, sharding=device, mesh=mesh)
   records = load_checked(
     results, dataset=dataset, workdir=workdir, step=step, checkpoint=checkpointing.params_fingerprint(lm.params)
   )
@@ -283,7 +294,7 @@ def run(
     dataset=dataset.name,
     skipped=dict(skipped or {}),
     tail_patch=tp,
-    results={n: os.path.abspath(p) for n, p in results.items()},
+    results={n: fileio.absolute(p) for n, p in results.items()},
     model_accuracy={
       "accuracy": acc["accuracy"],
       "n": acc["n"],
@@ -292,6 +303,9 @@ def run(
     },
     model_correct_by_query={str(q): c for q, c in correct.items()},  # for the HTML report's filter
   )
+  lds_file = config.get("lds", {}).get("output") or os.path.join(workdir, "lds.json")
+  if fileio.exists(lds_file):  # the LDS job's report (launch/lds.py): its table joins this one
+    table["lds"] = fileio.read_json(lds_file)
   ablation.write_table(table, prefix)
   logging.info("evaluate: wrote %s.{md,json}", prefix)
   return table

@@ -18,6 +18,7 @@ import numpy as np
 from trackstar_jax import api, encoding, fileio
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import mesh as mesh_lib
+from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.jobs import encode as encode_job
 from trackstar_jax.jobs import fit_hessian as fit_hessian_job
@@ -66,22 +67,16 @@ def run(config, workdir: str, *, dataset=None) -> str:
   )
   out = workdir_lib.results_path(config, workdir)
   if mesh_lib.is_chief():
-    texts = {}
-    ids = np.asarray(corpus.ids)
-    for row in np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()])):
-      if row >= 0:
-        rec = rd.dataset.corpus[int(row)]
-        if int(rec["sentence_id"]) != int(ids[row]):
-          raise ValueError(
-            f"Corpus order changed: row {row} is sentence {rec['sentence_id']}, the store has {ids[row]}."
-          )
-        texts[int(rec["sentence_id"])] = rec["text"]
+    rows = np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()]))
+    texts = rd.texts_for_rows(rows, np.asarray(corpus.ids))
     method = rc.method or ("trackstar" if h is not None and rc.normalize else "gradient")
-    result.write_jsonl(
+    records = results_lib.build_results(queries=rd.query_records, result=result, text_of=texts, source_of=rd.source_of)
+    results_lib.write_results(
       out,
-      queries=rd.query_records,
-      text_of=texts,
+      records,
       metadata=dict(
+        num_queries=result.num_queries,
+        k=result.k,
         dataset=rd.dataset.name,
         fingerprint=rd.dataset.fingerprint,
         num_examples=len(corpus),

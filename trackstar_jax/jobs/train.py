@@ -6,7 +6,8 @@ metrics = run(config, workdir)
    (trained once and saved in the workdir), tokenize corpus and queries;
 2. train `DecoderLM` with `optim.make_optimizer(config.train)` under
    `jax.jit` on `make_mesh(config.mesh)` (batch split over "data", params and
-   optimizer state replicated; `training.make_train_step`);
+   optimizer state placed by `config.sharding`, replicated by default;
+   `training.make_train_step`);
 3. log loss / tokens/s / ETA, write `<workdir>/metrics.jsonl`, evaluate query
    accuracy every `eval_every` steps and at the end (`lm_eval`);
 4. checkpoint params + optimizer state every `checkpoint_every` steps and at
@@ -64,7 +65,6 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
       f"train.batch_size={tc.batch_size} must be divisible by the data-parallel mesh size {n_data}"
       f" and the process count {jax.process_count()}."
     )
-  repl = mesh_lib.replicated(mesh)
 
   if dataset is None:
     dataset = data.load_dataset(config, data_dir=workdir_lib.data_dir(config, workdir))
@@ -89,9 +89,10 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
     dataset_fingerprint=dataset.fingerprint,
     tokenizer_path=rd.tokenizer_path,
   )
+  param_sh, opt_sh = training.state_shardings(model, optimizer, config, mesh, seq_len=config.seq_len)
   if start_step is None:
-    params = training.init_params(model, seq_len=config.seq_len, seed=tc.seed, sharding=repl)
-    opt_state = training.init_opt_state(optimizer, params, sharding=repl)
+    params = training.init_params(model, seq_len=config.seq_len, seed=tc.seed, sharding=param_sh)
+    opt_state = training.init_opt_state(optimizer, params, sharding=opt_sh)
     start_step = 0
   else:
     abstract_params = jax.eval_shape(lambda: training.init_params(model, seq_len=config.seq_len, seed=tc.seed))
@@ -100,13 +101,14 @@ def run(config, workdir: str, *, dataset=None) -> dict[str, Any]:
       step=start_step,
       abstract_params=abstract_params,
       abstract_opt_state=jax.eval_shape(optimizer.init, abstract_params),
-      sharding=repl,
+      sharding=param_sh,
+      opt_sharding=opt_sh,
     )
     params, opt_state = ckpt.params, ckpt.opt_state
     logging.info("Resuming from step %d", start_step)
   checkpointing.write_config(config, workdir)
 
-  train_step = training.make_train_step(model.apply, optimizer, mesh)
+  train_step = training.make_train_step(model.apply, optimizer, mesh, param_sharding=param_sh, opt_sharding=opt_sh)
   schedule = optim.learning_rate_schedule(tc)
   writer = workdir_lib.MetricsWriter(workdir)
   batches = training.train_batches(corpus, batch_size=tc.batch_size, seed=tc.seed, start_step=start_step)

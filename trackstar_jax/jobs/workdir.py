@@ -32,10 +32,14 @@ import numpy as np
 from trackstar_jax import checkpointing, fileio, training
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import optimizer_correction as oc
+from trackstar_jax import sharding as sharding_lib
 from trackstar_jax.data import batching
 from trackstar_jax.data import tokenizer as tokenizer_lib
+from trackstar_jax.data import tokenizers as tokenizers_lib
 from trackstar_jax.encoder import TrackStarEncoder
-from trackstar_jax.models import DecoderLM, TransformerConfig
+from trackstar_jax.jobs import own_model
+from trackstar_jax.models import DecoderLM
+from trackstar_jax.models import factory as model_factory
 
 # ----------------------------------------------------------------------------
 # Paths.
@@ -129,6 +133,23 @@ class RunData:
     """A corpus example's text by its id (the corpus record's `sentence_id`)."""
     return self.dataset.corpus[self._row_of()[int(example_id)]]["text"]
 
+  def source_of(self, example_id: int) -> None:
+    """Built-in datasets' examples are whole sentences: no document/window to name."""
+    del example_id
+
+  def texts_for_rows(self, rows, ids) -> dict[int, str]:
+    """{sentence id: text} of store rows `rows` (ids: the store's example ids by row); checks the corpus order."""
+    texts = {}
+    for row in rows:
+      if row >= 0:
+        rec = self.dataset.corpus[int(row)]
+        if int(rec["sentence_id"]) != int(ids[row]):
+          raise ValueError(
+            f"Corpus order changed: row {row} is sentence {rec['sentence_id']}, the store has {ids[row]}."
+          )
+        texts[int(rec["sentence_id"])] = rec["text"]
+    return texts
+
   def _row_of(self) -> dict[int, int]:
     if not hasattr(self, "_rows"):
       self._rows = {int(i): r for r, i in enumerate(self.corpus.ids)}
@@ -139,8 +160,15 @@ class RunData:
     return [self.dataset.queries[i] for i in range(len(self.dataset.queries))]
 
 
-def load_data(config, workdir: str, *, dataset=None) -> RunData:
-  """The dataset (TFDS, built once), the tokenizer (trained on the corpus once, saved in the workdir), tokenized."""
+def load_data(config, workdir: str, *, dataset=None, host_slice: bool = False):
+  """The dataset (TFDS, built once), the tokenizer (trained on the corpus once, saved in the workdir), tokenized.
+
+  With `config.corpus.path` set: the user's corpus, tokenizer file and queries
+  instead (`own_model.OwnData`); `host_slice=True` (the encode job) then reads
+  only this process's slice of the corpus, aligned to `config.store.chunk_rows`.
+  """
+  if own_model.is_own_data(config):
+    return own_model.load_own_data(config, host_slice=host_slice, align_rows=int(config.store.chunk_rows))
   from trackstar_jax import data  # pylint: disable=g-import-not-at-top  (TFDS: only jobs that read datasets)
 
   if dataset is None:
@@ -157,8 +185,19 @@ def load_data(config, workdir: str, *, dataset=None) -> RunData:
 
 
 def build_model(config, tokenizer) -> DecoderLM:
-  """`DecoderLM` of `config.model` with the tokenizer's vocabulary size."""
-  return DecoderLM(TransformerConfig.from_config(config.model, vocab_size=int(tokenizer.vocab_size)))
+  """`DecoderLM` of `config.model` with the tokenizer's vocabulary size (the model this project trains).
+
+  Other models are named by `config.model.factory` (`own_model.build_model`).
+  """
+  spec = model_factory.factory_name(config.model)
+  if spec != model_factory.DEFAULT:
+    raise ValueError(f"model.factory={spec!r}: this job trains and restores only the project's DecoderLM.")
+  return model_factory.decoder_lm(config.model, vocab_size=int(tokenizer.vocab_size))
+
+
+def uses_own_model(config) -> bool:
+  """A user's model or checkpoint: model.factory names another model, or checkpoint.path is set."""
+  return own_model.is_own_checkpoint(config) or model_factory.factory_name(config.model) != model_factory.DEFAULT
 
 
 def checkpoint_step(config, workdir: str) -> int:
@@ -184,27 +223,51 @@ def load_encoder(config, workdir: str, tokenizer, *, mesh=None) -> tuple[TrackSt
   """(TrackStarEncoder, step) from the checkpoint at config.encoder.step (default: latest).
 
   Only the optimizer's second moments of the traced parameters are restored
-  (Orbax partial restore), not the whole optimizer state.
+  (Orbax partial restore), not the whole optimizer state. Params and moments
+  are placed on `mesh` (default `config.mesh`) by `config.sharding`.
   """
   from trackstar_jax import api  # pylint: disable=g-import-not-at-top
 
-  step = checkpoint_step(config, workdir)
   mesh = mesh or mesh_lib.make_mesh(config.mesh)
-  model = build_model(config, tokenizer)
-  params = checkpointing.restore_params(workdir, step=step)
-  opt_state = None
-  if config.encoder.correction != "none":
-    _, opt_state = oc.restore_second_moments(workdir, step=step, paths=config.encoder.param_regex)
+  if uses_own_model(config):
+    apply_fn, params, opt_state, step = _own_model_and_checkpoint(config, tokenizer)
+    param_sharding = sharding_lib.from_config(params, config, mesh)  # the encoder places params and moments
+  else:
+    step = checkpoint_step(config, workdir)
+    apply_fn = build_model(config, tokenizer).apply
+    params = checkpointing.restore_params(
+      workdir, step=step, sharding=lambda t: sharding_lib.from_config(t, config, mesh)
+    )
+    param_sharding = jax.tree.map(lambda a: a.sharding, params)
+    opt_state = None
+    if config.encoder.correction != "none":
+      _, opt_state = oc.restore_second_moments(
+        workdir, step=step, paths=config.encoder.param_regex, param_sharding=param_sharding
+      )
   encoder = api.build_encoder(
-    model=model,
+    apply_fn=apply_fn,
     params=params,
     opt_state=opt_state,
     mesh=mesh,
+    param_sharding=param_sharding,
     seq_len=config.seq_len,
     config=config.encoder,
     **encoder_correction_options(config),
   )
   return encoder, step
+
+
+def _own_model_and_checkpoint(config, tokenizer):
+  """(apply_fn, params, second moments, step) of `config.model.factory` and `config.checkpoint`."""
+  if not own_model.is_own_checkpoint(config):
+    raise ValueError(
+      f"model.factory={config.model.factory!r} names your own model: set checkpoint.path (and checkpoint.params, "
+      "checkpoint.opt_state) to its Orbax checkpoint."
+    )
+  model = own_model.build_model(config, vocab_size=int(tokenizer.vocab_size))
+  tokenizers_lib.check_vocab(tokenizer, model.vocab_size)
+  params, opt_state, step = own_model.restore_checkpoint(config, model, param_regex=config.encoder.param_regex)
+  return model.apply_fn, params, opt_state, step
 
 
 @dataclasses.dataclass
@@ -234,13 +297,21 @@ class TrainedRun:
 
 
 def load_run(
-  workdir: str, *, step: int | None = None, opt_state: bool = True, data: bool = True, config=None, sharding=None
+  workdir: str,
+  *,
+  step: int | None = None,
+  opt_state: bool = True,
+  data: bool = True,
+  config=None,
+  sharding=None,
+  mesh=None,
 ) -> TrainedRun:
   """Model, params, optimizer state, tokenizer (and data) of a training workdir (default: latest step).
 
   The config comes from the checkpoint's metadata unless given; the tokenizer
   from `<workdir>/tokenizer.model` (or the path recorded at training time).
-  `sharding`: where to place params and optimizer state (default replicated).
+  `sharding`: where to place params and optimizer state (default replicated);
+  `mesh` instead: params and optimizer state placed on it by `config.sharding`.
   """
   meta = checkpointing.load_meta(workdir, step=step)
   config = config or ml_collections.ConfigDict(meta["config"])
@@ -255,6 +326,11 @@ def load_run(
   abstract_opt = None
   if opt_state:
     abstract_opt = jax.eval_shape(training.optimizer_for(config.train).init, abstract)
+  opt_sharding = None
+  if mesh is not None:
+    sharding, opt_sharding = training.state_shardings(
+      model, training.optimizer_for(config.train), config, mesh, seq_len=config.seq_len
+    )
   ckpt = checkpointing.restore(
     workdir,
     step=meta["step"],
@@ -262,6 +338,7 @@ def load_run(
     abstract_opt_state=abstract_opt,
     restore_opt_state=opt_state,
     sharding=sharding,
+    opt_sharding=opt_sharding,
   )
   run_data = load_data(config, workdir) if data else None
   return TrainedRun(

@@ -39,7 +39,7 @@ Public API:
   PARAM_REGEX, BLOCK_REGEX
   model_apply(model) -> (params, inputs, pad_mask) -> logits (gemma's nn.jit inlined)
   tiny_gemma3(*, vocab_size, embed_dim=16, hidden_dim=32, num_heads=2, head_dim=8, num_kv_heads=1,
-              num_layers=2, sliding_window_size=4, dtype=float32) -> gm.nn.Transformer
+              num_layers=2, sliding_window_size=4, global_every=2, dtype=float32) -> gm.nn.Transformer
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def tiny_gemma3(
   num_kv_heads: int = 1,
   num_layers: int = 2,
   sliding_window_size: int = 4,
+  global_every: int = 2,
   dtype: Any = jnp.float32,
 ) -> Any:
   """A Gemma 3 architecture at a toy size (for tests and smoke runs; random init).
 
   Gemma 3's structure: grouped-query attention with QK norm, post-attention
   and post-FFW norms, local sliding-window layers interleaved with global
-  ones (here alternating), transposed gating einsum, two RoPE frequencies.
+  ones (every `global_every`-th layer is global: 2 alternates, Gemma 3 itself uses 6),
+  transposed gating einsum, two RoPE frequencies.
   """
   from gemma import gm  # pylint: disable=g-import-not-at-top
 
@@ -101,7 +103,7 @@ def tiny_gemma3(
     use_post_attn_norm=True,
     use_post_ffw_norm=True,
     use_qk_norm=True,
-    attention_types=tuple(local if i % 2 == 0 else global_ for i in range(num_layers)),
+    attention_types=tuple(global_ if i % global_every == global_every - 1 else local for i in range(num_layers)),
     sliding_window_size=sliding_window_size,
     transpose_gating_einsum=True,
     local_base_frequency=10_000,

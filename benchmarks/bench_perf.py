@@ -1,0 +1,406 @@
+"""Issue 14's ratios, measured side by side in one run: retrieval step, store streaming, encode job.
+
+  python benchmarks/bench_perf.py                    # GPU: every section at full size (~3 min on one H200)
+  python benchmarks/bench_perf.py --sections=retrieval,stream
+  python benchmarks/bench_perf.py --small            # CPU smoke test (tests/test_benchmarks.py)
+
+retrieval  One `StreamingTopK` step over a device-resident chunk (Q=1024, d=4096,
+           C=65536, k=10), no R^{-1/2} and a full one, against a bare bf16 matmul of
+           the same [Q, d] x [d, C] (f32 out): select="reference" (the previous
+           step), "fused" on a first scan (norms by their own function) and on a
+           later scan (norms from the cache); the norm function alone; and whether
+           fused == reference bitwise over 3 chunks (one of small integers with
+           duplicated rows: ties), with the reference fed the same norms (the
+           selection alone) and verbatim (norms inside the step, where XLA may
+           round them differently by an ulp).
+stream     A bf16 store on local disk (just written, so in the page cache) streamed
+           to the device: a plain sequential read of its files (GB/s), the
+           host-to-device copy rate of one chunk from pageable memory and from
+           pinned memory, the feed alone (store reads in flight + background
+           copies), and whole `retrieval.retrieve` scans with the previous loop
+           (reference step, 2 reads, inline copies, pageable) and the new one.
+encode     The encode job's loop (`encoding.encode_to_store`, exact Adam by default)
+           into a local-disk store and into memory://, pipelined and not, against
+           the encoder kernel alone and a jitted AdamW training step, all at the
+           same batch and sequence length (LAMA shapes: model small, seq 128,
+           batch 256, d_in = d_out = 64).
+
+Output: one JSON line per measurement, then "RATIO name value" lines (the
+issue's targets: retrieval >= 0.85 no R / >= 0.6 full R, bitwise equal;
+stream >= 0.8 of the h2d rate; encode job >= 0.9 of the training step).
+Timings: best of --repeat runs (after a warm-up that compiles). BENCHMARKS.md
+quotes this script's output.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import trackstar_jax as tsj  # noqa: E402
+from trackstar_jax import configs, encoding, losses, retrieval  # noqa: E402
+from trackstar_jax import mesh as mesh_lib  # noqa: E402
+from trackstar_jax import store as store_lib  # noqa: E402
+from trackstar_jax.data import batching  # noqa: E402
+from trackstar_jax.models import DecoderLM, TransformerConfig  # noqa: E402
+
+FULL = dict(
+  queries=1024, dim=4096, rows=65536, k=10, stream_rows=262144, stream_chunk=32768, store_chunk=4096,
+  model="small", dtype="bfloat16", vocab=16384, seq=128, batch=256, d=64, encode_rows=16384, steps=10,
+)  # fmt: skip
+SMALL = dict(
+  queries=8, dim=64, rows=1024, k=4, stream_rows=4096, stream_chunk=1024, store_chunk=256,
+  model="tiny", dtype="float32", vocab=256, seq=16, batch=8, d=4, encode_rows=64, steps=2,
+)  # fmt: skip
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--small", action="store_true", help="tiny shapes: a CPU smoke test, not a benchmark")
+p.add_argument("--sections", default="retrieval,stream,encode")
+p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
+p.add_argument("--dir", default="", help="local-disk directory for the stores (default: a temp dir)")
+p.add_argument("--correction", default="adam", help="encode: none | adam | adam_rank1 | adafactor")
+for key, value in FULL.items():
+  p.add_argument(f"--{key}", type=type(value), default=None)
+
+
+def emit(**record) -> dict:
+  record["device"] = str(jax.devices()[0])
+  print(json.dumps(record), flush=True)
+  return record
+
+
+def ratio(name: str, value: float) -> None:
+  print(f"RATIO {name} {value:.3f}", flush=True)
+
+
+def best_time(fn, wait, repeat: int, steps: int = 1) -> float:
+  """Best over `repeat` runs of (`steps` calls of fn, then wait), per call; one untimed warm-up run first."""
+  fn()
+  wait()
+  best = float("inf")
+  for _ in range(repeat):
+    t = time.perf_counter()
+    for _ in range(steps):
+      fn()
+    wait()
+    best = min(best, (time.perf_counter() - t) / steps)
+  return best
+
+
+# --- retrieval --------------------------------------------------------------------------------------------
+
+
+def _state(topk):
+  return tuple(np.asarray(x) for x in topk.local_result())
+
+
+def retrieval_case(a, *, full_inv: bool) -> None:
+  rng = np.random.default_rng(0)
+  q_n, d, c, k = a.queries, a.dim, a.rows, a.k
+  q = rng.normal(size=(q_n, d)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  inv = None
+  if full_inv:  # a dense SPD-like R^{-1/2}: speed does not depend on its values
+    m = rng.normal(size=(d, d)).astype(np.float32) / np.sqrt(d)
+    inv = np.eye(d, dtype=np.float32) + 0.1 * (m + m.T)
+  keys = jax.random.split(jax.random.key(0), 3)  # made on the device: numpy would take seconds at full size
+  tied = jax.random.randint(keys[1], (c, d), -2, 3).astype(jnp.bfloat16)
+  tied = tied.at[::17].set(tied[3])  # duplicated rows: equal scores
+  phis = [jax.random.normal(keys[0], (c, d), jnp.bfloat16), tied, jax.random.normal(keys[2], (c, d), jnp.bfloat16)]
+  ids = np.arange(c)
+  mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
+  out = [None]
+  mm = jax.jit(lambda x, y: jnp.dot(x, y.T, preferred_element_type=jnp.float32))
+  qb = jnp.asarray(q, jnp.bfloat16)
+  t_mm = best_time(
+    lambda: out.__setitem__(0, mm(qb, phis[0])), lambda: jax.block_until_ready(out[0]), a.repeat, a.steps
+  )
+  results, times = {}, {}
+  norm_fn = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv)  # the fused step's norms, shared below
+  for variant in ("reference", "fused_first", "fused_cached"):
+    select = "reference" if variant == "reference" else "fused"
+    topk = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv, select=select)
+    chunk = topk.put(start=0, ids=ids, phi=phis[0])
+    if variant == "fused_cached":
+      chunk = chunk._replace(inv_norms=topk.update_device(chunk))
+    times[variant] = best_time(lambda: topk.update_device(chunk), topk.wait, a.repeat, a.steps)  # noqa: B023
+    if variant == "fused_first":
+      norm_out = [None]
+      times["norms"] = best_time(
+        lambda: norm_out.__setitem__(0, norm_fn.update_device(chunk)),  # noqa: B023
+        lambda: jax.block_until_ready(norm_out[0]),
+        a.repeat,
+        a.steps,
+      )
+  # Equality over 3 chunks: fused (first scan; later scan = cached norms, the same values) vs the reference
+  # step fed the same norms (the selection alone), and vs the reference step verbatim (norms inside it).
+  for variant, select, shared in (
+    ("fused", "fused", False),
+    ("reference", "reference", True),
+    ("inline", "reference", False),
+  ):
+    check = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv, select=select)
+    for j, phi in enumerate(phis):
+      ch = check.put(start=j * c, ids=ids, phi=phi)
+      if shared:
+        ch = ch._replace(inv_norms=norm_fn.update_device(norm_fn.put(start=j * c, ids=ids, phi=phi)))
+      check.update_device(ch)
+    results[variant] = _state(check)
+  flops = 2 * q_n * c * d
+  equal = {v: all(np.array_equal(x, y) for x, y in zip(results[v], results["reference"])) for v in ("fused", "inline")}
+  rows_equal = all(np.array_equal(results["fused"][i], results["inline"][i]) for i in (1, 3))
+  max_diff = max(float(np.nanmax(np.abs(results["fused"][i] - results["inline"][i]))) for i in (0, 2))
+  r = emit(
+    section="retrieval", Q=q_n, d=d, C=c, k=k, full_inv=full_inv, matmul_ms=t_mm * 1e3,
+    matmul_tflops=flops / t_mm / 1e12, **{f"{v}_ms": t * 1e3 for v, t in times.items()},
+    **{f"{v}_ratio": t_mm / times[v] for v in ("reference", "fused_first", "fused_cached")},
+    bitwise_equal=equal["fused"], bitwise_equal_inline_norms=equal["inline"], rows_equal_inline_norms=rows_equal,
+    max_score_diff_inline_norms=max_diff,
+  )  # fmt: skip
+  tag = "full_inv" if full_inv else "no_inv"
+  for v in ("reference", "fused_first", "fused_cached"):
+    ratio(f"retrieval_{tag}_{v}_vs_matmul", r[f"{v}_ratio"])
+  ratio(f"retrieval_{tag}_bitwise_equal", float(equal["fused"]))
+  ratio(f"retrieval_{tag}_bitwise_equal_inline_norms", float(equal["inline"]))
+
+
+# --- streaming --------------------------------------------------------------------------------------------
+
+
+def _write_store(url: str, n: int, d: int, chunk_rows: int) -> store_lib.EncodingStore:
+  meta = store_lib.StoreMeta(num_rows=n, dim=d, chunk_rows=chunk_rows, dtype="bfloat16")
+  store = store_lib.open_store(url, expected_meta=meta, create=True)
+  block = np.random.default_rng(1).normal(size=(chunk_rows, d)).astype(jnp.bfloat16)
+  with store_lib.AsyncWriter(store, max_pending=4) as w:
+    for c in range(store.num_chunks):
+      lo, hi = store.chunk_range(c)
+      w.submit(start=lo, ids=np.arange(lo, hi), phi=np.roll(block, c, axis=0)[: hi - lo])
+  return store
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+  return nbytes / seconds / 1e9
+
+
+def stream_section(a, root: str) -> None:
+  n, d, rows = a.stream_rows, a.dim, a.stream_chunk
+  path = os.path.join(root, "stream.zarr")
+  t = time.perf_counter()
+  store = _write_store(path, n, d, a.store_chunk)
+  write_s = time.perf_counter() - t
+  nbytes = n * d * 2
+  files = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(path, "phi")) for f in fs]
+
+  def read_files():
+    for f in sorted(files):
+      with open(f, "rb") as fh:
+        while fh.read(1 << 24):
+          pass
+
+  seq_s = best_time(read_files, lambda: None, a.repeat)
+  dev = jax.local_devices()[0]
+  chunk = np.asarray(store.read(0, rows).phi)
+  dst = jax.sharding.SingleDeviceSharding(dev)
+  out = [None]
+  pageable_s = best_time(
+    lambda: out.__setitem__(0, jax.device_put(chunk, dst)), lambda: out[0].block_until_ready(), a.repeat
+  )
+  pinned = jax.device_put(chunk, jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host"))
+  pinned.block_until_ready()
+  pinned_s = best_time(
+    lambda: out.__setitem__(0, jax.device_put(pinned, dst)), lambda: out[0].block_until_ready(), a.repeat
+  )
+  stage_s = best_time(
+    lambda: out.__setitem__(0, jax.device_put(chunk, pinned.sharding)), lambda: out[0].block_until_ready(), a.repeat
+  )
+  q = np.random.default_rng(2).normal(size=(a.queries, d)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
+
+  def feed(reads, ahead, pinned_on):
+    topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh)
+    last = None
+    for ch in retrieval.device_chunks(
+      topk, store.iter_chunks(rows_per_chunk=rows, prefetch=reads), pad_to=rows, ahead=ahead, pinned=pinned_on
+    ):
+      last = ch.phi
+    last.block_until_ready()
+
+  feeds = {
+    "feed_previous": (2, 0, False),  # the previous loop's reads and inline pageable copies
+    "feed_pageable": (4, 2, False),
+    "feed_pinned": (4, 2, True),
+  }
+  feed_s = {name: best_time(lambda cfg=cfg: feed(*cfg), lambda: None, a.repeat) for name, cfg in feeds.items()}
+  scans = {
+    "retrieve_previous": dict(
+      select="reference", reads_in_flight=2, transfers_ahead=0, pinned=False, cache_norms=False
+    ),
+    "retrieve_new": dict(cache_norms=False),
+    "retrieve_new_pageable": dict(pinned=False, cache_norms=False),
+  }
+  scan_s = {
+    name: best_time(
+      lambda kw=kw: retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, **kw), lambda: None, a.repeat
+    )
+    for name, kw in scans.items()
+  }
+  rates = dict(
+    sequential_read=_gbps(nbytes, seq_s),
+    h2d_pageable=_gbps(chunk.nbytes, pageable_s),
+    h2d_pinned=_gbps(chunk.nbytes, pinned_s),
+    pinned_staging=_gbps(chunk.nbytes, stage_s),
+    **{k: _gbps(nbytes, v) for k, v in {**feed_s, **scan_s}.items()},
+  )
+  emit(
+    section="stream", rows=n, d=d, chunk_rows=rows, store_chunk_rows=a.store_chunk, store_gib=nbytes / 2**30,
+    write_s=write_s, gbps=rates, queries=a.queries, k=a.k,
+  )  # fmt: skip
+  h2d = max(rates["h2d_pageable"], rates["h2d_pinned"])
+  for name in (
+    "feed_previous",
+    "feed_pageable",
+    "feed_pinned",
+    "retrieve_previous",
+    "retrieve_new",
+    "retrieve_new_pageable",
+  ):
+    ratio(f"stream_{name}_vs_h2d", rates[name] / h2d)
+  ratio("stream_retrieve_new_vs_sequential_read", rates["retrieve_new"] / rates["sequential_read"])
+  ratio("stream_retrieve_new_vs_previous", rates["retrieve_new"] / rates["retrieve_previous"])
+  shutil.rmtree(path, ignore_errors=True)
+
+
+# --- encode job -------------------------------------------------------------------------------------------
+
+
+def _lama_like(rng, n: int, seq: int, vocab: int) -> batching.Examples:
+  """Short sentences padded to seq (LAMA T-REx: ~20-60 tokens of 128), loss on every real token."""
+  lengths = rng.integers(max(2, seq // 6), max(3, seq // 2), n)
+  tokens = rng.integers(1, vocab, (n, seq)).astype(np.int32)
+  pad = np.arange(seq)[None] < lengths[:, None]
+  return batching.Examples(
+    inputs=tokens * pad,
+    targets=np.roll(tokens, -1, 1) * pad,
+    loss_mask=pad.astype(np.float32),
+    pad_mask=pad,
+    ids=np.arange(n, dtype=np.int64),
+  )
+
+
+def encode_section(a, root: str) -> None:
+  mc = configs.model_config(a.model, max_len=a.seq)
+  mc.dtype = a.dtype
+  model = DecoderLM(TransformerConfig.from_config(mc, vocab_size=a.vocab))
+  rng = np.random.default_rng(0)
+  examples = _lama_like(rng, a.encode_rows, a.seq, a.vocab)
+  batch = examples.batch(np.arange(a.batch))
+  params = jax.jit(model.init)(jax.random.key(0), batch["inputs"][:1])
+  # Training step (AdamW), donated, on a device-resident batch: the rate the job is held to.
+  tx = optax.adamw(1e-4)
+  state = [params, tx.init(params)]
+  gbatch = jax.device_put(batch)
+
+  def train_step(params, opt_state, b):
+    loss, g = jax.value_and_grad(lambda p: losses.mean_token_loss(model.apply(p, b["inputs"], b["pad_mask"]), b))(
+      params
+    )
+    u, opt_state = tx.update(g, opt_state, params)
+    return optax.apply_updates(params, u), opt_state, loss
+
+  jstep = jax.jit(train_step, donate_argnums=(0, 1))
+  out = [None]
+
+  def run_train():
+    state[0], state[1], out[0] = jstep(state[0], state[1], gbatch)
+
+  train_s = best_time(run_train, lambda: jax.block_until_ready(out[0]), a.repeat, a.steps)
+  params = state[0]
+  st = None
+  if a.correction in ("adam", "adam_rank1"):  # synthetic positive second moments (speed does not depend on them)
+    st = optax.scale_by_adam().init(params)
+    st = st._replace(nu=jax.tree.map(lambda x: jnp.full(x.shape, 1e-4, jnp.float32) * (1 + 0.01 * jnp.cos(x)), st.nu))
+  elif a.correction == "adafactor":
+    st = optax.scale_by_factored_rms(min_dim_size_to_factor=32).init(params)
+    st = jax.tree.map(lambda x: x + 1e-4 if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
+  enc = tsj.build_encoder(
+    model=model, params=params, opt_state=st, seq_len=a.seq, d_in=a.d, d_out=a.d, correction=a.correction
+  )
+  kernel_s = best_time(
+    lambda: out.__setitem__(0, enc.encode(batch)), lambda: jax.block_until_ready(out[0]), a.repeat, a.steps
+  )
+  meta = encoding.store_meta(enc, num_rows=len(examples), corpus_fingerprint=encoding.fingerprint(examples))
+  warm = store_lib.open_store(f"memory://bench_enc_{os.getpid()}_warm", expected_meta=meta, create=True)
+  encoding.encode_to_store(enc, examples, store=warm, batch_size=a.batch)  # compiles what the job's batches need
+  job_s = {}
+  for name, url, pipeline in (
+    ("job_disk_pipelined", os.path.join(root, "enc_p"), True),
+    ("job_disk_previous_loop", os.path.join(root, "enc_u"), False),
+    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True),
+    ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False),
+  ):
+    best = float("inf")
+    for rep in range(min(2, a.repeat)):  # whole jobs: seconds each, little spread
+      # A new URL per run: reopening a finished store would resume it with nothing left to encode.
+      run_url = f"{url}_{rep}"
+      store = store_lib.open_store(run_url, expected_meta=meta, create=True)
+      if store.completed_chunks():
+        raise RuntimeError(f"{run_url} is not empty: the timing would measure a resume.")
+      t = time.perf_counter()
+      encoding.encode_to_store(enc, examples, store=store, batch_size=a.batch, pipeline=pipeline)
+      best = min(best, time.perf_counter() - t)
+      if run_url.startswith("/"):
+        shutil.rmtree(run_url, ignore_errors=True)
+    job_s[name] = best
+  rates = dict(train=a.batch / train_s, kernel=a.batch / kernel_s, **{k: len(examples) / v for k, v in job_s.items()})
+  emit(
+    section="encode", model=a.model, dtype=a.dtype, seq=a.seq, batch=a.batch, rows=len(examples), dim=int(enc.dim),
+    correction=a.correction, layer_modes=sorted(set(enc.modes().values())), examples_per_s=rates,
+    store_mb_per_s_at_job=rates["job_disk_pipelined"] * enc.dim * 2 / 1e6,
+  )  # fmt: skip
+  for name in (
+    "kernel",
+    "job_disk_pipelined",
+    "job_disk_previous_loop",
+    "job_memory_pipelined",
+    "job_memory_previous_loop",
+  ):
+    ratio(f"encode_{name}_vs_train", rates[name] / rates["train"])
+
+
+def main() -> None:
+  a = p.parse_args()
+  for key, value in (SMALL if a.small else FULL).items():
+    if getattr(a, key) is None:
+      setattr(a, key, value)
+  sections = [s for s in a.sections.split(",") if s]
+  unknown = set(sections) - {"retrieval", "stream", "encode"}
+  if unknown:
+    p.error(f"unknown sections {sorted(unknown)}")
+  root = a.dir or tempfile.mkdtemp(prefix="bench_perf_")
+  os.makedirs(root, exist_ok=True)
+  try:
+    if "retrieval" in sections:
+      retrieval_case(a, full_inv=False)
+      retrieval_case(a, full_inv=True)
+    if "stream" in sections:
+      stream_section(a, root)
+    if "encode" in sections:
+      encode_section(a, root)
+  finally:
+    if not a.dir:
+      shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+  main()

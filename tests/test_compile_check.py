@@ -1,0 +1,110 @@
+"""launch/compile_check.py: TPU topologies by name, the fits table, and a tiny ahead-of-time compile.
+
+The compile test runs `launch.compile_check` in a subprocess (libtpu loads its TPU compiler into the
+process) for a v5e-4 slice (v5e:2x2, 4 chips) with the tiny synthetic config and an FSDP mesh; it is
+skipped, saying so, when libtpu is not installed (`pip install -e ".[tpu-aot]"`).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from trackstar_jax.jobs import compile_check as cc
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_libtpu() -> bool:
+  return bool(os.environ.get("TPU_LIBRARY_PATH")) or importlib.util.find_spec("libtpu") is not None
+
+
+def test_topology_names():
+  t = cc.parse_topology("v5p-256")
+  assert (t.libtpu_name, t.chips, t.chip_config, t.hbm_bytes) == ("v5:4x4x8", 128, "megacore", 95 * 2**30)
+  assert cc.parse_topology("v5p-512").chips == 256
+  assert (cc.parse_topology("v5e-256").libtpu_name, cc.parse_topology("v5e-256").chips) == ("v5e:16x16", 256)
+  assert cc.parse_topology("v4-8").libtpu_name == "v4:2x2x1"
+  assert cc.parse_topology("v6e-4").hbm_bytes == 32 * 2**30
+  with pytest.raises(ValueError, match="v5p-7.*not a slice shape.*known: v5p-8"):
+    cc.parse_topology("v5p-7")
+  with pytest.raises(ValueError, match="expected <v4|v5p|v5e|v6e>-<count>"):
+    cc.parse_topology("tpu-v9")
+
+
+def test_out_of_memory_messages_give_the_size():
+  assert cc._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 120.53G of 95.74G hbm.") == int(
+    120.53 * 2**30
+  )
+  assert cc._is_oom(RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory"))
+  assert not cc._is_oom(RuntimeError("INVALID_ARGUMENT: bad sharding"))
+
+
+def test_batch_search_stops_at_the_first_size_that_does_not_fit():
+  topo = cc.parse_topology("v5e-4")  # 16 GiB
+  sizes = {4: 1, 8: 2, 16: 8, 32: 17, 64: 40}  # GiB per device at each global batch
+
+  class Compiled:
+    def __init__(self, gib):
+      self.gib = gib
+
+    def memory_analysis(self):
+      b = int(self.gib * 2**30)
+      return type(
+        "M", (), dict(argument_size_in_bytes=b, output_size_in_bytes=0, temp_size_in_bytes=0, alias_size_in_bytes=0)
+      )
+
+  row = cc.check_step(
+    lambda b: Compiled(sizes[b]), topology=topo, step="train", batch=32, unit=4, search=True, max_rows=64
+  )
+  assert (row.fits, row.per_device_gib, row.largest_batch, row.largest_gib) == (False, 17.0, 16, 8.0)
+  assert "**no**" in cc.format_table([row]) and "| 16 (8.000) |" in cc.format_table([row])
+
+  def oom(b):
+    if b > 8:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 30.1G of 15.75G hbm.")
+    return Compiled(sizes[b])
+
+  row = cc.check_step(oom, topology=topo, step="train", batch=16, unit=4, search=True, max_rows=64)
+  assert (row.fits, row.largest_batch, row.per_device_gib) == (False, 8, 30.1)
+  assert "compiler: out of memory (30.1 GiB)" in row.note
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed: pip install -e ".[tpu-aot]"')
+@pytest.mark.parametrize(
+  "steps",
+  [
+    ("train", "encode_adam"),  # default run: ~1 min on 2 busy cores
+    pytest.param(("train", "encode_fused", "encode_adam", "hessian", "retrieve"), marks=pytest.mark.slow),
+  ],
+)
+def test_tiny_config_compiles_for_a_v5e_slice(tmp_path, steps):
+  out = tmp_path / "table.jsonl"
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
+  env.update(PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")])), JAX_PLATFORMS="cpu")
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.compile_check",
+    f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:runlocal=True",
+    "--config.mesh=(('data',2),('model',2))",
+    "--config.sharding.preset=fsdp_tp",
+    "--config.retrieve.chunk_rows=64",
+    "--config.encoder.batch_size=8",
+    "--topology=v5e-4",
+    f"--steps={','.join(steps)}",
+    "--queries=16",
+    "--nosearch",
+    f"--output={out}",
+  ]
+  proc = subprocess.run(["timeout", "540", *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=570)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert tuple(r["step"] for r in rows) == steps
+  for r in rows:
+    assert r["topology"] == "v5e-4" and r["chips"] == 4 and r["hbm_gib"] == 16
+    assert r["fits"] and 0 < r["per_device_gib"] < 1, r
+  assert "| v5e-4 | 4 | encode_adam | 8 |" in proc.stdout
