@@ -64,6 +64,16 @@ def test_bench_encoder_small():
   assert "layer" in modes["adam"]["layer_modes"] and modes["none"]["layer_modes"] == ["fused"], records  # exact Adam
 
 
+def test_bench_compact_small():
+  records = _run("bench_compact.py", "--small")
+  assert sorted((r["dtype"], r["source"]) for r in records) == sorted(
+    (d, s) for d in ("bfloat16", "int8", "int4") for s in ("store", "memory")
+  ), records
+  size = {r["dtype"]: r["store_bytes"] for r in records}
+  assert size["bfloat16"] > 1.8 * size["int8"] > 1.8 * 1.6 * size["int4"], size  # d = 256: 512 vs 260 vs 136 B/row
+  assert all(r["rows_per_s"] > 0 and r["N"] == 512 for r in records), records
+
+
 def test_bench_perf_small_prints_every_ratio():
   records = _run("bench_perf.py", "--small", "--repeat=1")
   sections = [r["section"] for r in records]

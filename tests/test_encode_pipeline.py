@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import trackstar_jax as tsj
-from trackstar_jax import encoding, prefetch
+from trackstar_jax import encoding, prefetch, quantize
 from trackstar_jax import store as store_lib
 from trackstar_jax.data import batching
 from trackstar_jax.models import DecoderLM, TransformerConfig
@@ -41,10 +41,17 @@ def tiny():
   return enc, corpus
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-def test_pipelined_store_equals_unpipelined(tiny, tmp_path, dtype):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8", "int4"])
+def test_pipelined_store_equals_unpipelined(tiny, tmp_path, dtype, monkeypatch):
   enc, corpus = tiny
-  stores = {}
+  stores, written = {}, []
+  write_rows = store_lib.EncodingStore.write_rows
+
+  def recording_write_rows(self, *, phi, **kw):  # what each loop hands the store: quantized on the device?
+    written.append(type(phi).__name__)
+    return write_rows(self, phi=phi, **kw)
+
+  monkeypatch.setattr(store_lib.EncodingStore, "write_rows", recording_write_rows)
   for pipeline in (False, True):
     meta = encoding.store_meta(
       enc, num_rows=len(corpus), corpus_fingerprint=encoding.fingerprint(corpus), dtype=dtype, chunk_rows=16
@@ -52,13 +59,23 @@ def test_pipelined_store_equals_unpipelined(tiny, tmp_path, dtype):
     store = encoding.open_or_create(f"file://{tmp_path}/{pipeline}.zarr", meta)
     encoding.encode_to_store(enc, corpus, store=store, batch_size=6, pipeline=pipeline)  # 6: partial batches
     stores[pipeline] = store_lib.open_store(store.url).read(0, len(corpus))
-  bits = {
-    p: np.ascontiguousarray(c.phi).view(np.uint16 if dtype == "bfloat16" else np.uint32) for p, c in stores.items()
-  }
-  np.testing.assert_array_equal(bits[True], bits[False])
+  for part in ("phi", "scale"):  # codes and scales of int8 / int4 (quantized on the device in both loops)
+    bits = {
+      p: None if getattr(c, part) is None else np.ascontiguousarray(getattr(c, part)).view(np.uint8)
+      for p, c in stores.items()
+    }
+    assert (bits[True] is None) == (bits[False] is None) == (not quantize.is_quantized(dtype) and part == "scale")
+    if bits[True] is not None:
+      np.testing.assert_array_equal(bits[True], bits[False])
   np.testing.assert_array_equal(stores[True].ids, corpus.ids)
+  assert len(written) == 2 * 5 and set(written) == {"Quantized" if quantize.is_quantized(dtype) else "ndarray"}
   want = encoding.encode_to_array(enc, corpus, batch_size=6)  # the same phi, in float32
-  np.testing.assert_allclose(np.asarray(stores[True].phi, np.float32), want, rtol=1e-2 if dtype == "bfloat16" else 0)
+  if quantize.is_quantized(dtype):  # the device's codes are the host quantization of the float32 rows
+    codes, scale = quantize.quantize(want, dtype)
+    np.testing.assert_array_equal(stores[True].phi, codes)
+    np.testing.assert_array_equal(stores[True].scale, scale)
+  else:
+    np.testing.assert_allclose(np.asarray(stores[True].phi, np.float32), want, rtol=1e-2 if dtype == "bfloat16" else 0)
 
 
 def test_phi_batches_prefetched_equal_inline(tiny):

@@ -167,7 +167,9 @@ def encode(
       store made from other examples or another encoder is refused. None:
       return phi [N, d] float32 in memory.
     batch_size: examples per encoder call (global, over all devices and hosts).
-    dtype, chunk_rows: the store's element type (bfloat16 | float32) and rows per chunk.
+    dtype, chunk_rows: the store's element type and rows per chunk: bfloat16 |
+      float32 | int8 (a float32 scale per row: 2x smaller than bfloat16) | int4
+      (a scale per 128 columns: 3.8x smaller), quantized on the device (`quantize`).
     provenance: fields recorded in (and checked against) the store's metadata:
       `checkpoint`, `step`, `corpus_fingerprint` (default: a hash of the
       examples' tokens), `extra` (a dict).

@@ -16,7 +16,8 @@ chunks not yet committed (the store is the same as an uninterrupted run's).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+import functools
 import hashlib
 from typing import Any
 
@@ -29,6 +30,7 @@ from trackstar_jax import batch as batch_lib
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
+from trackstar_jax import quantize
 from trackstar_jax import store as store_lib
 
 _FIELDS = batch_lib.BATCH_KEYS
@@ -121,6 +123,21 @@ def store_meta(
   )
 
 
+@functools.cache  # one compiled quantizer per dtype (later encode calls reuse it)
+def device_converter(dtype: str) -> Callable[[jax.Array], Any] | None:
+  """phi [B, d] on the device -> what a store of `dtype` holds, before the copy to the host (None: as is).
+
+  bfloat16: half the bytes to copy and no host-side conversion (the same
+  round-to-nearest-even); int8 / int4: `quantize.Quantized` codes and scales
+  (a quarter / an eighth of the float32 bytes, and no host-side quantization).
+  """
+  if dtype == "bfloat16":
+    return lambda phi: phi.astype(jnp.bfloat16)
+  if quantize.is_quantized(dtype):
+    return jax.jit(functools.partial(quantize.quantize, dtype=dtype, xp=jnp))
+  return None
+
+
 def _host_batches(examples, rows: np.ndarray, *, host_batch: int, num_batches: int):
   """(valid rows, padded batch) of this process's `rows` in exactly `num_batches` batches (lockstep across hosts)."""
   for j in range(num_batches):
@@ -128,23 +145,23 @@ def _host_batches(examples, rows: np.ndarray, *, host_batch: int, num_batches: i
     yield len(part), batch_lib.pad_rows(examples.batch(part), host_batch)
 
 
-def _dispatch(encoder, batches, *, dtype=None, copy_early: bool = False) -> list[tuple[int, Any]]:
+def _dispatch(encoder, batches, *, convert=None, copy_early: bool = False) -> list[tuple[int, Any]]:
   """Starts encoding (valid rows, padded batch) pairs; returns [(valid rows, phi)] still being computed.
 
   One process: device arrays (JAX dispatch is asynchronous), so the caller can
-  do host work meanwhile; `_collect` waits. `dtype` (e.g. the store's bfloat16)
-  converts on the device: half the bytes to copy to the host, and no host-side
-  conversion (the same round-to-nearest-even). `copy_early` starts each
-  device-to-host copy as soon as its batch is computed, instead of when
-  `_collect` asks for it.
+  do host work meanwhile; `_collect` waits. `convert` (`device_converter` of
+  the store's dtype) runs on the device, before the copy to the host.
+  `copy_early` starts each device-to-host copy as soon as its batch is
+  computed, instead of when `_collect` asks for it.
   """
   out = []
   for n, batch in batches:
     if jax.process_count() == 1:
       phi = encoder.encode(batch)
-      phi = phi if dtype is None else phi.astype(dtype)
+      phi = phi if convert is None else convert(phi)
       if copy_early:
-        phi.copy_to_host_async()
+        for x in jax.tree.leaves(phi):  # codes and scales of a quantized store
+          x.copy_to_host_async()
       out.append((n, phi))
     else:
       out.append((n, encoder.encode_local(batch)))
@@ -152,16 +169,17 @@ def _dispatch(encoder, batches, *, dtype=None, copy_early: bool = False) -> list
 
 
 def _dispatch_rows(
-  encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, dtype=None
+  encoder, examples, rows: np.ndarray, *, host_batch: int, num_batches: int, convert=None
 ) -> list[tuple[int, Any]]:
   """`_dispatch` of `rows` in exactly `num_batches` encoder calls (lockstep across hosts)."""
-  return _dispatch(encoder, _host_batches(examples, rows, host_batch=host_batch, num_batches=num_batches), dtype=dtype)
+  batches = _host_batches(examples, rows, host_batch=host_batch, num_batches=num_batches)
+  return _dispatch(encoder, batches, convert=convert)
 
 
-def _collect(parts: list[tuple[int, Any]], dim: int) -> np.ndarray:
-  """[rows, d] numpy of `_dispatch_rows`' output (waits for the device)."""
-  parts = [np.asarray(phi)[:n] for n, phi in parts if n]
-  return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
+def _collect(parts: list[tuple[int, Any]], dim: int) -> Any:
+  """[rows, d] numpy of `_dispatch_rows`' output (waits for the device); `Quantized` rows stay `Quantized`."""
+  parts = [jax.tree.map(lambda x, n=n: np.asarray(x)[:n], phi) for n, phi in parts if n]
+  return jax.tree.map(lambda *xs: np.concatenate(xs), *parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def phi_batches(
@@ -261,7 +279,7 @@ def encode_to_store(
   n_iter = int(mesh_lib.allgather(np.asarray([len(pending)])).max())
   host_batch = max(1, int(batch_size) // pc)
   per_chunk = -(-store.chunk_rows // host_batch)
-  store_dtype = jnp.bfloat16 if store.meta.dtype == "bfloat16" else None
+  convert = device_converter(store.meta.dtype)
   logging.info(
     "encode: %d rows in %d chunks; this process: %d pending of %d; store %s",
     store.num_rows,
@@ -292,7 +310,7 @@ def encode_to_store(
     if not pipeline:
       for i, (chunk, a, b, batches) in enumerate(chunk_batches()):
         write = writer.submit
-        finish(i + 1, chunk, a, b, _dispatch(encoder, batches, dtype=store_dtype))
+        finish(i + 1, chunk, a, b, _dispatch(encoder, batches, convert=convert))
         writer.flush()
     else:
       # Software pipeline: chunk i + 1 is dispatched to the devices before chunk i is collected and handed
@@ -301,7 +319,7 @@ def encode_to_store(
         write = calls.put
         in_flight = None  # (chunk, a, b, dispatched parts)
         for i, (chunk, a, b, batches) in enumerate(prefetch_lib.ahead(chunk_batches(), depth=2, name="encode-batches")):
-          parts = _dispatch(encoder, batches, dtype=store_dtype, copy_early=True)
+          parts = _dispatch(encoder, batches, convert=convert, copy_early=True)
           if in_flight is not None:
             finish(i, *in_flight)
           in_flight = (chunk, a, b, parts)

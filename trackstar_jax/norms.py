@@ -15,10 +15,10 @@ In memory the cache lives as long as its source object (several query batches
 over one store in one process); for an `EncodingStore` it is also written
 beside the store, one small file per chunk, so a later process skips the
 transform too. The key is a sha256 of the store's meta (what produced its
-values, not where it lives), the Hessian's bytes, the matmul dtype and the
-device layout (chunk rows per device and device count: the step computes the
-norms per device shard, so that a cached norm is bitwise the one the step
-would compute). Writing beside a read-only store fails with a warning only.
+values, not where it lives) and dtype (int8 / int4 rows are dequantized
+ones), the Hessian's bytes, the matmul dtype and the device layout (chunk
+rows per device and device count: the step computes the norms per device
+shard, so that a cached norm is bitwise the one the step would compute). Writing beside a read-only store fails with a warning only.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class NormCache:
     meta = getattr(source, "meta", None)
     what = dict(
       source=meta.to_json() if meta is not None else f"memory:{id(source)}",
+      store_dtype=str(getattr(source, "dtype", "")),  # in the meta too; explicit: int8 / int4 rows differ
       hessian=hessian_fingerprint(inv_sqrt),
       matmul_dtype=str(matmul_dtype),
       layout=str(layout),

@@ -42,6 +42,12 @@ because each device sees its rows in increasing order, candidates keep
 increasing-row order, `lax.top_k` keeps the lower index of equal values, and
 the merges sort by (score, row).
 
+Compact stores (int8 / int4, `quantize`): a chunk crosses to the device as
+codes and scales (`StreamingTopK.put(scale=)`) and is dequantized there, in
+its own small jitted program right after the copy, so the host-to-device copy
+shrinks with the store while the step sees the very input a float store of the
+dequantized rows would give it (see `StreamingTopK(store_dtype=)`).
+
 Exactness: the fused step and the reference step fed the same norms return
 bitwise the same values and rows (same ops on the same values); XLA may round
 a norm computed inside a bigger fusion differently by an ulp, which is why
@@ -73,6 +79,7 @@ from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import norms as norms_lib
 from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
+from trackstar_jax import quantize
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 
@@ -166,16 +173,45 @@ class InMemoryEncodings:
 
   Lets `retrieve` score in-memory phis (e.g. from `trackstar_jax.encode` with
   no store) through the same streaming, sharded step as a store on disk.
+  `dtype="int8"` / `"int4"` holds them quantized (`quantize`), as such a store would.
   """
 
-  def __init__(self, phi, ids=None, *, name: str = "memory"):
+  def __init__(self, phi, ids=None, *, name: str = "memory", dtype: str | None = None):
     self.phi = np.asarray(phi)
     if self.phi.ndim != 2:
       raise ValueError(f"Corpus encodings must be [N, d], got shape {self.phi.shape}.")
+    self._dim, self.dtype, self.scale = int(self.phi.shape[1]), str(self.phi.dtype), None
+    if dtype is not None and quantize.is_quantized(dtype):
+      self.dtype, (self.phi, self.scale) = dtype, quantize.quantize(self.phi, dtype)
+    elif dtype is not None:
+      self.phi = self.phi.astype(jnp.dtype(quantize.layout(dtype, self._dim).codes_dtype))
+      self.dtype = dtype
+    self._set_ids(ids, name)
+
+  def _set_ids(self, ids, name: str) -> None:
     self.ids = np.arange(len(self.phi), dtype=np.int64) if ids is None else np.asarray(ids, np.int64)
     if self.ids.shape != (len(self.phi),):
       raise ValueError(f"ids has shape {self.ids.shape}; expected one per row ({len(self.phi)},).")
-    self.url = f"<in-memory {name}: {self.phi.shape[0]} x {self.phi.shape[1]}>"
+    self.url = f"<in-memory {name}: {self.phi.shape[0]} x {self.dim} {self.dtype}>"
+
+  @classmethod
+  def from_codes(cls, codes, scale, ids=None, *, dtype: str, dim: int, name: str = "memory") -> InMemoryEncodings:
+    """Rows already quantized to `dtype` (int8 | int4; e.g. a store's `Chunk.phi` and `Chunk.scale`), as they are."""
+    lay = quantize.layout(dtype, dim)
+    codes, scale = np.asarray(codes), np.asarray(scale, np.float32)
+    if (
+      not quantize.is_quantized(dtype)
+      or codes.shape[1:] != (lay.codes_cols,)
+      or scale.shape != (len(codes), lay.scale_cols)
+    ):
+      raise ValueError(
+        f"from_codes needs int8 / int4 codes [n, {lay.codes_cols}] and scales [n, {lay.scale_cols}] for d={dim}, "
+        f"got dtype {dtype!r}, {codes.shape} and {scale.shape}."
+      )
+    self = cls.__new__(cls)
+    self.phi, self.scale, self.dtype, self._dim = codes, scale, dtype, int(dim)
+    self._set_ids(ids, name)
+    return self
 
   @property
   def num_rows(self) -> int:
@@ -183,7 +219,7 @@ class InMemoryEncodings:
 
   @property
   def dim(self) -> int:
-    return int(self.phi.shape[1])
+    return self._dim
 
   def require_complete(self) -> None:
     return None
@@ -195,7 +231,7 @@ class InMemoryEncodings:
   def iter_chunks(self, *, rows_per_chunk: int, process_index: int = 0, process_count: int = 1):
     for a in range(process_index * rows_per_chunk, self.num_rows, process_count * rows_per_chunk):
       b = min(a + rows_per_chunk, self.num_rows)
-      yield store_lib.Chunk(a, self.ids[a:b], self.phi[a:b])
+      yield store_lib.Chunk(a, self.ids[a:b], self.phi[a:b], None if self.scale is None else self.scale[a:b])
 
 
 def group_sizes(rows: int, k: int) -> tuple[int, ...]:
@@ -306,6 +342,21 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
   out = np.zeros((rows,) + x.shape[1:], x.dtype)
   out[: x.shape[0]] = x
   return out
+
+
+def _pad_rows_any(x, rows: int):
+  """`_pad_rows` of a host array, or the same on the devices for a `jax.Array`."""
+  return jnp.pad(x, ((0, rows - x.shape[0]), (0, 0))) if isinstance(x, jax.Array) else _pad_rows(x, rows)
+
+
+@functools.lru_cache(maxsize=32)
+def _dequantizer(mesh: Mesh, store_dtype: str, dim: int, matmul_dtype: str):
+  """Jitted (codes, scales) -> [c, dim] rows in the matmul dtype, row-sharded like a float chunk (`quantize`)."""
+  mm = jnp.bfloat16 if matmul_dtype == "bfloat16" else jnp.float32
+  return jax.jit(
+    lambda codes, scale: quantize.dequantize(codes, scale, store_dtype, dim=dim, xp=jnp).astype(mm),
+    out_shardings=NamedSharding(mesh, P(tuple(mesh.axis_names), None)),
+  )
 
 
 def _pinned_like(sharding: NamedSharding) -> NamedSharding | None:
@@ -420,6 +471,11 @@ class StreamingTopK:
     matmul_dtype: "bfloat16" (f32 accumulation) or "float32".
     hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
     select: "fused" (default) or "reference" (the previous step; see `RetrieveOptions`).
+    store_dtype: the chunks' dtype (`EncodingStore.dtype`). "int8" / "int4":
+      `put` / `update` take the stored codes and scales, which go to the device as
+      they are and are dequantized there, into the matmul dtype, right after the
+      copy (scores equal, bit for bit, those of a float32 store of the dequantized
+      rows with matmul_dtype="float32", of a bfloat16 one with "bfloat16").
 
   Feeding: `update(start=, ids=, phi=)` per chunk, or `put(...)` (pad, copy to the devices; may run
   on another thread, ahead of the step) then `update_device(chunk)`. With select="fused" the norms
@@ -438,6 +494,7 @@ class StreamingTopK:
     matmul_dtype: str = RetrieveOptions.matmul_dtype,
     hierarchical: bool = True,
     select: str = RetrieveOptions.select,
+    store_dtype: str = "float32",
   ):
     queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
     if queries.ndim != 2 or queries.shape[0] == 0:
@@ -453,6 +510,9 @@ class StreamingTopK:
       raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
     self.k, self.dim, self.hierarchical, self.select = k, queries.shape[1], hierarchical, select
     self.normalize = normalize
+    quantized = quantize.is_quantized(store_dtype)
+    self.store_dtype = store_dtype
+    self._store_layout = quantize.layout(store_dtype if quantized else "float32", self.dim)
     self.n_dev = self.mesh.devices.size
     axes = tuple(self.mesh.axis_names)
     rep = NamedSharding(self.mesh, P())
@@ -484,6 +544,12 @@ class StreamingTopK:
       has_inv=self._inv is not None,
     )  # fmt: skip
 
+    # int8 / int4 chunks cross to the device as codes + scales and become rows in the matmul dtype there, in
+    # their own small program (`put`): the step is then the very program (and input) of a float store of the
+    # dequantized rows, so the scores are the same bit for bit (fused into the step, XLA would reorder the
+    # norms' reductions). Costs nothing extra: the matmul reads a materialized operand either way.
+    self._dequantize = _dequantizer(self.mesh, store_dtype, self.dim, matmul_dtype) if quantized else None
+
   def layout(self, rows_per_chunk: int) -> str:
     """The per-device shape the step computes norms over (part of a `norms.NormCache` key)."""
     return f"{self.padded_rows(rows_per_chunk) // self.n_dev}x{self.n_dev}"
@@ -501,6 +567,7 @@ class StreamingTopK:
     pad_to: int | None = None,
     inv_norms: np.ndarray | None = None,
     pinned: bool = False,
+    scale=None,
   ) -> DeviceChunk:
     """Pads rows [start, start + n) and copies them to the devices (asynchronously where jax can).
 
@@ -508,21 +575,34 @@ class StreamingTopK:
     shape); it is rounded up to a multiple of the device count. `inv_norms`
     [n]: cached 1 / ||R^{-1/2} phi|| of these rows (what `update_device` returned).
     `pinned` stages a host `phi` in pinned host memory first (where the devices
-    have it): the device copy then runs at the link's DMA rate.
+    have it): the device copy then runs at the link's DMA rate. For an int8 /
+    int4 `store_dtype`, `phi` is the chunk's codes and `scale` its scales: both
+    are copied as they are and dequantized on the devices (the chunk's `phi`).
     """
     n = ids.shape[0]
-    if phi.shape != (n, self.dim):
-      raise ValueError(f"Chunk phi shape {phi.shape} != ({n}, {self.dim}).")
+    lay = self._store_layout
+    want_scale = (n, lay.scale_cols) if lay.scale_cols else None
+    if phi.shape != (n, lay.codes_cols) or (None if scale is None else tuple(scale.shape)) != want_scale:
+      raise ValueError(
+        f"Chunk phi shape {phi.shape} != ({n}, {lay.codes_cols}) of {self.store_dtype} rows of d={self.dim}, "
+        f"or scale shape {None if scale is None else scale.shape} != {want_scale} (scales: int8 / int4 only)."
+      )
+    if scale is not None and scale.dtype != np.float32:
+      scale = scale.astype(np.float32)
     c = self.padded_rows(max(n, pad_to or 0))
     if start + c >= 2**31:
       raise ValueError("Store rows beyond 2**31 are not supported (int32 row indices).")
     valid = np.zeros((c,), bool)
     valid[:n] = ids >= 0
     if c != n:
-      phi = jnp.pad(phi, ((0, c - n), (0, 0))) if isinstance(phi, jax.Array) else _pad_rows(phi, c)
-    if pinned and self._pinned_sharding is not None and not isinstance(phi, jax.Array):
-      phi = jax.device_put(phi, self._pinned_sharding)
+      phi, scale = (None if x is None else _pad_rows_any(x, c) for x in (phi, scale))
+    if pinned and self._pinned_sharding is not None:
+      phi, scale = (
+        x if x is None or isinstance(x, jax.Array) else jax.device_put(x, self._pinned_sharding) for x in (phi, scale)
+      )
     phi = jax.device_put(phi, self._phi_sharding)
+    if self._dequantize is not None:  # codes + scales crossed; rows in the matmul dtype from here on
+      phi = self._dequantize(phi, jax.device_put(scale, self._phi_sharding))
     if inv_norms is not None:
       if not self.normalize:
         raise ValueError("inv_norms (cached norms) need normalize=True.")
@@ -548,10 +628,17 @@ class StreamingTopK:
     return computed
 
   def update(
-    self, *, start: int, ids: np.ndarray, phi, pad_to: int | None = None, inv_norms: np.ndarray | None = None
+    self,
+    *,
+    start: int,
+    ids: np.ndarray,
+    phi,
+    pad_to: int | None = None,
+    inv_norms: np.ndarray | None = None,
+    scale=None,
   ) -> jax.Array | None:
     """Scores rows [start, start + n) against the queries (asynchronous dispatch): `put` + `update_device`."""
-    return self.update_device(self.put(start=start, ids=ids, phi=phi, pad_to=pad_to, inv_norms=inv_norms))
+    return self.update_device(self.put(start=start, ids=ids, phi=phi, pad_to=pad_to, inv_norms=inv_norms, scale=scale))
 
   def step_memory(self, rows_per_chunk: int):
     """XLA's per-device `CompiledMemoryStats` of one chunk step (depends on Q, k, chunk rows; not on N)."""
@@ -595,7 +682,9 @@ def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, p
   def put_all():
     for ch in chunks:
       cached = None if norms is None else norms.get(ch.start, ch.start + len(ch.ids))
-      yield topk.put(start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned)
+      yield topk.put(
+        start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned, scale=ch.scale
+      )
 
   return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed") if ahead > 0 else put_all()
 
@@ -637,7 +726,14 @@ def retrieve(
     k = store.num_rows
   rows_per_chunk = min(rows_per_chunk, store.num_rows)
   topk = StreamingTopK(
-    queries, k=k, mesh=mesh, inv_sqrt=inv_sqrt, normalize=normalize, matmul_dtype=matmul_dtype, select=select
+    queries,
+    k=k,
+    mesh=mesh,
+    inv_sqrt=inv_sqrt,
+    normalize=normalize,
+    matmul_dtype=matmul_dtype,
+    select=select,
+    store_dtype=getattr(store, "dtype", "float32"),
   )
   cache = None
   if cache_norms and normalize and select == "fused":

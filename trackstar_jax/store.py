@@ -4,13 +4,22 @@ One store holds the corpus encodings written by `launch/encode.py` and read by
 `launch/retrieve.py`. Layout under the store URL (a kvstore prefix):
 
   meta.json          what produced the store (`StoreMeta`), written once
-  phi/               zarr v3 array [N, d], bfloat16 (or float32), chunked by rows
+  phi/               zarr v3 array [N, d], bfloat16 (or float32), chunked by rows;
+                     int8 / int4 stores: the codes ([N, d] int8, [N, ceil(d/2)] uint8)
+  scale/             int8 / int4 stores only: float32 scales [N, 1] / [N, ceil(d/128)]
   ids/               zarr v3 array [N] int64, same row chunking (-1 = padding row)
   done/<c0>-<c1>     one empty marker per committed write of chunks [c0, c1)
 
 URLs: a local path or `file://...` (default), `gs://bucket/path`, and
 `memory://name` (tests; shared within one process). All opens share one
 TensorStore context, so `memory://` stores persist across opens.
+
+Compact stores (`StoreMeta.dtype` / config.store.dtype "int8" or "int4", see
+`quantize`): `write_rows` quantizes float rows (or takes `quantize.Quantized`
+codes made on the device), reads yield `Chunk(start, ids, phi=codes,
+scale=scales)`, and retrieval dequantizes on the device, so the store, its
+reads and the host-to-device copies shrink together (int8 2x, int4 3.8x vs
+bfloat16). `decode(chunk)` gives float32 rows on the host.
 
 Integrity. Every zarr chunk carries a crc32c checksum (codecs `bytes` then
 `crc32c`), verified by TensorStore on every read, and reads never fill a
@@ -56,13 +65,13 @@ from absl import logging
 import numpy as np
 import tensorstore as ts
 
-from trackstar_jax import fileio, remote
+from trackstar_jax import fileio, quantize, remote
 from trackstar_jax import progress as progress_lib
 
 FORMAT = "trackstar_jax.encodings/2"  # 2: crc32c per chunk, reads refuse missing chunks
 # Readable older formats (no chunk checksums). Their layout is otherwise the same.
 _LEGACY_FORMATS = ("trackstar_jax.encodings/1",)
-_DTYPES = ("bfloat16", "float32")
+_DTYPES = ("bfloat16", "float32", *quantize.QUANTIZED)
 _MARKER = re.compile(r"^(\d+)-(\d+)$")
 # One context for every open in this process: `memory://` data lives in it.
 CONTEXT = fileio.CONTEXT
@@ -98,7 +107,8 @@ class BadChunk(NamedTuple):
 class StoreMeta:
   """What produced a store. Two stores with equal meta hold the same values.
 
-  `num_rows`, `dim`, `dtype` and `chunk_rows` fix the layout; the rest names the
+  `num_rows`, `dim`, `dtype` and `chunk_rows` fix the layout (dtype: bfloat16 |
+  float32 | int8 | int4, the last two quantized: `quantize`); the rest names the
   producer: checkpoint path and step, projection seed, the traced blocks,
   the optimizer correction and the corpus fingerprint. `extra` takes anything
   else that must match on resume (JSON-serializable).
@@ -165,11 +175,12 @@ def _sub(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 class Chunk(NamedTuple):
-  """Rows [start, start + len(ids)) of a store."""
+  """Rows [start, start + len(ids)) of a store, as stored (`EncodingStore.decode` gives float32 phi)."""
 
   start: int
   ids: np.ndarray  # [n] int64
-  phi: np.ndarray  # [n, d] store dtype (bfloat16 as ml_dtypes.bfloat16)
+  phi: np.ndarray  # [n, d] store dtype (bfloat16 as ml_dtypes.bfloat16); int8 / int4 stores: the codes
+  scale: np.ndarray | None = None  # int8 / int4 stores: float32 scales [n, groups]; else None
 
 
 def repair_command(url: str, workdir: str = "") -> str:
@@ -195,9 +206,44 @@ class EncodingStore:
   """An open encoding store. Create or open with `open_store`."""
 
   def __init__(
-    self, url: str, kv: ts.KvStore, meta: StoreMeta, phi: ts.TensorStore, ids: ts.TensorStore, *, format: str = FORMAT
-  ):  # pylint: disable=redefined-builtin
+    self,
+    url: str,
+    kv: ts.KvStore,
+    meta: StoreMeta,
+    phi: ts.TensorStore,
+    ids: ts.TensorStore,
+    *,
+    format: str = FORMAT,  # pylint: disable=redefined-builtin
+    scale: ts.TensorStore | None = None,
+  ):
     self.url, self.meta, self._kv, self.phi, self.ids, self.format = url, meta, kv, phi, ids, format
+    self.scale = scale  # int8 / int4 stores: the scales array
+    self.layout = quantize.layout(meta.dtype, meta.dim)
+    if quantize.is_quantized(meta.dtype) and scale is None:
+      raise ValueError(f"Encoding store {url} of dtype {meta.dtype} needs its scale/ array.")
+
+  @property
+  def dtype(self) -> str:
+    """bfloat16 | float32 | int8 | int4 (`StoreMeta.dtype`)."""
+    return self.meta.dtype
+
+  @property
+  def quantized(self) -> bool:
+    return self.scale is not None
+
+  def _arrays(self) -> list[tuple[str, ts.TensorStore]]:
+    """(name, array) of every array a chunk has data in."""
+    out = [("phi", self.phi), ("ids", self.ids)]
+    return out + [("scale", self.scale)] if self.quantized else out
+
+  def _nbytes(self, rows: int) -> int:
+    return rows * (self.layout.row_bytes + 8)
+
+  def decode(self, chunk: Chunk) -> np.ndarray:
+    """float32 phi [n, d] of a chunk of this store (dequantized for int8 / int4)."""
+    if self.quantized:
+      return quantize.dequantize(chunk.phi, chunk.scale, self.dtype, dim=self.dim)
+    return np.asarray(chunk.phi, np.float32)
 
   @property
   def num_rows(self) -> int:
@@ -247,9 +293,11 @@ class EncodingStore:
     return done
 
   def stored_chunks(self) -> set[int]:
-    """Chunks whose phi and ids data objects both exist (zarr v3 default keys `c/<i>/0` and `c/<i>`)."""
+    """Chunks whose phi, ids (and scale) data objects exist (zarr v3 default keys `c/<i>/0` and `c/<i>`)."""
     phi = {int(k.split("/")[0]) for k in self._list("phi/c/") if k.split("/")[0].isdigit()}
     ids = {int(k) for k in self._list("ids/c/") if k.isdigit()}
+    if self.quantized:
+      phi &= {int(k.split("/")[0]) for k in self._list("scale/c/") if k.split("/")[0].isdigit()}
     return phi & ids
 
   def completed_chunks(self) -> set[int]:
@@ -305,11 +353,11 @@ class EncodingStore:
     )
 
   def _check_chunk(self, chunk: int) -> BadChunk | None:
-    """Reads chunk `chunk` (phi and ids); a `BadChunk` if either is missing, truncated or fails its checksum."""
+    """Reads chunk `chunk` (phi, ids, scale); a `BadChunk` if one is missing, truncated or fails its checksum."""
     a, b = self.chunk_range(chunk)
-    for name, arr in (("phi", self.phi), ("ids", self.ids)):
+    for name, arr in self._arrays():
       try:
-        self._wait(arr[a:b].read(), f"Reading {name} rows [{a}, {b})", nbytes=(b - a) * self.dim * 4)
+        self._wait(arr[a:b].read(), f"Reading {name} rows [{a}, {b})", nbytes=self._nbytes(b - a))
       except ValueError as e:  # TensorStore's errors (NOT_FOUND, DATA_LOSS, ...) are ValueErrors
         return BadChunk(chunk, a, b, f"{name} {_reason(e)}")
     return None
@@ -317,7 +365,7 @@ class EncodingStore:
   def _result(self, future: Any, start: int, stop: int, what: str) -> np.ndarray:
     """A read's result; on a storage error, finds the damaged chunks of rows [start, stop) and raises."""
     try:
-      return self._wait(future, what, nbytes=(stop - start) * self.dim * 4)
+      return self._wait(future, what, nbytes=self._nbytes(stop - start))
     except ValueError as e:
       c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)
       bad = [b for b in map(self._check_chunk, range(c0, min(c1, self.num_chunks))) if b is not None]
@@ -334,7 +382,7 @@ class EncodingStore:
     Args:
       chunks: the chunks to check; default every marked chunk (unmarked ones are
         pending anyway: encode writes them).
-      in_flight: chunks read concurrently (each costs chunk_rows x dim x itemsize of host memory).
+      in_flight: chunks read concurrently (each costs chunk_rows x its stored row bytes of host memory).
       log_every_s: seconds between progress lines (done/total, rate, ETA).
     """
     todo = sorted(self.marked_chunks()) if chunks is None else sorted(set(chunks))
@@ -343,18 +391,18 @@ class EncodingStore:
 
     def start(c):
       a, b = self.chunk_range(c)
-      queue.append((c, a, b, self.phi[a:b].read(), self.ids[a:b].read()))
+      queue.append((c, a, b, [(name, arr[a:b].read()) for name, arr in self._arrays()]))
 
     for c in itertools.islice(upcoming, max(1, in_flight)):
       start(c)
     while queue:
-      c, a, b, *futures = queue.popleft()
+      c, a, b, futures = queue.popleft()
       nxt = next(upcoming, None)
       if nxt is not None:
         start(nxt)
-      for name, f in zip(("phi", "ids"), futures):
+      for name, f in futures:
         try:
-          self._wait(f, f"Reading {name} rows [{a}, {b})", nbytes=(b - a) * self.dim * 4)
+          self._wait(f, f"Reading {name} rows [{a}, {b})", nbytes=self._nbytes(b - a))
         except ValueError as e:
           bad.append(BadChunk(c, a, b, f"{name} {_reason(e)}"))
           break
@@ -411,33 +459,60 @@ class EncodingStore:
       raise ValueError(f"Rows [{start}, {stop}) outside store of {self.num_rows} rows.")
     return stop
 
-  def write_rows(self, *, start: int, ids: np.ndarray, phi: np.ndarray) -> PendingWrite:
+  def write_rows(self, *, start: int, ids: np.ndarray, phi: np.ndarray | quantize.Quantized) -> PendingWrite:
     """Starts writing rows [start, start + len(ids)); returns before they commit.
 
+    `phi`: float rows [n, d] (converted to the store's dtype; int8 / int4 stores
+    quantize them with `quantize.quantize`), or for an int8 / int4 store its
+    `quantize.Quantized` codes and scales (e.g. quantized on the device).
     `PendingWrite.wait()` blocks until the data is committed and then writes the
     chunk marker; until then the rows count as missing.
     """
     ids = np.asarray(ids, np.int64)
-    phi = np.asarray(phi)
-    if ids.ndim != 1 or phi.shape != (ids.shape[0], self.dim):
-      raise ValueError(f"Expected ids [n] and phi [n, {self.dim}], got {ids.shape} and {phi.shape}.")
-    stop = self._check_write(start, ids.shape[0])
-    phi = np.asarray(phi, self.phi.dtype.numpy_dtype)  # no copy when already the store's dtype
-    futures = [self.phi[start:stop].write(phi), self.ids[start:stop].write(ids)]
-    return PendingWrite(
-      self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures, nbytes=phi.nbytes + ids.nbytes
-    )
+    if ids.ndim != 1:
+      raise ValueError(f"Expected ids [n], got shape {ids.shape}.")
+    n = ids.shape[0]
+    if isinstance(phi, quantize.Quantized):
+      if not self.quantized:
+        raise ValueError(f"Quantized rows given to store {self.url} of dtype {self.dtype}: pass float phi.")
+      codes, scale = np.asarray(phi.codes), np.asarray(phi.scale)
+    else:
+      phi = np.asarray(phi)
+      if phi.shape != (n, self.dim):
+        raise ValueError(f"Expected ids [n] and phi [n, {self.dim}], got {ids.shape} and {phi.shape}.")
+      codes, scale = quantize.quantize(phi, self.dtype) if self.quantized else (phi, None)
+    lay = self.layout
+    if codes.shape != (n, lay.codes_cols) or (scale is not None and scale.shape != (n, lay.scale_cols)):
+      raise ValueError(
+        f"Store {self.url} ({self.dtype}, d={self.dim}) takes codes [{n}, {lay.codes_cols}] {lay.codes_dtype} "
+        f"and scales [{n}, {lay.scale_cols}] float32, got {codes.shape} {codes.dtype} and "
+        f"{None if scale is None else scale.shape}."
+      )
+    if self.quantized and codes.dtype != np.dtype(lay.codes_dtype):
+      raise ValueError(f"Store {self.url} ({self.dtype}) takes {lay.codes_dtype} codes, got {codes.dtype}.")
+    stop = self._check_write(start, n)
+    codes = np.asarray(codes, self.phi.dtype.numpy_dtype)  # no copy when already the store's dtype
+    futures = [self.phi[start:stop].write(codes), self.ids[start:stop].write(ids)]
+    if scale is not None:
+      futures.append(self.scale[start:stop].write(np.asarray(scale, np.float32)))
+    return PendingWrite(self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures, nbytes=self._nbytes(n))
 
   def _mark_done(self, c0: int, c1: int) -> None:
     self._wait(self._kv.write(f"done/{c0:010d}-{c1:010d}", b""), "Writing a commit marker")
 
   # --- reading --------------------------------------------------------------
 
-  def read(self, start: int, stop: int) -> Chunk:
-    """Rows [start, stop) as numpy arrays (blocking). Raises `StoreDataError` for damaged chunks."""
-    phi_f, ids_f = self.phi[start:stop].read(), self.ids[start:stop].read()
+  def _start_read(self, start: int, stop: int) -> list[Any]:
+    return [arr[start:stop].read() for _, arr in self._arrays()]  # phi, ids[, scale]
+
+  def _chunk(self, start: int, stop: int, futures: Sequence[Any]) -> Chunk:
     what = f"Reading rows [{start}, {stop})"
-    return Chunk(start, self._result(ids_f, start, stop, what), self._result(phi_f, start, stop, what))
+    phi, ids, *scale = (self._result(f, start, stop, what) for f in futures)
+    return Chunk(start, ids, phi, *scale)
+
+  def read(self, start: int, stop: int) -> Chunk:
+    """Rows [start, stop) as stored, numpy arrays (blocking). Raises `StoreDataError` for damaged chunks."""
+    return self._chunk(start, stop, self._start_read(start, stop))
 
   def read_ids(self, rows: np.ndarray) -> np.ndarray:
     """ids at arbitrary rows (any shape); -1 where rows < 0."""
@@ -474,11 +549,9 @@ class EncodingStore:
       if i < len(starts):
         a = starts[i]
         b = min(a + rows_per_chunk, self.num_rows)
-        queue.append((a, b, self.ids[a:b].read(), self.phi[a:b].read()))
+        queue.append((a, b, self._start_read(a, b)))
       if i >= prefetch:
-        a, b, ids_f, phi_f = queue.popleft()
-        what = f"Reading rows [{a}, {b})"
-        yield Chunk(a, self._result(ids_f, a, b, what), self._result(phi_f, a, b, what))
+        yield self._chunk(*queue.popleft())
 
 
 class PendingWrite:
@@ -579,46 +652,54 @@ def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool
     if expected_meta is not None:
       diff = meta_differences(meta, expected_meta)
       if diff:
+        hint = ""
+        if meta.dtype != expected_meta.dtype:
+          hint = (
+            f"\nIt holds {meta.dtype} encodings and {expected_meta.dtype} ones were asked for "
+            "(config.store.dtype): a store keeps the dtype it was created with."
+          )
         raise StoreMismatchError(
           f"Encoding store {url} was written with a different configuration; differing fields:\n  "
           + "\n  ".join(diff)
+          + hint
           + "\nUse another store URL (config.store.url) or delete the old store."
         )
-    phi, ids = (
+    names = ("phi", "ids", "scale") if quantize.is_quantized(meta.dtype) else ("phi", "ids")
+    arrays = [
       wait(
         ts.open({"driver": "zarr3", "kvstore": _sub(kv_spec, f"{name}/"), **_OPEN_OPTIONS}, context=CONTEXT, open=True),
         f"Opening {name}/ of the encoding store",
       )
-      for name in ("phi", "ids")
-    )
-    return EncodingStore(url, kv, meta, phi, ids, format=obj.get("format", FORMAT))
+      for name in names
+    ]
+    return EncodingStore(url, kv, meta, *arrays[:2], format=obj.get("format", FORMAT), scale=(arrays[2:] or [None])[0])
   if not create:
     raise FileNotFoundError(f"No encoding store at {url} (no meta.json). Run launch/encode.py first.")
   if expected_meta is None:
     raise ValueError("open_store(create=True) needs expected_meta.")
   m = expected_meta
+  lay = quantize.layout(m.dtype, m.dim)
   wait(kv.delete_range(ts.KvStore.KeyRange("done/", "done0")), "Clearing markers")  # a deleted store's
-  phi = wait(
-    ts.open(
-      _array_spec(_sub(kv_spec, "phi/"), (m.num_rows, m.dim), (m.chunk_rows, m.dim), m.dtype),
-      context=CONTEXT,
-      create=True,
-      delete_existing=True,
-    ),
-    "Creating phi/ of the encoding store",
-  )
-  ids = wait(
-    ts.open(
-      _array_spec(_sub(kv_spec, "ids/"), (m.num_rows,), (m.chunk_rows,), "int64"),
-      context=CONTEXT,
-      create=True,
-      delete_existing=True,
-    ),
-    "Creating ids/ of the encoding store",
-  )
+  shapes = {"phi": ((m.num_rows, lay.codes_cols), lay.codes_dtype), "ids": ((m.num_rows,), "int64")}
+  if lay.scale_cols:
+    shapes["scale"] = ((m.num_rows, lay.scale_cols), "float32")
+  # A deleted store of another dtype may have left a scale/ array: remove it with the rest.
+  wait(kv.delete_range(ts.KvStore.KeyRange("scale/", "scale0")), "Clearing scale/")
+  arrays = {
+    name: wait(
+      ts.open(
+        _array_spec(_sub(kv_spec, f"{name}/"), shape, (m.chunk_rows, *shape[1:]), dtype),
+        context=CONTEXT,
+        create=True,
+        delete_existing=True,
+      ),
+      f"Creating {name}/ of the encoding store",
+    )
+    for name, (shape, dtype) in shapes.items()
+  }
   # meta.json last: its presence means the arrays exist.
   wait(kv.write("meta.json", json.dumps(m.to_json(), indent=1, sort_keys=True).encode()), "Writing meta.json")
   logging.info(
     "Created encoding store %s: %d rows x %d (%s), chunks of %d", url, m.num_rows, m.dim, m.dtype, m.chunk_rows
   )
-  return EncodingStore(url, kv, m, phi, ids)
+  return EncodingStore(url, kv, m, arrays["phi"], arrays["ids"], scale=arrays.get("scale"))

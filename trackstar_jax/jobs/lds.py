@@ -212,7 +212,8 @@ def _gradient_blocks(config, workdir, method, *, rd, step: int, cache: dict, chu
   for chunk in store.iter_chunks(rows_per_chunk=chunk_rows):
     if not np.array_equal(chunk.ids, ids[chunk.start : chunk.start + len(chunk.ids)]):
       raise ValueError(f"Store {c.store.url} rows from {chunk.start} are not the corpus in order: re-encode.")
-    yield 0, chunk.start, _block_scores(e_q, jnp.asarray(chunk.phi), inv, normalize=method.normalize)
+    phi = store.decode(chunk) if store.quantized else chunk.phi  # int8 / int4: codes + scales -> float32 rows
+    yield 0, chunk.start, _block_scores(e_q, jnp.asarray(phi), inv, normalize=method.normalize)
 
 
 def _random_blocks(rd, *, seed: int, chunk: int = 256) -> Iterator:
