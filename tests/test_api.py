@@ -104,6 +104,15 @@ def test_four_calls_match_brute_force(tiny, tmp_path):
     query_phi=phi_q, corpus_phi=phi_z, corpus_ids=np.arange(100, 140), hessian=h, k=5, matmul_dtype="float32"
   )
   np.testing.assert_array_equal(mem.top_ids, res.top_ids)
+  # The streaming options change how the scan runs, never what it returns.
+  ref = tsj.retrieve(
+    query_phi=phi_q, corpus_phi=phi_z, corpus_ids=np.arange(100, 140), hessian=h, k=5, matmul_dtype="float32",
+    select="reference", cache_norms=False, transfers_ahead=0, pinned=False, chunk_rows=16,
+  )  # fmt: skip
+  np.testing.assert_array_equal(ref.top_ids, mem.top_ids)
+  np.testing.assert_array_equal(ref.bottom_ids, mem.bottom_ids)
+  with pytest.raises(TypeError, match="unknown options .*'selekt'"):
+    tsj.retrieve(query_phi=phi_q, corpus_phi=phi_z, k=5, selekt="fused")
   arrays = res.to_arrays()
   assert set(arrays) >= {"top_ids", "top_scores", "bottom_ids", "bottom_scores"} and arrays["top_ids"].shape == (4, 5)
 

@@ -284,6 +284,9 @@ def _corpus(store, corpus_phi, corpus_ids):
   return store_lib.open_store(store) if isinstance(store, str) else store
 
 
+_STREAMING_OPTIONS = ("select", "cache_norms", "reads_in_flight", "transfers_ahead", "pinned")
+
+
 def retrieve(
   *,
   encoder: TrackStarEncoder | None = None,
@@ -299,6 +302,7 @@ def retrieve(
   chunk_rows: int = retrieval.RetrieveOptions.chunk_rows,
   batch_size: int = BATCH_SIZE,
   mesh=None,
+  **streaming,
 ) -> RetrievalResult:
   """Exact top-k proponents and bottom-k opponents of every query, over the whole corpus.
 
@@ -317,6 +321,8 @@ def retrieve(
     chunk_rows: corpus rows scored per step and host (memory: Q x chunk_rows scores).
     batch_size: queries per encoder call.
     mesh: this host's devices (default: all local devices).
+    **streaming: `select`, `cache_norms`, `reads_in_flight`, `transfers_ahead`,
+      `pinned` (how the scan runs, not what it returns: see `RetrieveOptions`).
 
   Returns:
     A `RetrievalResult`: `top_ids`, `top_scores`, `bottom_ids`, ... [Q, k];
@@ -327,6 +333,9 @@ def retrieve(
     >>> results.top_ids.shape, bool((np.diff(results.top_scores, axis=1) <= 0).all())
     ((4, 3), True)
   """
+  unknown = sorted(set(streaming) - set(_STREAMING_OPTIONS))
+  if unknown:
+    raise TypeError(f"retrieve() got unknown options {unknown}; the streaming options are {list(_STREAMING_OPTIONS)}.")
   e_q = _query_encodings(encoder, queries, query_phi, hessian=hessian, normalize=normalize, batch_size=batch_size)
   source = _corpus(store, corpus_phi, corpus_ids)
   return retrieval.retrieve(
@@ -338,6 +347,7 @@ def retrieve(
     inv_sqrt=None if hessian is None else hessian.inv_sqrt,
     normalize=normalize,
     matmul_dtype=matmul_dtype,
+    **streaming,
   )
 
 

@@ -64,6 +64,11 @@ def run(config, workdir: str, *, dataset=None) -> str:
     matmul_dtype=str(rc.matmul_dtype),
     chunk_rows=int(rc.chunk_rows),
     batch_size=int(config.encoder.batch_size),
+    select=str(rc.select),
+    cache_norms=bool(rc.cache_norms),
+    reads_in_flight=int(rc.reads_in_flight),
+    transfers_ahead=int(rc.transfers_ahead),
+    pinned=bool(rc.pinned),
   )
   out = workdir_lib.results_path(config, workdir)
   if mesh_lib.is_chief():
