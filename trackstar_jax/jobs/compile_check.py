@@ -243,8 +243,18 @@ class Setup:
     )
     c = topk.padded_rows(rows)
     phi = jax.ShapeDtypeStruct((c, d), jnp.bfloat16, sharding=NamedSharding(host_mesh, P("data", None)))
-    valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=NamedSharding(host_mesh, P("data")))
-    return topk._step.lower(topk._q, topk._inv, topk._state, phi, valid, jnp.int32(0)).compile()  # pylint: disable=protected-access
+    rows_sh = NamedSharding(host_mesh, P("data"))
+    valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=rows_sh)
+    # A scan is two programs per chunk: the norms 1 / ||R^{-1/2} phi|| (first scan; cached afterwards) and the
+    # fused score-and-select step. They run one after the other: the chunk's memory is the larger of the two.
+    # pylint: disable=protected-access
+    scale = jax.ShapeDtypeStruct((c,), jnp.float32, sharding=rows_sh) if topk.normalize else None
+    step = topk._step.lower(topk._q, topk._state, phi, scale, valid, jnp.int32(0)).compile()
+    if not topk.normalize:
+      return step
+    norms = topk._norms.lower(topk._inv, phi).compile()
+    # pylint: enable=protected-access
+    return max((step, norms), key=per_device_bytes)
 
 
 def _build_abstract(fn, *abstract_args, eager_constants: bool = False):
