@@ -143,6 +143,7 @@ def _run(job: str, workdir: str, log: str, env: dict[str, str], *flags: str, **o
   _finish([_start(job, workdir, log, env, *flags, **overrides)], [log])
 
 
+@pytest.mark.integration
 def test_pipeline_on_gcs_survives_sigkill(trained, gcs, tmp_path):
   workdir, env = trained.workdir, gcs
   url, ref_url = f"gs://{BUCKET}/run/encodings.zarr", str(tmp_path / "ref.zarr")

@@ -45,6 +45,7 @@ def _fit(workdir, tmp_path, name, *, processes, **extra):
   return hessian_lib.Hessian.load(path), logs
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("block_diagonal", [False, True])
 def test_two_processes_fit_the_hessian_of_one(trained, tmp_path, block_diagonal):
   one, _ = _fit(trained.workdir, tmp_path, "one", processes=1, hessian__block_diagonal=block_diagonal)

@@ -256,6 +256,7 @@ def test_sharded_training_resumes_into_the_sharding(trained):
   _tree_close(checkpointing.restore(workdir, step=4).params, ref.params, **PARAM_TOL)
 
 
+@pytest.mark.integration
 def test_sharded_encoder_hessian_and_retrieval_match_data_parallel(trained):
   """load_encoder on (data 2 x model 4) with fsdp_tp: the phis, R^{-1/2} and top-k of (data 8)."""
   from trackstar_jax import api
