@@ -35,7 +35,6 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
 from typing import Any
@@ -50,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import fileio
+from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import options as opts_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -63,14 +63,6 @@ def _outer(phi, valid):
 def _outer_blocks(phi, valid):
   phi = jnp.where(valid[:, None, None], phi.astype(jnp.float32), 0.0)
   return jnp.einsum("nbi,nbj->bij", phi, phi, precision=_HIGHEST)
-
-
-if hasattr(jax, "shard_map"):
-  _shard_map = functools.partial(jax.shard_map, check_vma=False)
-else:  # jax < 0.6
-  from jax.experimental.shard_map import shard_map as _experimental_shard_map  # pylint: disable=g-import-not-at-top
-
-  _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
 
 
 def _mesh_of(phi: Any):
@@ -104,7 +96,7 @@ class SecondMoment:
       data = P("data")
       sharding = NamedSharding(mesh, data)
       self._sum = jnp.zeros((mesh.shape["data"], *shape), jnp.float32, device=sharding)
-      add = _shard_map(
+      add = mesh_lib.shard_map(
         lambda acc, phi, valid: acc + fn(phi, valid)[None], mesh=mesh, in_specs=(data, data, data), out_specs=data
       )
       self._add = jax.jit(add, donate_argnums=0, out_shardings=sharding)

@@ -7,6 +7,7 @@ The mesh is declared in the config as axis (name, size) pairs, -1 meaning
 from __future__ import annotations
 
 from collections.abc import Sequence
+import functools
 import math
 import os
 from typing import Any
@@ -16,6 +17,14 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
+
+# shard_map without the replication check: the per-device bodies return per-device partials on purpose.
+if hasattr(jax, "shard_map"):
+  shard_map = functools.partial(jax.shard_map, check_vma=False)
+else:  # older jax
+  from jax.experimental.shard_map import shard_map as _experimental_shard_map  # pylint: disable=g-import-not-at-top
+
+  shard_map = functools.partial(_experimental_shard_map, check_rep=False)
 
 
 def maybe_initialize_distributed(*, force: bool = False) -> None:

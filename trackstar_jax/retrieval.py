@@ -76,19 +76,13 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import norms as norms_lib
 from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
 from trackstar_jax import quantize
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
-
-if hasattr(jax, "shard_map"):
-  _shard_map = functools.partial(jax.shard_map, check_vma=False)
-else:  # jax < 0.7
-  from jax.experimental.shard_map import shard_map as _experimental_shard_map  # pylint: disable=g-import-not-at-top
-
-  _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,7 +427,7 @@ def _compiled(
   if select == "reference":
     step = {  # norms inside the step (the previous step), or given
       given: jax.jit(
-        _shard_map(
+        mesh_lib.shard_map(
           local_step,
           mesh=mesh,
           in_specs=(P(), inv_spec, sspec, P(axes, None), scale_spec if given else None, P(axes), P()),
@@ -445,7 +439,7 @@ def _compiled(
     }
   else:
     step = jax.jit(
-      _shard_map(
+      mesh_lib.shard_map(
         local_step_fused,
         mesh=mesh,
         in_specs=(P(), sspec, P(axes, None), scale_spec, P(axes), P()),
@@ -453,8 +447,8 @@ def _compiled(
       ),
       donate_argnums=(1,),
     )
-  norms = jax.jit(_shard_map(local_norms, mesh=mesh, in_specs=(inv_spec, P(axes, None)), out_specs=P(axes)))
-  final = jax.jit(_shard_map(local_final, mesh=mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
+  norms = jax.jit(mesh_lib.shard_map(local_norms, mesh=mesh, in_specs=(inv_spec, P(axes, None)), out_specs=P(axes)))
+  final = jax.jit(mesh_lib.shard_map(local_final, mesh=mesh, in_specs=(sspec,), out_specs=(P(),) * 4))
   return step, norms, final
 
 
