@@ -181,7 +181,9 @@ def fake_bin(tmp_path):
     'args=(); for a in "$@"; do [[ $a == --* && ${#args[@]} -eq 0 ]] || args+=("$a"); done\n'
     'for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$((i % 2)) "${args[@]}" || exit; done\n',
   )
-  _tool(bin_dir / "scontrol", 'printf "node-a\\nnode-b\\n"\n')
+  # A large allocation's host list (> a 64 KiB pipe buffer): reading only its first line through a pipe
+  # would kill scontrol with SIGPIPE, which pipefail turns into a failed job.
+  _tool(bin_dir / "scontrol", 'printf "node-a\\nnode-b\\n"; for ((i = 0; i < 20000; i++)); do echo "node-$i"; done\n')
   _tool(
     bin_dir / "gcloud",
     f"{sys.executable} -c 'import json, sys; print(json.dumps(sys.argv[1:]))' \"$@\" >> {tmp_path / 'gcloud.jsonl'}\n",
