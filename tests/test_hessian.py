@@ -127,3 +127,16 @@ def test_damaged_hessian_file_says_what_to_rerun(tmp_path, damage):
   assert want in msg, msg
   with pytest.raises(FileNotFoundError, match="launch.fit_hessian"):
     hessian.Hessian.load(str(tmp_path / "nothing.npz"))
+
+
+def test_fewer_rows_than_dimensions_is_warned(caplog):
+  """R from N < d rows: scores among the sampled rows tie; the fit says so (and fits anyway)."""
+  rng = np.random.default_rng(3)
+  phi = rng.standard_normal((12, 16)).astype(np.float32)
+  with caplog.at_level("WARNING"):
+    hessian.fit_hessian(train_phi=phi[:6], eval_phi=phi[6:9], config=cfg())  # 9 rows in d = 16
+  assert "R is fit from 9 rows in dimension 16" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING"):  # block-diagonal: the block's dimension counts (8 rows >= 4)
+    hessian.fit_hessian(train_phi=phi[:8], config=cfg(mixed=False, block_diagonal=True), n_blocks=4)
+  assert "R is fit from" not in caplog.text

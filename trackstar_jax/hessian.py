@@ -366,10 +366,32 @@ def fit_hessian(
     k = min(meta["top_k_eig"], len(s_train)) - 1
     meta.update(n_eval=n_eval, sigma_train_k=float(s_train[k]), sigma_eval_k=float(s_eval[k]))
     r = lam * r_eval + (1.0 - lam) * r_train
+  _warn_if_rank_deficient(n_train + meta["n_eval"], r.shape[-1], damping)
   inv, sigma = inverse_sqrt(r, damping=damping, dtype=dtype)
   meta.update(lam=lam, sigma_max=float(np.max(sigma)), sigma_mean=float(np.mean(sigma)))
   logging.info("Hessian: lambda=%.4f N_train=%d N_eval=%d dim=%d", lam, n_train, meta["n_eval"], r.shape[-1])
   return Hessian(inv_sqrt=inv, lam=lam, meta=meta)
+
+
+def _warn_if_rank_deficient(n_rows: int, dim: int, damping: float) -> None:
+  """R from fewer rows than its dimension has rank <= n_rows: R^{-1/2} is then set by the damping.
+
+  Directions outside the sample are scaled up by 1/sqrt(damping * mean eig), and rows of the sample
+  itself come out nearly orthonormal, so their scores tie at rounding level (a (data 8) and a
+  (data 2 x model 4) mesh then rank them differently). Worth saying, not an error: tiny test
+  configs do it on purpose.
+  """
+  if n_rows < dim:
+    logging.warning(
+      "R is fit from %d rows in dimension %d (rank <= %d): R^{-1/2} outside the sample is set by the damping "
+      "(hessian.damping=%g) and scores among sampled rows tend to tie. Sample at least %d rows "
+      "(hessian.train_sample; the paper-like configs use >= 8x the block size), or raise hessian.damping.",
+      n_rows,
+      dim,
+      n_rows,
+      damping,
+      dim,
+    )
 
 
 def normalize(psi: Any) -> jax.Array:
