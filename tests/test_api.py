@@ -195,6 +195,7 @@ def _readme_example() -> str:
   return blocks[0]
 
 
+@pytest.mark.integration  # ~70-130 s on 2 cores: trains and traces the README's example; .ci/run's integration stage
 def test_readme_example_runs_verbatim(tmp_path, monkeypatch, capsys):
   """The README's Python API example, exactly as written (its /tmp paths moved under tmp_path)."""
   code = _readme_example().replace("/tmp/trackstar_api", str(tmp_path / "api"))

@@ -13,6 +13,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from trackstar_jax import results as results_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,6 +56,7 @@ def _pipeline(workdir):
   return proc
 
 
+@pytest.mark.integration  # ~150 s on 2 cores: the whole ladder's jobs as subprocesses; .ci/run's integration stage
 def test_ablation_ladder_end_to_end(tmp_path):
   workdir = str(tmp_path / "w")
   first = _pipeline(workdir)
