@@ -7,7 +7,8 @@ never by this project. Checked (the CLI runs are marked slow): the CLI run over 
 same corpus as Parquet give bitwise-equal stores and equal results; long
 documents are windowed and the results name "doc#window"; empty documents
 are counted in the encode metrics; 1 and 2 processes give the same store ids
-(2 processes: jax.distributed on CPU, gloo, each reading its slice); and bad
+and the same R (2 processes: jax.distributed on CPU, gloo, each reading its
+slice; integration stage); and bad
 input is refused with a message naming what was found.
 """
 
@@ -25,6 +26,7 @@ import own_model_helpers as helpers
 import pytest
 
 from trackstar_jax import checkpoint_layout
+from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.jobs import encode, retrieve
@@ -152,17 +154,16 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_read_their_slices_and_write_the_same_store(user, cli_run, tmp_path):
-  w = str(tmp_path / "w2")
+def _two_processes(job: str, w: str, user, tmp_path) -> list[str]:
+  """Runs `job` as 2 JAX processes x 4 CPU devices; returns their logs' text."""
   port = _free_port()
   procs, logs = [], []
   for i in range(2):
-    logs.append(str(tmp_path / f"p{i}.log"))
+    logs.append(str(tmp_path / f"{job}_p{i}.log"))
     with open(logs[-1], "wb") as f:
       procs.append(
         subprocess.Popen(
-          _command("encode", w, user),
+          _command(job, w, user),
           cwd=REPO,
           env=_env(user, devices=4, process_id=i, port=port),
           stdout=f,
@@ -176,14 +177,33 @@ def test_two_processes_read_their_slices_and_write_the_same_store(user, cli_run,
     for p in procs:
       with contextlib.suppress(ProcessLookupError):
         os.killpg(p.pid, signal.SIGKILL)
-  assert codes == [0, 0], "\n".join(open(log, errors="replace").read()[-3000:] for log in logs)
+  texts = [open(log, errors="replace").read() for log in logs]
+  assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+  return texts
+
+
+@pytest.mark.integration  # ~90 s: two 2-process jobs after the module's CLI chain
+def test_two_processes_read_their_slices_and_write_the_same_store_and_hessian(user, cli_run, tmp_path):
+  w = str(tmp_path / "w2")
+  logs = _two_processes("encode", w, user, tmp_path)
   ids_1, phi_1, store_1 = _store_arrays(os.path.join(cli_run, "encodings.zarr"))
   ids_2, phi_2, store_2 = _store_arrays(os.path.join(w, "encodings.zarr"))
   np.testing.assert_array_equal(ids_2, ids_1)
   assert store_2.meta == store_1.meta
   np.testing.assert_allclose(phi_2, phi_1, rtol=1e-4, atol=1e-6)
-  text = open(logs[0], errors="replace").read()
-  assert "rows [0, 18)" in text and "rows [18, 36)" in open(logs[1], errors="replace").read()  # each its own slice
+  assert "rows [0, 18)" in logs[0] and "rows [18, 36)" in logs[1]  # each its own slice
+  # fit_hessian: each process reads its slice and encodes the sampled rows in it; R is reduced once.
+  logs = _two_processes("fit_hessian", w, user, tmp_path)
+  h1 = hessian_lib.Hessian.load(os.path.join(cli_run, "hessian.npz"))
+  h2 = hessian_lib.Hessian.load(os.path.join(w, "hessian.npz"))
+  assert "rows [0, 18)" in logs[0] and "rows [18, 36)" in logs[1]
+  assert h2.meta["n_train"] == h1.meta["n_train"] and h2.meta["encoding"] == h1.meta["encoding"]
+  assert abs(h2.lam - h1.lam) < 1e-5
+  # Compared as the damped R = (R^{-1/2})^-2 the processes reduced: this tiny R (32 + 3 rows in d = 32, lambda 1:
+  # 3 queries) has condition ~1.6e4, so R^{-1/2} turns the two meshes' 1e-6 phi differences into ~1e-4.
+  r1, r2 = (np.linalg.inv(np.float64(h.inv_sqrt) @ h.inv_sqrt) for h in (h1, h2))
+  assert np.linalg.norm(r2 - r1) / np.linalg.norm(r1) < 5e-5
+  assert np.linalg.norm(h2.inv_sqrt - h1.inv_sqrt) / np.linalg.norm(h1.inv_sqrt) < 1e-3
 
 
 # ----------------------------------------------------------------------------

@@ -315,6 +315,24 @@ def test_host_slices_union_is_the_single_process_corpus(corpus_files, spm_tok, p
   assert [h.text_of(i) for h in hosts for i in h.ids] == [one.text_of(i) for i in one.ids]
 
 
+def test_a_sample_of_host_views_is_the_sample_of_the_corpus(corpus_files, spm_tok):
+  """HostView.select (fit_hessian's R_train sample): every sampled row is owned by exactly one host."""
+  tok = tok_lib.load_tokenizer(spm_tok)
+  path = corpus_files["files"]["jsonl"]
+  one = corpus_lib.load_corpus(path, tokenizer=tok, seq_len=8, id_field="name")
+  rows = np.sort(np.random.default_rng(0).choice(len(one.examples), len(one.examples) // 2, replace=False))
+  views = [h.host_view().select(rows) for h in _threaded_hosts(path, tok, 3, seq_len=8, id_field="name")]
+  assert all(len(v) == len(rows) for v in views)
+  assert [v.local_rows for v in views][0][0] == 0 and views[-1].local_rows[1] == len(rows)
+  assert all(a.local_rows[1] == b.local_rows[0] for a, b in zip(views, views[1:]))  # contiguous, disjoint
+  got = [v.batch(np.arange(*v.local_rows)) for v in views]
+  want = one.examples.select(rows).batch(np.arange(len(rows)))
+  for k in want:
+    np.testing.assert_array_equal(np.concatenate([g[k] for g in got]), want[k])
+  with pytest.raises(ValueError, match="sorted"):
+    views[0].select(rows[::-1])
+
+
 def test_host_rows_and_count_exchange_errors(corpus_files, spm_tok):
   assert [sources_lib.host_rows(7, process_index=i, process_count=3) for i in range(3)] == [(0, 2), (2, 4), (4, 7)]
   with pytest.raises(ValueError, match="process_index"):

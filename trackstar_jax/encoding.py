@@ -190,14 +190,20 @@ def phi_batches(
   Several processes: every process calls it with the same examples and encodes
   its own share of the rows (as `encode_to_array`), in the same number of
   batches; phi and valid are then global arrays over the encoder's mesh, never
-  gathered on a host. Padded batches are built on a background thread
+  gathered on a host. A `data.corpus.HostView` (each host read only its slice)
+  is encoded host by host instead: each process its own `local_rows`, in as
+  many batches as the largest share needs. Padded batches are built on a background thread
   `prefetch` batches ahead (0: inline). Logs progress (batches, examples/s,
   ETA) every `log_every_s` seconds under `name`.
   """
   examples = as_examples(examples)
   n, pi, pc = len(examples), jax.process_index(), jax.process_count()
-  per_host = -(-n // pc)
-  rows = np.arange(pi * per_host, min((pi + 1) * per_host, n))
+  if getattr(examples, "local_rows", None) is not None:  # a host slice: this process's own rows
+    rows = np.arange(*examples.local_rows)
+    per_host = len(rows) if pc == 1 else int(mesh_lib.allgather(np.asarray([len(rows)], np.int64)).max())
+  else:
+    per_host = -(-n // pc)
+    rows = np.arange(pi * per_host, min((pi + 1) * per_host, n))
   host_batch = max(1, batch_size // pc)
   prog = progress_lib.Progress(total=-(-per_host // host_batch), unit="batch", item_unit="examples", name=name)
   batches = _host_batches(examples, rows, host_batch=host_batch, num_batches=prog.total)

@@ -255,6 +255,21 @@ class HostView:
       )
     return self._examples.batch(rows)
 
+  def select(self, rows) -> HostView:
+    """The sorted global `rows` (a sample of the whole corpus, the same on every host) as a HostView.
+
+    Its rows are positions in `rows`; this host owns the ones that fall in its
+    `local_rows`, so each sampled example is encoded by exactly one host (the
+    fit_hessian job's R_train sample).
+    """
+    rows = np.asarray(rows, np.int64)
+    if rows.size > 1 and np.any(np.diff(rows) <= 0):
+      raise ValueError("HostView.select takes sorted, distinct rows (the same sample on every host).")
+    lo, hi = self.local_rows
+    first, last = np.searchsorted(rows, lo), np.searchsorted(rows, hi)
+    mine = self._examples.select(rows[first:last] - self._offset)
+    return HostView(mine, offset=int(first), own=int(last - first), total=len(rows))
+
 
 def _chunk_tail(offset: int, n: int, total: int, chunk_rows: int) -> int:
   """Examples past [offset, offset + n) a host needs: to the end of the last chunk that starts in that range."""

@@ -3,7 +3,8 @@
   hessian = run(config, workdir)   # <workdir>/hessian.npz (config.hessian.path)
 
 The sample is `config.hessian.train_sample` corpus examples drawn with
-`config.hessian.seed`; the Hessian records which encodings it was fit for, and
+`config.hessian.seed` (the same rows for any number of hosts; with a user
+corpus each host reads and encodes only the sampled rows of its slice); the Hessian records which encodings it was fit for, and
 the retrieve job refuses a store made by another encoder or checkpoint.
 """
 
@@ -31,7 +32,8 @@ def producer(config, workdir: str, encoder, *, step: int, dataset, num_rows: int
 
 
 def run(config, workdir: str, *, dataset=None) -> hessian_lib.Hessian:
-  rd = workdir_lib.load_data(config, workdir, dataset=dataset)
+  # A user corpus: each host reads its slice and encodes the sampled rows in it (HostView.select).
+  rd = workdir_lib.load_data(config, workdir, dataset=dataset, host_slice=True, queries=True)
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
   n = min(int(config.hessian.train_sample), len(rd.corpus))
   rows = np.sort(np.random.default_rng(int(config.hessian.seed)).choice(len(rd.corpus), n, replace=False))

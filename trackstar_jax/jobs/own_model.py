@@ -105,16 +105,21 @@ def _gathered_stats(stats: corpus_lib.CorpusStats, *, sliced: bool) -> dict[str,
   return {f: int(v) for f, v in zip(_STAT_FIELDS, total)}
 
 
-def load_own_data(config, *, host_slice: bool = False, align_rows: int | None = None) -> OwnData:
+def load_own_data(
+  config, *, host_slice: bool = False, align_rows: int | None = None, queries: bool | None = None
+) -> OwnData:
   """The corpus (all of it, or this host's slice), the tokenizer and the queries of `config`.
 
   Args:
     config: with `corpus.path`, `queries.path`, `tokenizer.path` (configs/own_model.py).
     host_slice: read only this process's contiguous slice of the corpus rows
       (`data.corpus`); `corpus` is then a `HostView` for `trackstar_jax.encode`,
-      and the queries are not read (encoding the corpus does not need them).
+      and the queries are not read unless `queries=True` (encoding the corpus
+      does not need them; fitting R does).
     align_rows: with host_slice, the store's chunk_rows (see `load_corpus`).
+    queries: read the queries (default: unless host_slice).
   """
+  read_queries = not host_slice if queries is None else bool(queries)
   tokenizer = load_tokenizer(config)
   c = config.corpus
   source = sources_lib.open_source(
@@ -140,7 +145,7 @@ def load_own_data(config, *, host_slice: bool = False, align_rows: int | None = 
   if not stats["examples"]:
     raise ValueError(f"Corpus {c.path} has no examples: all {len(source)} documents are empty.")
   q = config.queries
-  if host_slice:
+  if not read_queries:
     queries = queries_lib.Queries(examples=None, records=[])
   elif not q.path:
     raise ValueError("config.queries.path is not set: name a JSONL file of {prompt, target} queries.")
@@ -152,8 +157,10 @@ def load_own_data(config, *, host_slice: bool = False, align_rows: int | None = 
       prompt_field=q.prompt_field,
       target_field=q.target_field,
       id_field=q.id_field or None,
-      gold_field=q.gold_field or None,
-      corpus=corpus if q.gold_field else None,
+      # Gold documents resolve against the whole corpus; a host slice has only part of it (and the jobs
+      # that slice, encode and fit_hessian, never read gold).
+      gold_field=None if sliced else q.gold_field or None,
+      corpus=corpus if q.gold_field and not sliced else None,
       overflow=q.overflow,
     )
   dataset = OwnDataset(

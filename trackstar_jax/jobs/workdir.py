@@ -160,15 +160,18 @@ class RunData:
     return [self.dataset.queries[i] for i in range(len(self.dataset.queries))]
 
 
-def load_data(config, workdir: str, *, dataset=None, host_slice: bool = False):
+def load_data(config, workdir: str, *, dataset=None, host_slice: bool = False, queries: bool | None = None):
   """The dataset (TFDS, built once), the tokenizer (trained on the corpus once, saved in the workdir), tokenized.
 
   With `config.corpus.path` set: the user's corpus, tokenizer file and queries
-  instead (`own_model.OwnData`); `host_slice=True` (the encode job) then reads
-  only this process's slice of the corpus, aligned to `config.store.chunk_rows`.
+  instead (`own_model.OwnData`); `host_slice=True` (the encode and fit_hessian
+  jobs) then reads only this process's slice of the corpus, aligned to
+  `config.store.chunk_rows`, and the queries only if `queries` (default: not).
   """
   if own_model.is_own_data(config):
-    return own_model.load_own_data(config, host_slice=host_slice, align_rows=int(config.store.chunk_rows))
+    return own_model.load_own_data(
+      config, host_slice=host_slice, align_rows=int(config.store.chunk_rows), queries=queries
+    )
   from trackstar_jax import data  # pylint: disable=g-import-not-at-top  (TFDS: only jobs that read datasets)
 
   if dataset is None:
