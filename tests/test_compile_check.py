@@ -8,6 +8,7 @@ skipped, saying so, when libtpu is not installed (`pip install -e ".[tpu-aot]"`)
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -39,6 +40,14 @@ def test_out_of_memory_messages_give_the_size():
   assert cc._oom_bytes("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 120.53G of 95.74G hbm.") == int(
     120.53 * 2**30
   )
+  # libtpu 0.0.42's message for jnp.outer of 100k floats on one v5e chip:
+  msg = (
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (37.29G) "
+    "exceeds available HBM (15.75G)."
+  )
+  assert cc._is_oom(RuntimeError(msg)) and cc._oom_bytes(msg) == int(37.29 * 2**30)
+  assert cc._oom_note(msg) == "compiler: out of memory (HLO temporaries need 37.3 GiB, HBM has 15.8 GiB)"
+  assert cc._oom_note("RESOURCE_EXHAUSTED: Ran out of memory") == "compiler: out of memory (XLA gave no size)"
   assert cc._is_oom(RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory"))
   assert not cc._is_oom(RuntimeError("INVALID_ARGUMENT: bad sharding"))
 
@@ -73,16 +82,11 @@ def test_batch_search_stops_at_the_first_size_that_does_not_fit():
   assert "compiler: out of memory (30.1 GiB)" in row.note
 
 
-@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed: pip install -e ".[tpu-aot]"')
-@pytest.mark.parametrize(
-  "steps",
-  [
-    ("train", "encode_adam"),  # default run: ~1 min on 2 busy cores
-    ("retrieve",),  # the scan's two programs (norms, fused step) against StreamingTopK's current signatures
-    pytest.param(("train", "encode_fused", "encode_adam", "hessian", "retrieve"), marks=pytest.mark.slow),
-  ],
-)
-def test_tiny_config_compiles_for_a_v5e_slice(tmp_path, steps):
+def _compile_check(tmp_path, *flags, returncode: int = 0) -> tuple[str, list[dict]]:
+  """Runs launch.compile_check on the tiny synthetic config for a v5e-4 slice; (stdout, table rows).
+
+  Its exit status is 0 when every step fits, 1 when one does not.
+  """
   out = tmp_path / "table.jsonl"
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
   env.update(PYTHONPATH=os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")])), JAX_PLATFORMS="cpu")
@@ -93,19 +97,41 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path, steps):
     f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:runlocal=True",
     "--config.mesh=(('data',2),('model',2))",
     "--config.sharding.preset=fsdp_tp",
-    "--config.retrieve.chunk_rows=64",
     "--config.encoder.batch_size=8",
     "--topology=v5e-4",
-    f"--steps={','.join(steps)}",
     "--queries=16",
     "--nosearch",
     f"--output={out}",
+    *flags,
   ]
   proc = subprocess.run(["timeout", "540", *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=570)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-5000:]
+  return proc.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed: pip install -e ".[tpu-aot]"')
+@pytest.mark.parametrize(
+  "steps",
+  [
+    ("train", "encode_adam"),  # default run: ~1 min on 2 busy cores
+    ("retrieve",),  # the scan's two programs (norms, fused step) against StreamingTopK's current signatures
+    pytest.param(("train", "encode_fused", "encode_adam", "hessian", "retrieve"), marks=pytest.mark.slow),
+  ],
+)
+def test_tiny_config_compiles_for_a_v5e_slice(tmp_path, steps):
+  stdout, rows = _compile_check(tmp_path, "--config.retrieve.chunk_rows=64", f"--steps={','.join(steps)}")
   assert tuple(r["step"] for r in rows) == steps
   for r in rows:
     assert r["topology"] == "v5e-4" and r["chips"] == 4 and r["hbm_gib"] == 16
     assert r["fits"] and 0 < r["per_device_gib"] < 1, r
-  assert f"| v5e-4 | 4 | {steps[-1]} |" in proc.stdout
+  assert f"| v5e-4 | 4 | {steps[-1]} |" in stdout
+
+
+@pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed: pip install -e ".[tpu-aot]"')
+def test_a_step_that_does_not_fit_says_so_with_the_numbers(tmp_path):
+  """A 2^25-row retrieval chunk (~17 GiB of bf16 rows per chip) on 16 GiB v5e chips: the compiler refuses it."""
+  stdout, rows = _compile_check(tmp_path, f"--config.retrieve.chunk_rows={2**25}", "--steps=retrieve", returncode=1)
+  (row,) = rows
+  assert not row["fits"] and row["per_device_gib"] > row["hbm_gib"], row
+  assert re.search(r"out of memory \(HLO temporaries need [\d.]+ GiB, HBM has 15\.\d GiB\)", row["note"]), row
+  assert "**no**" in stdout

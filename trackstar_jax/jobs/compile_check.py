@@ -110,13 +110,35 @@ def per_device_bytes(compiled) -> int:
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-_OOM = re.compile(r"(?:Used|requires?|need(?:ed)?)\s+([\d.]+)\s*([KMGT])i?B?\b", re.IGNORECASE)
+# The sizes in XLA's out-of-memory messages, e.g. libtpu 0.0.42: "Ran out of memory on HBM, the total memory
+# required for HLO temporaries (37.29G) exceeds available HBM (15.75G)."; older: "Used 120.53G of 95.74G hbm".
+_OOM = (
+  re.compile(r"required for ([\w ]+?) \(([\d.]+)([KMGT])i?B?\) exceeds available (\w+) \(([\d.]+)([KMGT])i?B?\)", re.I),
+  re.compile(r"(?:Used|requires?|need(?:ed)?)\s+([\d.]+)\s*([KMGT])i?B?\b", re.IGNORECASE),
+)
+
+
+def _bytes(number: str, unit: str) -> int:
+  return int(float(number) * 1024 ** ("KMGT".index(unit.upper()) + 1))
 
 
 def _oom_bytes(message: str) -> int | None:
-  """The size in an XLA out-of-memory message ('Used 120.53G of 95.74G hbm'), or None."""
-  m = _OOM.search(message)
-  return None if not m else int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2).upper()) * 1024)
+  """The size the program needs in an XLA out-of-memory message (see `_OOM`), or None."""
+  m = _OOM[0].search(message)
+  if m:
+    return _bytes(m.group(2), m.group(3))
+  m = _OOM[1].search(message)
+  return None if not m else _bytes(m.group(1), m.group(2))
+
+
+def _oom_note(message: str) -> str:
+  """'compiler: out of memory (...)' with what XLA said it needed and had."""
+  m = _OOM[0].search(message)
+  if m:
+    need, have = _bytes(m.group(2), m.group(3)), _bytes(m.group(5), m.group(6))
+    return f"compiler: out of memory ({m.group(1)} need {need / GIB:.1f} GiB, {m.group(4)} has {have / GIB:.1f} GiB)"
+  need = _oom_bytes(message)
+  return "compiler: out of memory" + (f" ({need / GIB:.1f} GiB)" if need else " (XLA gave no size)")
 
 
 def _is_oom(e: Exception) -> bool:
@@ -314,8 +336,7 @@ def _try(fn, rows: int) -> tuple[int | None, str, float]:
   except Exception as e:  # pylint: disable=broad-except
     if not _is_oom(e):
       raise
-    need = _oom_bytes(str(e))
-    return need, "compiler: out of memory" + (f" ({need / GIB:.1f} GiB)" if need else ""), time.time() - t0
+    return _oom_bytes(str(e)), _oom_note(str(e)), time.time() - t0
 
 
 def check_step(fn, *, topology: Topology, step: str, batch: int, unit: int, search: bool, max_rows: int) -> Row:
