@@ -1,7 +1,10 @@
 """The Gemma 3 architecture (gemma.gm.nn, random weights, toy size): fused == vmap(grad), real optax states.
 
-Skipped where gemma is not installed (see trackstar_jax/models/gemma_lm.py for the light install).
+Skipped where gemma is not installed (see trackstar_jax/models/gemma_lm.py for the light install), unless
+TRACKSTAR_REQUIRE_GEMMA=1 (.ci/run's gemma stage: a broken install must fail there, not skip).
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,8 @@ try:
 
   _ = gm.nn.Transformer  # (imports kauldron)
 except ImportError as e:  # pragma: no cover
+  if os.environ.get("TRACKSTAR_REQUIRE_GEMMA") == "1":
+    raise
   pytest.skip(f"gemma.gm.nn is not importable: {e}", allow_module_level=True)
 
 from batch_helpers import random_batch

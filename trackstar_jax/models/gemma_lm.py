@@ -30,10 +30,13 @@ Padding follows gemma's convention: token id 0 is padding (gemma derives the
 attention mask and positions from the tokens); `pad_mask` is not used.
 
 Install without the full kauldron/TensorFlow dependency tree (gm.nn imports
-kauldron, whose `typing` module imports TensorFlow):
+kauldron, whose `typing` module imports TensorFlow only for type aliases):
+12 MB of pinned pure-Python wheels plus a placeholder `tensorflow` (as .ci/run):
 
-  pip install --no-deps gemma==3.3.0 kauldron==1.4.2 clu jaxtyping typeguard chex toolz lark \
-      tensorflow-cpu gast astunparse flatbuffers
+  pip install --no-deps --target .gemma_site -r benchmarks/no_tensorflow/gemma-requirements.txt
+  PYTHONPATH=benchmarks/no_tensorflow:.gemma_site python ...
+
+(or with real TensorFlow: the same list plus tensorflow-cpu gast astunparse flatbuffers, 1.3 GB).
 
 Public API:
   PARAM_REGEX, BLOCK_REGEX
