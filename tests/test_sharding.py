@@ -301,10 +301,12 @@ mesh_lib.maybe_initialize_distributed()
 import jax
 sys.path.insert(0, "tests")
 import conftest
+from trackstar_jax.jobs import train
 from trackstar_jax.jobs import workdir as workdir_lib
 config = conftest.trained_config()
 config.mesh, config.sharding.preset = (("data", 2), ("model", 4)), "fsdp_tp"
-workdir, out = sys.argv[1], sys.argv[2]
+workdir, out, train_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+train.run(config, train_dir)  # the fixture's 4 steps, params and Adam state sharded over both processes
 rd = workdir_lib.load_data(config, workdir)
 enc, _ = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
 kernel = [l for p, l in jax.tree_util.tree_flatten_with_path(enc.params)[0] if "wi" in str(p)][0]
@@ -315,15 +317,19 @@ np.save(out, enc.encode_local(batch))
 """
 
 
-@pytest.mark.slow
-def test_two_processes_times_four_devices_sharded_encode_matches_one_process(trained, tmp_path):
-  """2 processes x 4 CPU devices (jax.distributed, gloo), mesh (data 2 x model 4): the phis of (data 8)."""
+@pytest.mark.integration  # ~60 s: two JAX processes training and encoding
+def test_two_processes_times_four_devices_sharded_train_encode_retrieve_match_one_process(trained, tmp_path):
+  """2 processes x 4 CPU devices (jax.distributed, gloo), mesh (data 2 x model 4): the checkpoint after 4 steps,
+  the phis and the top-k of (data 8) in one process."""
   import os
   import socket
   import subprocess
   import sys
 
+  from trackstar_jax import api, checkpointing
   from trackstar_jax.jobs import workdir as workdir_lib
+
+  train_dir = _sharded_workdir(trained, "sharded_train_2p")
 
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -341,7 +347,16 @@ def test_two_processes_times_four_devices_sharded_encode_matches_one_process(tra
       JAX_PROCESS_ID=str(i),
       JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
     )
-    cmd = ["timeout", "300", sys.executable, "-c", _TWO_PROCESS, trained.workdir, str(tmp_path / f"phi{i}.npy")]
+    cmd = [
+      "timeout",
+      "300",
+      sys.executable,
+      "-c",
+      _TWO_PROCESS,
+      trained.workdir,
+      str(tmp_path / f"phi{i}.npy"),
+      train_dir,
+    ]
     procs.append(subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
   logs = [p.communicate(timeout=330)[0].decode(errors="replace") for p in procs]
   for p, log in zip(procs, logs):
@@ -354,3 +369,15 @@ def test_two_processes_times_four_devices_sharded_encode_matches_one_process(tra
   )
   rel = np.linalg.norm(got - ref, axis=1) / np.linalg.norm(ref, axis=1)
   assert rel.max() < 1e-5, rel.max()
+  ckpt = checkpointing.restore(train_dir, step=4)
+  _tree_close(ckpt.params, checkpointing.restore(trained.workdir).params, **PARAM_TOL)
+  # Retrieval over those encodings (queries: the corpus rows' own phis; R well conditioned, as above).
+  ids = rd.corpus.ids[:64]
+  results = []
+  for phi in (got, ref):
+    h = api.fit_hessian(train_phi=phi, query_phi=phi[:32], config=trained.config.hessian, top_k_eig=16, damping=1.0)
+    results.append(
+      api.retrieve(corpus_phi=phi, corpus_ids=ids, query_phi=phi[32:], hessian=h, k=5, matmul_dtype="float32")
+    )
+  np.testing.assert_array_equal(results[0].top_ids, results[1].top_ids)
+  np.testing.assert_allclose(results[0].top_scores, results[1].top_scores, rtol=1e-4, atol=1e-5)
