@@ -149,7 +149,12 @@ def test_process_env_splits_gpus_and_sets_cpu_devices():
 # slurm.sbatch and tpu_pod.sh: syntax, lint, and a dry run with fake cluster tools
 
 
-@pytest.mark.parametrize("script", [SLURM, TPU_POD])
+BENCHMARK_SCRIPTS = sorted(
+  os.path.join(REPO, "benchmarks", f) for f in os.listdir(os.path.join(REPO, "benchmarks")) if f.endswith(".sh")
+)
+
+
+@pytest.mark.parametrize("script", [SLURM, TPU_POD, *BENCHMARK_SCRIPTS], ids=os.path.basename)
 def test_shell_scripts_parse_and_lint(script):
   assert subprocess.run(["bash", "-n", script], capture_output=True, text=True).returncode == 0
   if shutil.which("shellcheck") is None:
