@@ -134,7 +134,8 @@ def load_own_data(
     host_slice: read only this process's contiguous slice of the corpus rows
       (`data.corpus`); `corpus` is then a `HostView` for `trackstar_jax.encode`,
       and the queries are not read unless `queries=True` (encoding the corpus
-      does not need them; fitting R does).
+      does not need them; fitting R and retrieving do; their gold documents
+      then resolve across the hosts, `Corpus.example_ids_of_each`).
     align_rows: with host_slice, the store's chunk_rows (see `load_corpus`).
     queries: read the queries (default: unless host_slice).
   """
