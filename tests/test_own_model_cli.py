@@ -6,9 +6,9 @@ the Hugging Face tokenizer and the corpus are made in `own_model_helpers`,
 never by this project. Checked (the CLI runs are marked slow): the CLI run over JSONL and the jobs over the
 same corpus as Parquet give bitwise-equal stores and equal results; long
 documents are windowed and the results name "doc#window"; empty documents
-are counted in the encode metrics; 1 and 2 processes give the same store ids
-and the same R (2 processes: jax.distributed on CPU, gloo, each reading its
-slice; integration stage); and bad
+are counted in the encode metrics; 1 and 2 processes give the same store ids,
+the same R and the same results (2 processes: jax.distributed on CPU, gloo,
+each reading its slice; integration stage); and bad
 input is refused with a message naming what was found.
 """
 
@@ -27,6 +27,7 @@ import pytest
 
 from trackstar_jax import checkpoint_layout
 from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.jobs import encode, retrieve
@@ -154,8 +155,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _two_processes(job: str, w: str, user, tmp_path) -> list[str]:
-  """Runs `job` as 2 JAX processes x 4 CPU devices; returns their logs' text."""
+def _two_processes(job: str, w: str, user, tmp_path, **extra) -> list[str]:
+  """Runs `job` as 2 JAX processes x 4 CPU devices (config overrides `extra`); returns their logs' text."""
   port = _free_port()
   procs, logs = [], []
   for i in range(2):
@@ -163,7 +164,7 @@ def _two_processes(job: str, w: str, user, tmp_path) -> list[str]:
     with open(logs[-1], "wb") as f:
       procs.append(
         subprocess.Popen(
-          _command(job, w, user),
+          _command(job, w, user, **extra),
           cwd=REPO,
           env=_env(user, devices=4, process_id=i, port=port),
           stdout=f,
@@ -182,7 +183,7 @@ def _two_processes(job: str, w: str, user, tmp_path) -> list[str]:
   return texts
 
 
-@pytest.mark.integration  # ~90 s: two 2-process jobs after the module's CLI chain
+@pytest.mark.integration  # ~2 min: three 2-process jobs after the module's CLI chain
 def test_two_processes_read_their_slices_and_write_the_same_store_and_hessian(user, cli_run, tmp_path):
   w = str(tmp_path / "w2")
   logs = _two_processes("encode", w, user, tmp_path)
@@ -204,6 +205,24 @@ def test_two_processes_read_their_slices_and_write_the_same_store_and_hessian(us
   r1, r2 = (np.linalg.inv(np.float64(h.inv_sqrt) @ h.inv_sqrt) for h in (h1, h2))
   assert np.linalg.norm(r2 - r1) / np.linalg.norm(r1) < 5e-5
   assert np.linalg.norm(h2.inv_sqrt - h1.inv_sqrt) / np.linalg.norm(h1.inv_sqrt) < 1e-3
+  # retrieve: each process reads its slice; process 0 gathers the results' texts and sources, and gold documents
+  # are resolved by both: the records are the one-process run's. It reads the one-process store and R (the
+  # 2-process R^{-1/2} above differs by ~1e-4, which moves scores by ~1e-3), so only the query encodings differ.
+  one = {"store.url": os.path.join(cli_run, "encodings.zarr"), "hessian.path": os.path.join(cli_run, "hessian.npz")}
+  logs = _two_processes("retrieve", w, user, tmp_path, **one)
+  assert "rows [0, 18)" in logs[0] and "rows [18, 36)" in logs[1]
+  recs_1, meta_1 = results_lib.load_results(os.path.join(cli_run, "results.jsonl"))
+  recs_2, meta_2 = results_lib.load_results(os.path.join(w, "results.jsonl"))
+  assert {k: meta_2[k] for k in ("fingerprint", "num_examples", "num_queries", "k", "method")} == {
+    k: meta_1[k] for k in ("fingerprint", "num_examples", "num_queries", "k", "method")
+  }
+  assert abs(meta_2["hessian_lambda"] - meta_1["hessian_lambda"]) < 1e-5
+  assert len(recs_2) == len(recs_1) == len(helpers.QUERIES)
+  assert any(any(r["proponent_correct"]) for r in recs_1)  # gold documents were resolved, and some are found
+  for r1, r2 in zip(recs_1, recs_2):
+    for side in ("proponent", "opponent"):
+      np.testing.assert_allclose(r2.pop(f"{side}_scores"), r1.pop(f"{side}_scores"), rtol=1e-4, atol=1e-6)
+    assert r2 == r1  # ids, texts, sources, proponent_correct, gold: exact
 
 
 # ----------------------------------------------------------------------------

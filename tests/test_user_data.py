@@ -333,6 +333,67 @@ def test_a_sample_of_host_views_is_the_sample_of_the_corpus(corpus_files, spm_to
     views[0].select(rows[::-1])
 
 
+def _on_threads(fn, n, monkeypatch):
+  """[fn(0), ..., fn(n - 1)] run as n hosts on threads, `mesh.allgather_object` exchanging between them.
+
+  An exception is returned as the host's result.
+  """
+  from trackstar_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  barrier, slots, index, out = threading.Barrier(n, timeout=60), [None] * n, {}, [None] * n
+
+  def gather(obj):
+    pi = index[threading.get_ident()]
+    barrier.wait()  # every host read the previous exchange
+    slots[pi] = json.dumps(obj)
+    barrier.wait()
+    return [json.loads(x) for x in slots]
+
+  def host(pi):
+    index[threading.get_ident()] = pi
+    try:
+      out[pi] = fn(pi)
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      out[pi] = e
+
+  monkeypatch.setattr(mesh_lib, "allgather_object", gather)
+  threads = [threading.Thread(target=host, args=(pi,)) for pi in range(n)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  return out
+
+
+def test_gold_documents_resolve_across_host_slices(corpus_files, spm_tok, tmp_path, monkeypatch):
+  """Each host knows only its documents' windows; together they resolve every query's gold as one process does."""
+  tok = tok_lib.load_tokenizer(spm_tok)
+  path = corpus_files["files"]["jsonl"]
+  one = corpus_lib.load_corpus(path, tokenizer=tok, seq_len=8, id_field="name")
+  # align_rows: host 0 also reads the first windows of doc3 (host 1's), which must not count twice.
+  hosts = _threaded_hosts(path, tok, 3, seq_len=8, id_field="name", align_rows=4)
+  assert hosts[0].stats.extra_examples and hosts[0].example_ids_of("doc3")
+  queries = [
+    {"id": "a", "prompt": "the cat", "target": " sat", "gold": ["doc3", "doc0"]},
+    {"id": "b", "prompt": "a red", "target": " bird", "gold": "doc8"},
+    {"id": "c", "prompt": "the dog", "target": " ran"},
+    {"id": "d", "prompt": "the dog", "target": " sat", "gold": ["doc3"]},
+  ]
+  qpath = _write_jsonl(tmp_path / "q.jsonl", queries)
+  load = lambda c, p=qpath: queries_lib.load_queries(p, tokenizer=tok, seq_len=8, gold_field="gold", corpus=c)
+  want = load(one).records
+  assert want[0]["gold_sentence_ids"] == one.example_ids_of("doc3") + one.example_ids_of("doc0")
+  assert len(one.example_ids_of("doc3")) > 2 and "gold_sentence_ids" in want[2] and not want[2]["gold_sentence_ids"]
+  got = _on_threads(lambda pi: load(hosts[pi]).records, 3, monkeypatch)
+  assert got == [want] * 3
+  bad = _write_jsonl(tmp_path / "bad.jsonl", [*queries, {"prompt": "a", "target": " b", "gold": ["doc5"]}])  # empty
+  errors = _on_threads(lambda pi: load(hosts[pi], bad), 3, monkeypatch)
+  with pytest.raises(ValueError) as one_error:
+    load(one, bad)
+  assert "bad.jsonl, row 4: gold document 'doc5' is not in the corpus" in str(one_error.value)
+  assert [str(e) for e in errors] == [str(one_error.value)] * 3
+
+
 def test_host_rows_and_count_exchange_errors(corpus_files, spm_tok):
   assert [sources_lib.host_rows(7, process_index=i, process_count=3) for i in range(3)] == [(0, 2), (2, 4), (4, 7)]
   with pytest.raises(ValueError, match="process_index"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import functools
+import json
 import math
 import os
 from typing import Any
@@ -141,3 +142,23 @@ def allgather(x: np.ndarray) -> np.ndarray:
 
   out = np.asarray(multihost_utils.process_allgather(x, tiled=False))
   return out.reshape((-1,) + out.shape[2:])
+
+
+def allgather_object(obj: Any) -> list[Any]:
+  """A JSON-serializable object from every process -> [process 0's, process 1's, ...] on every process.
+
+    texts = mesh_lib.allgather_object([[i, corpus.text_of(i)] for i in mine])   # collective
+
+  For small metadata (what a host knows of its slice), not arrays. The object
+  goes through JSON in one process too, so the result is the same for any
+  process count: tuples come back as lists and dict keys as strings.
+  """
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  if jax.process_count() == 1:
+    parts = [data]
+  else:
+    sizes = allgather(np.asarray([data.size], np.int64))
+    padded = np.zeros((1, int(sizes.max())), np.uint8)
+    padded[0, : data.size] = data
+    parts = [row[:n] for row, n in zip(allgather(padded), sizes)]
+  return [json.loads(np.asarray(part, np.uint8).tobytes().decode()) for part in parts]

@@ -224,6 +224,30 @@ class Corpus:
     """The example ids of a document's windows (empty when it is not in this corpus)."""
     return list(self._doc_examples.get(doc_id, []))
 
+  def example_ids_of_each(self, doc_ids: Sequence, *, gather: Callable[[Any], list] | None = None) -> list[list[int]]:
+    """`example_ids_of` each of `doc_ids`, over the whole corpus (gold documents of queries).
+
+    With a host slice this is collective: every host passes the same `doc_ids`,
+    names the windows of the documents in its own rows, and `gather` (default:
+    `mesh.allgather_object`, every host's object in process order) collects them.
+    A document's rows lie in one host's slice, so its ids keep their order.
+    """
+    if self._hosts[1] == 1:
+      return [self.example_ids_of(d) for d in doc_ids]
+    lo, hi = self._offset, self._offset + int(self.stats.examples)  # not the examples read past them (align_rows)
+    mine = [
+      [j, ids] for j, d in enumerate(doc_ids) if (ids := [i for i in self._doc_examples.get(d, []) if lo <= i < hi])
+    ]
+    if gather is None:
+      from trackstar_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+      gather = mesh_lib.allgather_object
+    out = [[] for _ in doc_ids]
+    for host in gather(mine):
+      for j, ids in host:
+        out[int(j)].extend(int(i) for i in ids)
+    return out
+
 
 class HostView:
   """One host's examples seen as the rows of the whole corpus, for encoding into a store host by host.

@@ -16,13 +16,13 @@ every other field of the line as metadata (fact_id, relation and frequency
 reach the results records; the rest stays in `records` for the caller).
 `gold_field` names a field listing the ids of documents that support the
 answer: with `corpus=`, they become `gold_sentence_ids` (the example ids of
-those documents' windows), so the results mark each proponent correct or not.
+those documents' windows), so the results mark each proponent correct or not;
+with a host slice of the corpus the hosts look the documents up together.
 Example ids of the query `examples` are the row order 0..Q-1.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
 from typing import Any
 
@@ -76,7 +76,8 @@ def load_queries(
     prompt_field, target_field: the fields holding the prompt and the target.
     id_field: the field with the query id, used when a line has it (else the row number).
     gold_field: a field listing supporting document ids (needs `corpus`).
-    corpus: the `data.corpus.Corpus`, to turn `gold_field` into example ids.
+    corpus: the `data.corpus.Corpus`, to turn `gold_field` into example ids (a host
+      slice resolves them collectively: every host calls load_queries).
     overflow: a query longer than T + 1 tokens: "error", or "truncate_prompt"
       (drop prompt tokens from the left; BOS and the whole target are kept).
 
@@ -94,7 +95,7 @@ def load_queries(
     raise ValueError(f"gold_field={gold_field!r} names document ids: pass corpus= to map them to example ids.")
   src = source if isinstance(source, sources_lib.Source) else sources_lib.open_source(source)
   bos = [tokenizer.bos_id] if tokenizer.add_bos else []
-  seqs, ranges, plen, tlen, records, cut, seen = [], [], [], [], [], [], {}
+  seqs, ranges, plen, tlen, records, gold, cut, seen = [], [], [], [], [], [], [], {}
   for row, rec in src.rows():
     prompt = _text(src, row, rec, prompt_field, "prompt")
     target = _text(src, row, rec, target_field, "target")
@@ -126,12 +127,13 @@ def load_queries(
     plen.append(len(bos) + len(p))
     tlen.append(len(t))
     meta = {k: v for k, v in rec.items() if k not in (prompt_field, target_field, id_field, gold_field)}
-    record = {**meta, "query_id": qid, "prompt": prompt, "target": target}
+    records.append({**meta, "query_id": qid, "prompt": prompt, "target": target})
     if gold_field is not None:
-      record["gold_sentence_ids"] = _gold(src, row, rec.get(gold_field), corpus)
-    records.append(record)
+      gold.append((row, _doc_ids(rec.get(gold_field))))
   if not records:
     raise ValueError(f"{src.name} holds no queries.")
+  if gold_field is not None:
+    _resolve_gold(src, records, gold, corpus)
   if cut:
     logging.warning("load_queries: %d of %d queries cut from the left (ids %s).", len(cut), len(records), cut[:10])
   examples = batching.pack(seqs, ranges, np.arange(len(seqs)), seq_len=seq_len)
@@ -141,15 +143,25 @@ def load_queries(
   return Queries(examples=examples, records=records)
 
 
-def _gold(source, row: int, doc_ids: Sequence | None, corpus) -> list[int]:
-  if doc_ids is None:
+def _doc_ids(v) -> list:
+  if v is None:
     return []
-  if isinstance(doc_ids, (str, int)):
-    doc_ids = [doc_ids]
-  out = []
-  for d in doc_ids:
-    ids = corpus.example_ids_of(d)
-    if not ids:
-      raise ValueError(f"{source.name}, row {row}: gold document {d!r} is not in the corpus {corpus.stats.source}.")
-    out.extend(ids)
-  return out
+  return [v] if isinstance(v, (str, int)) else list(v)
+
+
+def _resolve_gold(source, records: list[dict], gold: list[tuple[int, list]], corpus) -> None:
+  """Sets each record's gold_sentence_ids: the example ids of its gold documents' windows, in the order named.
+
+  One look-up of every named document (`Corpus.example_ids_of_each`: collective
+  on a host slice, so every host resolves every query); a document in no
+  host's slice is refused, naming the file, row and corpus.
+  """
+  wanted = list(dict.fromkeys(d for _, docs in gold for d in docs))
+  found = dict(zip(wanted, corpus.example_ids_of_each(wanted)))
+  for record, (row, docs) in zip(records, gold):
+    ids = []
+    for d in docs:
+      if not found[d]:
+        raise ValueError(f"{source.name}, row {row}: gold document {d!r} is not in the corpus {corpus.stats.source}.")
+      ids.extend(found[d])
+    record["gold_sentence_ids"] = ids

@@ -1,14 +1,16 @@
 """A user's own model, checkpoint, corpus and queries, as the jobs load them (configs/own_model.py).
 
   is_own_data(config)                    # config.corpus.path is set: read it, not config.dataset
-  data = load_own_data(config, host_slice=True, align_rows=4096)   # this host's slice (the encode job)
+  data = load_own_data(config, host_slice=True, align_rows=4096)   # this host's slice (encode, fit_hessian, retrieve)
   model = build_model(config, vocab_size=tok.vocab_size)           # config.model.factory -> apply_fn + params
   params, opt_state, step = restore_checkpoint(config, model, param_regex=...)
 
 The data classes mirror `workdir.RunData` (dataset.name / .fingerprint,
 tokenizer, corpus, queries, query_records, text_of, texts_for_rows), so
 the encode, fit_hessian and retrieve jobs run unchanged on either; results
-also carry each proponent's source ("doc_id#window", `source_of`).
+also carry each proponent's source ("doc_id#window", `source_of`). On a host
+slice, retrieve gathers the results' texts and sources from the hosts
+(`OwnData.gather_texts_and_sources`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,23 @@ class OwnData:
     """{example id: text} of store rows `rows` (ids: the corpus's example ids, by row)."""
     return {int(ids[r]): self.text_of(int(ids[r])) for r in rows if r >= 0}
 
+  def gather_texts_and_sources(self, rows) -> tuple[dict[int, str], dict[int, str]]:
+    """({example id: text}, {example id: "doc_id#window"}) of store rows `rows`, on a host slice (collective).
+
+    Every process passes the same rows (-1: none) and names those in its own
+    rows (`HostView.local_rows`); each row is named by exactly one process.
+    """
+    lo, hi = self.corpus.local_rows
+    mine = [int(self.corpus.ids[r]) for r in rows if lo <= r < hi]
+    texts, sources = {}, {}
+    for host in mesh_lib.allgather_object([[i, self.text_of(i), self.source_of(i)] for i in mine]):
+      for i, text, source in host:
+        texts[int(i)], sources[int(i)] = text, source
+    want = {int(r) for r in rows if r >= 0}
+    if len(texts) != len(want):  # the hosts' local_rows cover the corpus, each row once
+      raise RuntimeError(f"{len(want)} store rows asked for, {len(texts)} named by the hosts' corpus slices.")
+    return texts, sources
+
 
 def load_tokenizer(config) -> tokenizers_lib.TextTokenizer:
   t = config.tokenizer
@@ -115,7 +134,8 @@ def load_own_data(
     host_slice: read only this process's contiguous slice of the corpus rows
       (`data.corpus`); `corpus` is then a `HostView` for `trackstar_jax.encode`,
       and the queries are not read unless `queries=True` (encoding the corpus
-      does not need them; fitting R does).
+      does not need them; fitting R and retrieving do; their gold documents
+      then resolve across the hosts, `Corpus.example_ids_of_each`).
     align_rows: with host_slice, the store's chunk_rows (see `load_corpus`).
     queries: read the queries (default: unless host_slice).
   """
@@ -157,10 +177,9 @@ def load_own_data(
       prompt_field=q.prompt_field,
       target_field=q.target_field,
       id_field=q.id_field or None,
-      # Gold documents resolve against the whole corpus; a host slice has only part of it (and the jobs
-      # that slice, encode and fit_hessian, never read gold).
-      gold_field=None if sliced else q.gold_field or None,
-      corpus=corpus if q.gold_field and not sliced else None,
+      # Gold documents resolve against the whole corpus: on a host slice, collectively (every host reads the queries).
+      gold_field=q.gold_field or None,
+      corpus=corpus if q.gold_field else None,
       overflow=q.overflow,
     )
   dataset = OwnDataset(

@@ -6,6 +6,8 @@ Encodes the queries with the checkpoint's encoder, checks that the store (and
 the Hessian, unless `retrieve.use_hessian=False`) were made by this encoder,
 checkpoint and corpus, then streams the store through the exact sharded top-k
 (`trackstar_jax.retrieve`) and writes the published TrackStar results schema.
+With a user corpus and several processes, each reads only its slice of the
+corpus; process 0 gathers the proponents' and opponents' texts and sources.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
+from trackstar_jax.data import corpus as corpus_lib
 from trackstar_jax.jobs import encode as encode_job
 from trackstar_jax.jobs import fit_hessian as fit_hessian_job
 from trackstar_jax.jobs import workdir as workdir_lib
@@ -27,7 +30,8 @@ from trackstar_jax.jobs import workdir as workdir_lib
 
 def run(config, workdir: str, *, dataset=None) -> str:
   rc = config.retrieve
-  rd = workdir_lib.load_data(config, workdir, dataset=dataset)
+  # A user corpus over several processes: each reads its slice (a HostView) and names the results' rows in it.
+  rd = workdir_lib.load_data(config, workdir, dataset=dataset, host_slice=True, queries=True)
   corpus = rd.corpus
   encoder, step = workdir_lib.load_encoder(config, workdir, rd.tokenizer)
   meta = encoding.store_meta(
@@ -71,11 +75,15 @@ def run(config, workdir: str, *, dataset=None) -> str:
     pinned=bool(rc.pinned),
   )
   out = workdir_lib.results_path(config, workdir)
+  rows = np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()]))  # the same on every process
+  if isinstance(corpus, corpus_lib.HostView):  # a slice per process: each names the rows in its own (collective)
+    texts, sources = rd.gather_texts_and_sources(rows)
+    source_of = sources.__getitem__
+  elif mesh_lib.is_chief():
+    texts, source_of = rd.texts_for_rows(rows, np.asarray(corpus.ids)), rd.source_of
   if mesh_lib.is_chief():
-    rows = np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()]))
-    texts = rd.texts_for_rows(rows, np.asarray(corpus.ids))
     method = rc.method or ("trackstar" if h is not None and rc.normalize else "gradient")
-    records = results_lib.build_results(queries=rd.query_records, result=result, text_of=texts, source_of=rd.source_of)
+    records = results_lib.build_results(queries=rd.query_records, result=result, text_of=texts, source_of=source_of)
     results_lib.write_results(
       out,
       records,

@@ -164,8 +164,8 @@ def load_data(config, workdir: str, *, dataset=None, host_slice: bool = False, q
   """The dataset (TFDS, built once), the tokenizer (trained on the corpus once, saved in the workdir), tokenized.
 
   With `config.corpus.path` set: the user's corpus, tokenizer file and queries
-  instead (`own_model.OwnData`); `host_slice=True` (the encode and fit_hessian
-  jobs) then reads only this process's slice of the corpus, aligned to
+  instead (`own_model.OwnData`); `host_slice=True` (the encode, fit_hessian and
+  retrieve jobs) then reads only this process's slice of the corpus, aligned to
   `config.store.chunk_rows`, and the queries only if `queries` (default: not).
   """
   if own_model.is_own_data(config):
