@@ -23,7 +23,7 @@ each proponent with proponent_correct.)
 
 `my_pkg` must be importable (installed, or on PYTHONPATH). Multi-host: the
 same command on every host (`--distributed` or the JAX_* variables); the
-encode and fit_hessian jobs read only their host's slice of the corpus.
+encode, fit_hessian and retrieve jobs read only their host's slice of the corpus.
 
 Arguments (`--config=configs/own_model.py:runlocal=True`): `runlocal`
 (smaller Hessian sample and batches: a smoke run on a laptop CPU).
