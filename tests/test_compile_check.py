@@ -82,8 +82,10 @@ def test_batch_search_stops_at_the_first_size_that_does_not_fit():
   assert "compiler: out of memory (30.1 GiB)" in row.note
 
 
-def _compile_check(tmp_path, *flags, returncode: int = 0) -> tuple[str, list[dict]]:
-  """Runs launch.compile_check on the tiny synthetic config for a v5e-4 slice; (stdout, table rows).
+def _compile_check(
+  tmp_path, *flags, topology="v5e-4", mesh="(('data',2),('model',2))", returncode: int = 0
+) -> tuple[str, list[dict]]:
+  """Runs launch.compile_check on the tiny synthetic config for a v5e slice; (stdout, table rows).
 
   Its exit status is 0 when every step fits, 1 when one does not.
   """
@@ -95,10 +97,10 @@ def _compile_check(tmp_path, *flags, returncode: int = 0) -> tuple[str, list[dic
     "-m",
     "launch.compile_check",
     f"--config={os.path.join(REPO, 'configs', 'synthetic.py')}:runlocal=True",
-    "--config.mesh=(('data',2),('model',2))",
+    f"--config.mesh={mesh}",
     "--config.sharding.preset=fsdp_tp",
     "--config.encoder.batch_size=8",
-    "--topology=v5e-4",
+    f"--topology={topology}",
     "--queries=16",
     "--nosearch",
     f"--output={out}",
@@ -106,7 +108,7 @@ def _compile_check(tmp_path, *flags, returncode: int = 0) -> tuple[str, list[dic
   ]
   proc = subprocess.run(["timeout", "540", *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=570)
   assert proc.returncode == returncode, proc.stdout[-3000:] + proc.stderr[-5000:]
-  return proc.stdout, [json.loads(line) for line in out.read_text().splitlines()]
+  return proc.stdout + proc.stderr, [json.loads(line) for line in out.read_text().splitlines()]
 
 
 @pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed: pip install -e ".[tpu-aot]"')
@@ -129,9 +131,20 @@ def test_tiny_config_compiles_for_a_v5e_slice(tmp_path, steps):
 
 @pytest.mark.skipif(not _has_libtpu(), reason='libtpu is not installed: pip install -e ".[tpu-aot]"')
 def test_a_step_that_does_not_fit_says_so_with_the_numbers(tmp_path):
-  """A 2^25-row retrieval chunk (~17 GiB of bf16 rows per chip) on 16 GiB v5e chips: the compiler refuses it."""
-  stdout, rows = _compile_check(tmp_path, f"--config.retrieve.chunk_rows={2**25}", "--steps=retrieve", returncode=1)
+  """A 2^25-row retrieval chunk (~17 GiB of bf16 rows per chip) on 16 GiB v5e chips: the compiler refuses it.
+
+  On v5e-16 (a 4 x 4 torus) with model 2, which no product of torus axes gives: the mesh splits an axis.
+  """
+  stdout, rows = _compile_check(
+    tmp_path,
+    f"--config.retrieve.chunk_rows={2**25}",
+    "--steps=retrieve",
+    topology="v5e-16",
+    mesh="(('data',-1),('model',2))",
+    returncode=1,
+  )
+  assert "splitting physical axes" in stdout
   (row,) = rows
-  assert not row["fits"] and row["per_device_gib"] > row["hbm_gib"], row
+  assert row["chips"] == 16 and not row["fits"] and row["per_device_gib"] > row["hbm_gib"], row
   assert re.search(r"out of memory \(HLO temporaries need [\d.]+ GiB, HBM has 15\.\d GiB\)", row["note"]), row
   assert "**no**" in stdout

@@ -97,11 +97,20 @@ def topology_devices(topo: Topology) -> list[Any]:
 
 
 def make_mesh(config, devices) -> Mesh:
-  """config.mesh over the slice's devices, laid out along the chips' torus (mesh_utils)."""
+  """config.mesh over the slice's devices, laid out along the chips' torus (mesh_utils).
+
+  An axis that is no product of the torus's axis sizes (model 4 on v5e-256's 16 x 16) splits a physical
+  axis (allow_split_physical_axes): per-device memory, what this check reports, does not depend on it.
+  """
   from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
 
   names, sizes = mesh_lib.mesh_shape(config.mesh, len(devices))
-  return Mesh(mesh_utils.create_device_mesh(sizes, devices), names)
+  try:
+    grid = mesh_utils.create_device_mesh(sizes, devices)
+  except NotImplementedError as e:
+    logging.info("mesh %s: %s; splitting physical axes.", dict(zip(names, sizes)), str(e).split(".")[0])
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+  return Mesh(grid, names)
 
 
 def per_device_bytes(compiled) -> int:
