@@ -80,6 +80,8 @@ def test_batch_search_stops_at_the_first_size_that_does_not_fit():
   row = cc.check_step(oom, topology=topo, step="train", batch=16, unit=4, search=True, max_rows=64)
   assert (row.fits, row.largest_batch, row.per_device_gib) == (False, 8, 30.1)
   assert "compiler: out of memory (30.1 GiB)" in row.note
+  unsearched = cc.check_step(oom, topology=topo, step="train", batch=16, unit=4, search=False, max_rows=64)
+  assert not unsearched.searched and "| not searched |" in cc.format_table([unsearched])
 
 
 def _compile_check(

@@ -335,6 +335,7 @@ class Row:
   largest_gib: float | None = None
   note: str = ""
   compile_s: float = 0.0
+  searched: bool = False  # the largest-batch search ran (else largest_batch says nothing)
 
 
 def _try(fn, rows: int) -> tuple[int | None, str, float]:
@@ -358,6 +359,7 @@ def check_step(fn, *, topology: Topology, step: str, batch: int, unit: int, sear
   )
   if not search:
     return row
+  row.searched = True
   best, rows = None, unit
   while rows <= max_rows:
     b, n, _ = (used, note, 0.0) if rows == batch else _try(fn, rows)
@@ -378,7 +380,10 @@ def format_table(rows: list[Row]) -> str:
   lines = [head, "|" + "---|" * 8]
   for r in rows:
     used = "?" if r.per_device_gib is None else f"{r.per_device_gib:.3f}"
-    largest = "none" if r.largest_batch is None else f"{r.largest_batch} ({r.largest_gib:.3f})"
+    if not r.searched:
+      largest = "not searched"
+    else:
+      largest = "none" if r.largest_batch is None else f"{r.largest_batch} ({r.largest_gib:.3f})"
     fits = "yes" if r.fits else "**no**" + (f": {r.note}" if r.note else "")
     lines.append(f"| {r.topology} | {r.chips} | {r.step} | {r.batch} | {used} | {r.hbm_gib:g} | {fits} | {largest} |")
   return "\n".join(lines)
