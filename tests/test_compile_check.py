@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from trackstar_jax.jobs import compile_check as cc
@@ -80,6 +81,20 @@ def test_batch_search_stops_at_the_first_size_that_does_not_fit():
   row = cc.check_step(oom, topology=topo, step="train", batch=16, unit=4, search=True, max_rows=64)
   assert (row.fits, row.largest_batch, row.per_device_gib) == (False, 8, 30.1)
   assert "compiler: out of memory (30.1 GiB)" in row.note
+
+  # Another refusal of the compiler (v5e-256's, for the per-host retrieval program) is the row's note;
+  # a Python error of tracing (a bug of this project) is not swallowed.
+  def refused(b):
+    raise jax.errors.JaxRuntimeError(
+      "INTERNAL: RET_CHECK failure (deepsea_compiler_base.cc:1879) device_count == ... On platforms with "
+      "limited ICI routing device assignment should include all slice devices"
+    )
+
+  row = cc.check_step(refused, topology=topo, step="retrieve", batch=16, unit=4, search=True, max_rows=64)
+  assert not row.fits and row.per_device_gib is None and row.largest_batch is None
+  assert row.note.startswith("compile error: INTERNAL: RET_CHECK") and "all slice devices" in row.note
+  with pytest.raises(TypeError):
+    cc.check_step(lambda b: None + 1, topology=topo, step="train", batch=16, unit=4, search=False, max_rows=64)
   unsearched = cc.check_step(oom, topology=topo, step="train", batch=16, unit=4, search=False, max_rows=64)
   assert not unsearched.searched and "| not searched |" in cc.format_table([unsearched])
 

@@ -339,14 +339,23 @@ class Row:
 
 
 def _try(fn, rows: int) -> tuple[int | None, str, float]:
-  """(per-device bytes or None, note, seconds) of compiling at `rows`."""
+  """(per-device bytes or None, note, seconds) of compiling at `rows`.
+
+  The compiler's refusals become the row's note: out of memory (with its sizes), or another XLA error
+  (e.g. v5e's "device assignment should include all slice devices" for a per-host program). Errors of
+  tracing (Python exceptions: this project's bugs) propagate.
+  """
   t0 = time.time()
   try:
     return per_device_bytes(fn(rows)), "", time.time() - t0
   except Exception as e:  # pylint: disable=broad-except
-    if not _is_oom(e):
+    if _is_oom(e):
+      return _oom_bytes(str(e)), _oom_note(str(e)), time.time() - t0
+    if not isinstance(e, jax.errors.JaxRuntimeError):
       raise
-    return _oom_bytes(str(e)), _oom_note(str(e)), time.time() - t0
+    logging.warning("compile error at %d rows: %s", rows, e)
+    first = " ".join(str(e).split())
+    return None, f"compile error: {first[:300]}", time.time() - t0
 
 
 def check_step(fn, *, topology: Topology, step: str, batch: int, unit: int, search: bool, max_rows: int) -> Row:
