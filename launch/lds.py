@@ -14,24 +14,19 @@ effect and -loss, with bootstrap intervals. Restarted, it reuses the models
 already trained. See trackstar_jax/jobs/lds.py.
 """
 
-import os
+from absl import logging
 
-from absl import flags, logging
-
-from trackstar_jax.jobs import cli, lds, pipeline
+from trackstar_jax.jobs import cli, lds
 
 CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
   workdir_help="Training workdir (the full-data model, the ladder's stores); the LDS report goes here too."
 )
-_CACHE = flags.DEFINE_string(
-  "compilation_cache", "", "JAX persistent compilation cache dir (default <workdir>/jax_cache; 'none' to disable)."
-)
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
-  if _CACHE.value != "none":
-    pipeline.enable_compilation_cache(_CACHE.value or os.path.join(WORKDIR.value, "jax_cache"))
+  cli.use_compilation_cache(_CACHE, WORKDIR.value)
   report = lds.run(config, WORKDIR.value)
   out = lds.output_path(config, WORKDIR.value)
   cli.finish(config, cli.output_dir(out), "lds", report=out, **{k: v["lds"] for k, v in report["methods"].items()})

@@ -17,8 +17,6 @@ computed on a machine that has its packages and its results folder
 (<workdir>/ladder/results) copied into the GPU run's workdir.
 """
 
-import os
-
 from absl import flags
 
 from trackstar_jax.jobs import cli, pipeline
@@ -30,15 +28,12 @@ _STAGES = flags.DEFINE_list("stages", list(pipeline.STAGES), f"Stages to run, a 
 _METHODS = flags.DEFINE_list(
   "methods", [], "Only these methods (names, or kinds gradient/bm25/dense/random); default all."
 )
-_CACHE = flags.DEFINE_string(
-  "compilation_cache", "", "JAX persistent compilation cache dir (default <workdir>/jax_cache; 'none' to disable)."
-)
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
-  if _CACHE.value != "none":
-    pipeline.enable_compilation_cache(_CACHE.value or os.path.join(WORKDIR.value, "jax_cache"))
+  cli.use_compilation_cache(_CACHE, WORKDIR.value)
   table = pipeline.run(config, WORKDIR.value, stages=_STAGES.value, only=_METHODS.value)
   cli.finish(config, WORKDIR.value, "pipeline", stage_seconds=(table or {}).get("stage_seconds"))
 

@@ -13,6 +13,7 @@ if __name__ == "__main__":
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -44,6 +45,30 @@ def define_flags(*, workdir_help: str, default_config: str = DEFAULT_CONFIG):
     "started when JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID are set).",
   )
   return config, workdir, distributed
+
+
+def define_compilation_cache_flag():
+  """--compilation_cache: JAX's persistent compilation cache, for launchers that build many encoders."""
+  return flags.DEFINE_string(
+    "compilation_cache", "", "JAX persistent compilation cache dir (default <workdir>/jax_cache; 'none' to disable)."
+  )
+
+
+def use_compilation_cache(flag, workdir: str) -> None:
+  """JAX's persistent compilation cache at `flag`'s dir ('' = <workdir>/jax_cache; 'none': off), unless one is set.
+
+  The ladder builds an encoder per job and variant; identical programs then
+  compile once per workdir instead of once per job (and not at all on reruns).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if flag.value == "none" or jax.config.jax_compilation_cache_dir:
+    return
+  path = flag.value or os.path.join(workdir, "jax_cache")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 _START = {}

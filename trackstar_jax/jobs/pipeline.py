@@ -109,22 +109,6 @@ def ladder(config) -> tuple[list[Variant], list[Method]]:
   return variants, methods
 
 
-def enable_compilation_cache(path: str) -> None:
-  """JAX's persistent compilation cache at `path` (unless one is configured).
-
-  The ladder builds an encoder per job and variant; identical programs then
-  compile once per workdir instead of once per job (and not at all on reruns).
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  if jax.config.jax_compilation_cache_dir:
-    return
-  os.makedirs(path, exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def variant_config(config, workdir: str, v: Variant, *, hessian: str | None = None, method: Method | None = None):
   """`config` with the encoder / store / hessian / retrieve fields of one variant (and method)."""
   c = config.copy_and_resolve_references()
