@@ -14,14 +14,13 @@ server is a closed local port. Nothing leaves the machine.
     configs), and nothing is written to a local path named like the URL.
 """
 
-import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+import local_server
 import numpy as np
 import pytest
 import test_encode_job as jobs  # the launcher helpers (flags, process groups, kill, logs)
@@ -38,12 +37,6 @@ OVERRIDES = dict(jobs.OVERRIDES, encoder__d_in=8, encoder__d_out=8)
 TIMEOUT_S = 300  # per job; the machine may be shared
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
   """{environment for the jobs}: the emulator serving BUCKET; this process reaches it too."""
@@ -52,38 +45,22 @@ def gcs(tmp_path_factory):
   except ImportError:
     pytest.skip("gcp-storage-emulator is not installed (pip install gcp-storage-emulator, in the [test] extra)")
   root = tmp_path_factory.mktemp("gcs")
-  port = _free_port()
-  log = open(root / "emulator.log", "wb")  # pylint: disable=consider-using-with
-  emulator = subprocess.Popen(
-    [
-      "timeout",
-      "900",
-      sys.executable,
-      os.path.join(REPO, "tests", "gcs_emulator.py"),
-      f"--port={port}",
-      "--bucket",
-      BUCKET,
-    ],
-    stdout=log,
-    stderr=subprocess.STDOUT,
-    start_new_session=True,
-  )
+  port = local_server.free_port()
   endpoint = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 60
-  while True:
-    try:
-      urllib.request.urlopen(endpoint + "/", timeout=2).read()
-      break
-    except OSError:
-      if emulator.poll() is not None or time.monotonic() > deadline:
-        log.close()
-        pytest.fail(f"the GCS emulator did not start:\n{(root / 'emulator.log').read_text()[-3000:]}")
-      time.sleep(0.2)
+  emulator = [
+    "timeout",
+    "900",
+    sys.executable,
+    os.path.join(REPO, "tests", "gcs_emulator.py"),
+    f"--port={port}",
+    "--bucket",
+    BUCKET,
+  ]
   isolated = dict(
     HOME=str(root / "home"),
     CLOUDSDK_CONFIG=str(root / "gcloud"),
-    GCE_METADATA_ROOT=f"127.0.0.1:{_free_port()}",  # closed: no metadata-server credentials
-    GCE_METADATA_HOST=f"127.0.0.1:{_free_port()}",
+    GCE_METADATA_ROOT=f"127.0.0.1:{local_server.free_port()}",  # closed: no metadata-server credentials
+    GCE_METADATA_HOST=f"127.0.0.1:{local_server.free_port()}",
     NO_PROXY="*",
     no_proxy="*",
     TRACKSTAR_REMOTE_TIMEOUT_S="30",
@@ -93,21 +70,18 @@ def gcs(tmp_path_factory):
   }
   env.update(isolated, STORAGE_EMULATOR_HOST=f"127.0.0.1:{port}")  # the jobs take the client libraries' variable
   env.pop("TENSORSTORE_GCS_HTTP_URL", None)
-  saved = {k: os.environ.get(k) for k in ("TENSORSTORE_GCS_HTTP_URL", "GCE_METADATA_ROOT", "GCE_METADATA_HOST")}
-  os.environ.update(TENSORSTORE_GCS_HTTP_URL=endpoint, GCE_METADATA_ROOT=isolated["GCE_METADATA_ROOT"])
-  os.environ["GCE_METADATA_HOST"] = isolated["GCE_METADATA_HOST"]
-  try:
+
+  def ready():
+    urllib.request.urlopen(endpoint + "/", timeout=2).read()
+
+  with (
+    local_server.running(emulator, name="the GCS emulator", log_path=root / "emulator.log", ready=ready),
+    pytest.MonkeyPatch.context() as mp,
+  ):
+    mp.setenv("TENSORSTORE_GCS_HTTP_URL", endpoint)
+    mp.setenv("GCE_METADATA_ROOT", isolated["GCE_METADATA_ROOT"])
+    mp.setenv("GCE_METADATA_HOST", isolated["GCE_METADATA_HOST"])
     yield env
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(emulator.pid, 9)
-    emulator.wait()
-    log.close()
 
 
 def _start(job: str, workdir: str, log: str, env: dict[str, str], *flags: str, **overrides) -> subprocess.Popen:
@@ -126,21 +100,8 @@ def _start(job: str, workdir: str, log: str, env: dict[str, str], *flags: str, *
     )
 
 
-def _finish(procs: list[subprocess.Popen], logs: list[str]) -> None:
-  """Waits for all; on any failure kills the rest and reports the logs."""
-  try:
-    for p in procs:
-      p.wait(timeout=TIMEOUT_S + 30)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        jobs._kill(p)
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, f"exit {p.returncode}:\n{jobs._tail(log)}"
-
-
 def _run(job: str, workdir: str, log: str, env: dict[str, str], *flags: str, **overrides) -> None:
-  _finish([_start(job, workdir, log, env, *flags, **overrides)], [log])
+  jobs._finish([_start(job, workdir, log, env, *flags, **overrides)], [log])
 
 
 @pytest.mark.integration
@@ -163,7 +124,7 @@ def test_pipeline_on_gcs_survives_sigkill(trained, gcs, tmp_path):
     jobs._kill(proc)
   done = store_lib.open_store(url).completed_chunks()
   assert target <= len(done) < n_chunks, sorted(done)
-  _finish([_start("encode", workdir, log, env, store__url=url), ref], [log, ref_log])  # resume
+  jobs._finish([_start("encode", workdir, log, env, store__url=url), ref], [log, ref_log])  # resume
   with open(log) as f:
     assert f"this process: {n_chunks - len(done)} pending of {n_chunks}" in f.read()  # resumed, not redone
   got, want = jobs._read_store(url), jobs._read_store(ref_url)

@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import own_model_helpers as helpers
 import pytest
+import test_encode_job as encode_job_tests  # the CPU process environment of the launcher tests
 
 from trackstar_jax import checkpoint_layout
 from trackstar_jax import hessian as hessian_lib
@@ -48,19 +48,9 @@ def user(tmp_path_factory):
 
 
 def _env(user, *, devices: int = 8, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-  env.update(
-    PYTHONPATH=f"{REPO}:{user['root']}",
-    JAX_PLATFORMS="cpu",
-    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-  )
-  if process_id is not None:
-    env.update(
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES="2",
-      JAX_PROCESS_ID=str(process_id),
-      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-    )
+  """The encode-job tests' CPU process environment, with the user's package importable."""
+  env = encode_job_tests._env(devices=devices, process_id=process_id, port=port)
+  env["PYTHONPATH"] = f"{REPO}:{user['root']}"
   return env
 
 
@@ -149,15 +139,9 @@ def test_encode_reports_empty_documents(cli_run):
   assert corpus[-1]["examples"] == _store_arrays(os.path.join(cli_run, "encodings.zarr"))[2].num_rows
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(job: str, w: str, user, tmp_path, **extra) -> list[str]:
   """Runs `job` as 2 JAX processes x 4 CPU devices (config overrides `extra`); returns their logs' text."""
-  port = _free_port()
+  port = encode_job_tests._free_port()
   procs, logs = [], []
   for i in range(2):
     logs.append(str(tmp_path / f"{job}_p{i}.log"))

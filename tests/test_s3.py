@@ -6,15 +6,11 @@ credentials: nothing leaves the machine. An interrupted store (some chunks writt
 reopens with exactly the missing chunks pending and completes to the same rows.
 """
 
-import contextlib
-import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 import urllib.request
 
+import local_server
 import numpy as np
 import pytest
 
@@ -32,27 +28,9 @@ def s3(tmp_path_factory):
   server = shutil.which("moto_server")
   if server is None:
     pytest.skip("moto's S3 server is not installed (pip install 'moto[server]', in the [test] extra)")
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = local_server.free_port()
   root = tmp_path_factory.mktemp("s3")
-  log = open(root / "moto.log", "wb")  # pylint: disable=consider-using-with
-  proc = subprocess.Popen(
-    ["timeout", "600", sys.executable, server, "-H", "127.0.0.1", "-p", str(port)],
-    stdout=log,
-    stderr=subprocess.STDOUT,
-    start_new_session=True,
-  )
   endpoint = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 60
-  while True:
-    try:
-      urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=2).read()
-      break
-    except OSError:
-      if proc.poll() is not None or time.monotonic() > deadline:
-        pytest.fail(f"moto_server did not start:\n{(root / 'moto.log').read_text()[-3000:]}")
-      time.sleep(0.2)
   env = dict(
     AWS_ENDPOINT_URL=endpoint,
     AWS_ACCESS_KEY_ID="test",
@@ -61,20 +39,18 @@ def s3(tmp_path_factory):
     AWS_CONFIG_FILE=str(root / "aws_config"),
     AWS_SHARED_CREDENTIALS_FILE=str(root / "aws_credentials"),
   )
-  saved = {k: os.environ.get(k) for k in env}
-  os.environ.update(env)
-  try:
+  cmd = ["timeout", "600", sys.executable, server, "-H", "127.0.0.1", "-p", str(port)]
+
+  def ready():  # creates the bucket
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{BUCKET}", method="PUT"), timeout=2).read()
+
+  with (
+    local_server.running(cmd, name="moto_server", log_path=root / "moto.log", ready=ready),
+    pytest.MonkeyPatch.context() as mp,
+  ):
+    for k, v in env.items():
+      mp.setenv(k, v)
     yield endpoint
-  finally:
-    for k, v in saved.items():
-      if v is None:
-        os.environ.pop(k, None)
-      else:
-        os.environ[k] = v
-    with contextlib.suppress(ProcessLookupError):
-      os.killpg(proc.pid, 9)
-    proc.wait()
-    log.close()
 
 
 def test_endpoint_goes_into_the_s3_spec(s3):

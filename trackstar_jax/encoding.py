@@ -192,8 +192,8 @@ def phi_batches(
   batches; phi and valid are then global arrays over the encoder's mesh, never
   gathered on a host. A `data.corpus.HostView` (each host read only its slice)
   is encoded host by host instead: each process its own `local_rows`, in as
-  many batches as the largest share needs. Padded batches are built on a background thread
-  `prefetch` batches ahead (0: inline). Logs progress (batches, examples/s,
+  many batches as the largest share needs. Padded batches are built on a
+  background thread `prefetch` batches ahead (0: inline). Logs progress (batches, examples/s,
   ETA) every `log_every_s` seconds under `name`.
   """
   examples = as_examples(examples)

@@ -4,8 +4,9 @@
 
 The sample is `config.hessian.train_sample` corpus examples drawn with
 `config.hessian.seed` (the same rows for any number of hosts; with a user
-corpus each host reads and encodes only the sampled rows of its slice); the Hessian records which encodings it was fit for, and
-the retrieve job refuses a store made by another encoder or checkpoint.
+corpus each host reads and encodes only the sampled rows of its slice); the
+Hessian records which encodings it was fit for, and the retrieve job refuses
+a store made by another encoder or checkpoint.
 """
 
 from __future__ import annotations
