@@ -254,6 +254,30 @@ def test_hierarchical_flag_same_result():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("n_dev,pinned", [(1, False), (1, True), (4, False), (4, True)])
+def test_put_in_pieces_equals_one_copy(n_dev, pinned):
+  """A chunk copied in pieces (uneven last piece, several per device) is the same array, sharded the same way."""
+  mesh = _mesh(n_dev)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(tuple(mesh.axis_names), None))
+  x = np.random.default_rng(3).normal(size=(4 * 37, 5)).astype(np.float32)
+  row = x[:1].nbytes
+  for piece_bytes in (0, row, 7 * row, 10**9):
+    got = retrieval.put_in_pieces(x, sharding, piece_bytes=piece_bytes, pinned=pinned)
+    assert got.sharding.is_equivalent_to(sharding, x.ndim) and got.sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(got), x)
+  # The scan with pieces gives the very result of the scan with one copy per chunk.
+  q = _unit(np.random.default_rng(4).normal(size=(3, 5))).astype(np.float32)
+  out = []
+  for piece_bytes in (0, 3 * row):
+    topk = retrieval.StreamingTopK(q, k=4, mesh=mesh, matmul_dtype="float32")
+    topk.piece_bytes = piece_bytes
+    for a in range(0, x.shape[0], 40):
+      topk.update_device(topk.put(start=a, ids=np.arange(a, min(a + 40, len(x))), phi=x[a : a + 40], pad_to=40))
+    out.append(topk.local_result())
+  for got, want in zip(*out):
+    np.testing.assert_array_equal(got, want)
+
+
 def test_padding_rows_never_returned():
   rng = np.random.default_rng(1)
   n, d = 40, 8

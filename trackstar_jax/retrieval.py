@@ -101,6 +101,8 @@ class RetrieveOptions:
     reads_in_flight: store chunk reads outstanding while the devices work.
     transfers_ahead: chunks already sent to the devices ahead of the step (2 = double buffering).
     pinned: stage host chunks in pinned host memory before the device copy (where the device has it).
+    copy_piece_mib: host chunks cross to the devices in copies of at most this many MiB, joined there
+      (`put_in_pieces`: on the H200 host 4x the rate of one large copy); 0: one copy per chunk.
   """
 
   k: int = 10
@@ -112,6 +114,7 @@ class RetrieveOptions:
   reads_in_flight: int = 4
   transfers_ahead: int = 2
   pinned: bool = True
+  copy_piece_mib: int = 32
 
 
 @dataclasses.dataclass
@@ -353,10 +356,40 @@ def _dequantizer(mesh: Mesh, store_dtype: str, dim: int, matmul_dtype: str):
   )
 
 
-def _pinned_like(sharding: NamedSharding) -> NamedSharding | None:
+def put_in_pieces(x: np.ndarray, sharding: NamedSharding, *, piece_bytes: int, pinned: bool = False) -> jax.Array:
+  """Host rows x [c, ...] on the devices of `sharding` (rows split over them), copied `piece_bytes` at a time.
+
+  Each device's rows cross as back-to-back copies of at most `piece_bytes` and are joined on that device.
+  Why: on the H200 host one 256 MiB `device_put` from pageable memory ran at 7.3 GB/s, the same bytes as
+  32 MiB pieces at 29-35 GB/s (PJRT overlaps one piece's staging copy with the previous one's DMA;
+  BENCHMARKS.md, Streaming). The join costs one device-side copy of the chunk. `pinned`: each piece is
+  first staged in pinned host memory (where the devices have it), then copied at the DMA rate.
+  piece_bytes <= 0: one copy per device.
+  """
+  rows = max(1, piece_bytes // max(1, x[:1].nbytes)) if piece_bytes > 0 else max(1, x.shape[0])
+  shards = []
+  for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+    part, dst = x[index], jax.sharding.SingleDeviceSharding(device)
+    stage = _pinned_like(dst) if pinned else None
+    pieces = []
+    for a in range(0, max(1, part.shape[0]), rows):
+      piece = part[a : a + rows]
+      if stage is not None:
+        piece = jax.device_put(piece, stage)
+      pieces.append(jax.device_put(piece, dst))
+    shards.append(pieces[0] if len(pieces) == 1 else _join(pieces))
+  return jax.make_array_from_single_device_arrays(x.shape, sharding, shards)
+
+
+@jax.jit
+def _join(pieces):
+  return jnp.concatenate(pieces)
+
+
+def _pinned_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding | None:
   """`sharding` in pinned host memory, or None where the devices have none."""
   try:
-    if all("pinned_host" in [m.kind for m in d.addressable_memories()] for d in sharding.mesh.devices.flat):
+    if all("pinned_host" in [m.kind for m in d.addressable_memories()] for d in sharding.device_set):
       return sharding.with_memory_kind("pinned_host")
   except (AttributeError, NotImplementedError, ValueError):  # older jax / backends without memory kinds
     pass
@@ -489,6 +522,7 @@ class StreamingTopK:
     hierarchical: bool = True,
     select: str = RetrieveOptions.select,
     store_dtype: str = "float32",
+    copy_piece_mib: int = RetrieveOptions.copy_piece_mib,
   ):
     queries = np.asarray(queries, np.float32) if not isinstance(queries, jax.Array) else queries
     if queries.ndim != 2 or queries.shape[0] == 0:
@@ -504,6 +538,7 @@ class StreamingTopK:
       raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
     self.k, self.dim, self.hierarchical, self.select = k, queries.shape[1], hierarchical, select
     self.normalize = normalize
+    self.piece_bytes = int(copy_piece_mib) << 20
     quantized = quantize.is_quantized(store_dtype)
     self.store_dtype = store_dtype
     self._store_layout = quantize.layout(store_dtype if quantized else "float32", self.dim)
@@ -590,11 +625,14 @@ class StreamingTopK:
     valid[:n] = ids >= 0
     if c != n:
       phi, scale = (None if x is None else _pad_rows_any(x, c) for x in (phi, scale))
-    if pinned and self._pinned_sharding is not None:
-      phi, scale = (
-        x if x is None or isinstance(x, jax.Array) else jax.device_put(x, self._pinned_sharding) for x in (phi, scale)
+    if pinned and self._pinned_sharding is not None and scale is not None and not isinstance(scale, jax.Array):
+      scale = jax.device_put(scale, self._pinned_sharding)
+    if isinstance(phi, jax.Array):
+      phi = jax.device_put(phi, self._phi_sharding)
+    else:
+      phi = put_in_pieces(
+        phi, self._phi_sharding, piece_bytes=self.piece_bytes, pinned=pinned and self._pinned_sharding is not None
       )
-    phi = jax.device_put(phi, self._phi_sharding)
     if self._dequantize is not None:  # codes + scales crossed; rows in the matmul dtype from here on
       phi = self._dequantize(phi, jax.device_put(scale, self._phi_sharding))
     if inv_norms is not None:
@@ -612,13 +650,13 @@ class StreamingTopK:
     if self.select == "reference":
       step = self._step[chunk.inv_norms is not None]
       self._state = step(
-        self._q, self._inv, self._state, chunk.phi, chunk.inv_norms, chunk.valid, jnp.int32(chunk.start)
+        self._q, self._inv, self._state, chunk.phi, chunk.inv_norms, chunk.valid, np.int32(chunk.start)
       )
       return None
     scale = chunk.inv_norms
     if self.normalize and scale is None:
       scale = computed = self._norms(self._inv, chunk.phi)
-    self._state = self._step(self._q, self._state, chunk.phi, scale, chunk.valid, jnp.int32(chunk.start))
+    self._state = self._step(self._q, self._state, chunk.phi, scale, chunk.valid, np.int32(chunk.start))
     return computed
 
   def update(
@@ -698,6 +736,7 @@ def retrieve(
   reads_in_flight: int = RetrieveOptions.reads_in_flight,
   transfers_ahead: int = RetrieveOptions.transfers_ahead,
   pinned: bool = RetrieveOptions.pinned,
+  copy_piece_mib: int = RetrieveOptions.copy_piece_mib,
 ) -> RetrievalResult:
   """Exact top-k and bottom-k of every query over the whole (complete) store.
 
@@ -728,6 +767,7 @@ def retrieve(
     matmul_dtype=matmul_dtype,
     select=select,
     store_dtype=getattr(store, "dtype", "float32"),
+    copy_piece_mib=copy_piece_mib,
   )
   cache = None
   if cache_norms and normalize and select == "fused":

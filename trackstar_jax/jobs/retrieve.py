@@ -73,6 +73,7 @@ def run(config, workdir: str, *, dataset=None) -> str:
     reads_in_flight=int(rc.reads_in_flight),
     transfers_ahead=int(rc.transfers_ahead),
     pinned=bool(rc.pinned),
+    copy_piece_mib=int(rc.copy_piece_mib),
   )
   out = workdir_lib.results_path(config, workdir)
   rows = np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()]))  # the same on every process
