@@ -52,23 +52,36 @@ def test_pipelined_store_equals_unpipelined(tiny, tmp_path, dtype, monkeypatch):
     return write_rows(self, phi=phi, **kw)
 
   monkeypatch.setattr(store_lib.EncodingStore, "write_rows", recording_write_rows)
-  for pipeline in (False, True):
+  # (pipeline, writes in flight, fsync): the previous loop, the pipelined one, and with more writes, no fsync.
+  variants = ((False, 2, True), (True, 2, True), (True, 5, False))
+  for pipeline, writes, fsync in variants:
     meta = encoding.store_meta(
       enc, num_rows=len(corpus), corpus_fingerprint=encoding.fingerprint(corpus), dtype=dtype, chunk_rows=16
     )
-    store = encoding.open_or_create(f"file://{tmp_path}/{pipeline}.zarr", meta)
-    encoding.encode_to_store(enc, corpus, store=store, batch_size=6, pipeline=pipeline)  # 6: partial batches
-    stores[pipeline] = store_lib.open_store(store.url).read(0, len(corpus))
-  for part in ("phi", "scale"):  # codes and scales of int8 / int4 (quantized on the device in both loops)
+    url = f"file://{tmp_path}/{pipeline}_{writes}.zarr"
+    store = (
+      encoding.open_or_create(url, meta)
+      if fsync
+      else store_lib.open_store(url, expected_meta=meta, create=True, fsync=False)
+    )
+    encoding.encode_to_store(
+      enc, corpus, store=store, batch_size=6, pipeline=pipeline, writes_in_flight=writes
+    )  # 6: partial batches
+    stores[pipeline, writes] = store_lib.open_store(store.url).read(0, len(corpus))
+  for part in ("phi", "scale"):  # codes and scales of int8 / int4 (quantized on the device in every loop)
     bits = {
       p: None if getattr(c, part) is None else np.ascontiguousarray(getattr(c, part)).view(np.uint8)
       for p, c in stores.items()
     }
-    assert (bits[True] is None) == (bits[False] is None) == (not quantize.is_quantized(dtype) and part == "scale")
-    if bits[True] is not None:
-      np.testing.assert_array_equal(bits[True], bits[False])
+    first = bits[False, 2]
+    assert (first is None) == (not quantize.is_quantized(dtype) and part == "scale")
+    for other in bits.values():
+      assert (other is None) == (first is None)
+      if first is not None:
+        np.testing.assert_array_equal(other, first)
+  stores[True] = stores[True, 2]
   np.testing.assert_array_equal(stores[True].ids, corpus.ids)
-  assert len(written) == 2 * 5 and set(written) == {"Quantized" if quantize.is_quantized(dtype) else "ndarray"}
+  assert len(written) == 3 * 5 and set(written) == {"Quantized" if quantize.is_quantized(dtype) else "ndarray"}
   want = encoding.encode_to_array(enc, corpus, batch_size=6)  # the same phi, in float32
   if quantize.is_quantized(dtype):  # the device's codes are the host quantization of the float32 rows
     codes, scale = quantize.quantize(want, dtype)

@@ -260,6 +260,7 @@ def encode_to_store(
   batch_size: int,
   log_every_s: float = 30.0,
   pipeline: bool = True,
+  writes_in_flight: int = 2,
 ) -> store_lib.EncodingStore:
   """phi of every example into `store` (rows in example order); resumes where a killed run stopped.
 
@@ -274,7 +275,8 @@ def encode_to_store(
   is computed, and store writes are handed to a writer thread (only a full
   write queue, i.e. storage slower than the encoder, ever stops the loop).
   False: the same computation one chunk at a time, every write waited for (a
-  reference: both give bitwise the same store).
+  reference: both give bitwise the same store). `writes_in_flight`: store
+  chunk writes outstanding at once (each holds a chunk's rows in host memory).
   """
   examples = as_examples(examples)
   if len(examples) != store.num_rows:
@@ -312,7 +314,7 @@ def encode_to_store(
     if prog.due(every_s=log_every_s) or done == n_iter:
       logging.info(prog.line())
 
-  with store_lib.AsyncWriter(store, max_pending=2) as writer:
+  with store_lib.AsyncWriter(store, max_pending=writes_in_flight) as writer:
     if not pipeline:
       for i, (chunk, a, b, batches) in enumerate(chunk_batches()):
         write = writer.submit

@@ -626,7 +626,9 @@ def _array_spec(kv: Mapping[str, Any], shape: Sequence[int], chunk: Sequence[int
   }
 
 
-def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool = False) -> EncodingStore:
+def open_store(
+  url: str, *, expected_meta: StoreMeta | None = None, create: bool = False, fsync: bool = True
+) -> EncodingStore:
   """Opens (or, with `create=True`, creates) the encoding store at `url`.
 
   Args:
@@ -635,11 +637,17 @@ def open_store(url: str, *, expected_meta: StoreMeta | None = None, create: bool
       `StoreMismatchError` lists the differing fields. Required with create.
     create: create the store when none exists at `url`. In multi-host jobs only
       process 0 creates; the others open after a barrier.
+    fsync: local stores: flush every written file to the disk before it counts as
+      written (TensorStore's `file_io_sync`). False leaves that to the OS: a chunk
+      lost in a crash is then found by the checksums and presence checks of every
+      read (`StoreDataError`, repaired by `verify_store --repair` and a re-encode).
 
   Raises:
     remote.RemoteTimeoutError: a remote URL (gs://) did not answer in time.
   """
   kv_spec = kvstore_spec(url)
+  if kv_spec.get("driver") == "file" and not fsync:
+    kv_spec["file_io_sync"] = False
 
   def wait(future, what):
     return remote.wait(future, url=url, what=what)
