@@ -54,9 +54,12 @@ from trackstar_jax import store as store_lib  # noqa: E402
 from trackstar_jax.data import batching  # noqa: E402
 from trackstar_jax.models import DecoderLM, TransformerConfig  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import trace_summary  # noqa: E402
+
 FULL = dict(
   queries=1024, dim=4096, rows=65536, k=10, stream_rows=262144, stream_chunk=32768, store_chunk=4096,
-  model="small", dtype="bfloat16", vocab=16384, seq=128, batch=256, d=64, encode_rows=16384, steps=10,
+  model="small", dtype="bfloat16", vocab=16384, seq=128, batch=256, d=64, encode_rows=32768, steps=10,
 )  # fmt: skip
 SMALL = dict(
   queries=8, dim=64, rows=1024, k=4, stream_rows=4096, stream_chunk=1024, store_chunk=256,
@@ -69,6 +72,10 @@ p.add_argument("--sections", default="retrieval,stream,encode")
 p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
 p.add_argument("--dir", default="", help="local-disk directory for the stores (default: a temp dir)")
 p.add_argument("--correction", default="adam", help="encode: none | adam | adam_rank1 | adafactor")
+p.add_argument("--dims", default="", help="retrieval: comma-separated encoding dims to sweep (default --dim)")
+p.add_argument(
+  "--trace_dir", default="", help="also trace the fused step and the disk encode job (jax.profiler; trace_summary.py)"
+)
 for key, value in FULL.items():
   p.add_argument(f"--{key}", type=type(value), default=None)
 
@@ -95,6 +102,16 @@ def best_time(fn, wait, repeat: int, steps: int = 1) -> float:
     wait()
     best = min(best, (time.perf_counter() - t) / steps)
   return best
+
+
+def trace(a, name: str, fn, wait, steps: int = 10) -> None:
+  """`steps` calls of fn under jax.profiler; emits what the device did (trace_summary)."""
+  log_dir = os.path.join(a.trace_dir, name)
+  with trace_summary.traced(log_dir):
+    for _ in range(steps):
+      fn()
+    wait()
+  emit(section="trace", name=name, steps=steps, **trace_summary.summarize(log_dir))
 
 
 # --- retrieval --------------------------------------------------------------------------------------------
@@ -134,6 +151,10 @@ def retrieval_case(a, *, full_inv: bool) -> None:
     if variant == "fused_cached":
       chunk = chunk._replace(inv_norms=topk.update_device(chunk))
     times[variant] = best_time(lambda: topk.update_device(chunk), topk.wait, a.repeat, a.steps)  # noqa: B023
+    if a.trace_dir and variant == "fused_cached":
+      trace(
+        a, f"retrieval_{'full' if full_inv else 'no'}_inv_fused_cached", lambda: topk.update_device(chunk), topk.wait
+      )  # noqa: B023
     if variant == "fused_first":
       norm_out = [None]
       times["norms"] = best_time(
@@ -167,7 +188,7 @@ def retrieval_case(a, *, full_inv: bool) -> None:
     bitwise_equal=equal["fused"], bitwise_equal_inline_norms=equal["inline"], rows_equal_inline_norms=rows_equal,
     max_score_diff_inline_norms=max_diff,
   )  # fmt: skip
-  tag = "full_inv" if full_inv else "no_inv"
+  tag = ("full_inv" if full_inv else "no_inv") + ("" if d == FULL["dim"] or a.small else f"_d{d}")
   for v in ("reference", "fused_first", "fused_cached"):
     ratio(f"retrieval_{tag}_{v}_vs_matmul", r[f"{v}_ratio"])
   ratio(f"retrieval_{tag}_bitwise_equal", float(equal["fused"]))
@@ -343,21 +364,32 @@ def encode_section(a, root: str) -> None:
   warm = store_lib.open_store(f"memory://bench_enc_{os.getpid()}_warm", expected_meta=meta, create=True)
   encoding.encode_to_store(enc, examples, store=warm, batch_size=a.batch)  # compiles what the job's batches need
   job_s = {}
-  for name, url, pipeline in (
-    ("job_disk_pipelined", os.path.join(root, "enc_p"), True),
-    ("job_disk_previous_loop", os.path.join(root, "enc_u"), False),
-    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True),
-    ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False),
+  for name, url, pipeline, writes, fsync in (
+    ("job_disk_pipelined", os.path.join(root, "enc_p"), True, 2, True),
+    ("job_disk_previous_loop", os.path.join(root, "enc_u"), False, 2, True),
+    ("job_disk_writes8", os.path.join(root, "enc_w"), True, 8, True),
+    ("job_disk_writes8_nosync", os.path.join(root, "enc_n"), True, 8, False),
+    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, 2, True),
+    ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False, 2, True),
   ):
     best = float("inf")
     for rep in range(min(2, a.repeat)):  # whole jobs: seconds each, little spread
       # A new URL per run: reopening a finished store would resume it with nothing left to encode.
       run_url = f"{url}_{rep}"
-      store = store_lib.open_store(run_url, expected_meta=meta, create=True)
+      store = store_lib.open_store(run_url, expected_meta=meta, create=True, fsync=fsync)
       if store.completed_chunks():
         raise RuntimeError(f"{run_url} is not empty: the timing would measure a resume.")
       t = time.perf_counter()
-      encoding.encode_to_store(enc, examples, store=store, batch_size=a.batch, pipeline=pipeline)
+      if a.trace_dir and rep == 1 and name == "job_disk_pipelined":
+        with trace_summary.traced(os.path.join(a.trace_dir, name)):
+          encoding.encode_to_store(
+            enc, examples, store=store, batch_size=a.batch, pipeline=pipeline, writes_in_flight=writes
+          )
+        emit(section="trace", name=name, **trace_summary.summarize(os.path.join(a.trace_dir, name)))
+      else:
+        encoding.encode_to_store(
+          enc, examples, store=store, batch_size=a.batch, pipeline=pipeline, writes_in_flight=writes
+        )
       best = min(best, time.perf_counter() - t)
       if run_url.startswith("/"):
         shutil.rmtree(run_url, ignore_errors=True)
@@ -368,14 +400,10 @@ def encode_section(a, root: str) -> None:
     correction=a.correction, layer_modes=sorted(set(enc.modes().values())), examples_per_s=rates,
     store_mb_per_s_at_job=rates["job_disk_pipelined"] * enc.dim * 2 / 1e6,
   )  # fmt: skip
-  for name in (
-    "kernel",
-    "job_disk_pipelined",
-    "job_disk_previous_loop",
-    "job_memory_pipelined",
-    "job_memory_previous_loop",
-  ):
+  for name in ("kernel", *job_s):
     ratio(f"encode_{name}_vs_train", rates[name] / rates["train"])
+  for name in job_s:
+    ratio(f"encode_{name}_vs_kernel", rates[name] / rates["kernel"])
 
 
 def main() -> None:
@@ -391,8 +419,11 @@ def main() -> None:
   os.makedirs(root, exist_ok=True)
   try:
     if "retrieval" in sections:
-      retrieval_case(a, full_inv=False)
-      retrieval_case(a, full_inv=True)
+      for dim in [int(x) for x in a.dims.split(",")] if a.dims else [a.dim]:
+        a.dim = dim
+        retrieval_case(a, full_inv=False)
+        if dim <= 8192:  # a full [d, d] R^{-1/2}: beyond this the paper's R is block-diagonal
+          retrieval_case(a, full_inv=True)
     if "stream" in sections:
       stream_section(a, root)
     if "encode" in sections:
