@@ -28,7 +28,9 @@ with one `os.preadv`.
 Errors are `ValueError`s in TensorStore's words, so the store's integrity
 machinery handles them as it does TensorStore's: "NOT_FOUND: ..." (no chunk
 file), "DATA_LOSS: ..." (checksum mismatch), and a message naming the file,
-its size and the size expected (truncated, or another layout).
+its size and the size expected (truncated, or another layout). As in
+TensorStore 0.1.86, bytes after a chunk's checksum are ignored, while bytes
+after a chunk without one (format 1) make it unreadable.
 """
 
 from __future__ import annotations
@@ -200,7 +202,8 @@ class ChunkFiles:
       raise ValueError(f"Cannot open chunk file {path} ({rows}): {e}") from e
     try:
       size = os.fstat(fd).st_size
-      if size != self.file_bytes:
+      # As TensorStore 0.1.86: bytes past a checksum are ignored, past bare rows (no checksum) refused.
+      if size < self.file_bytes or (size > self.file_bytes and not self.checksum):
         crc = f" + {_CRC_BYTES} B crc32c" if self.checksum else ""
         raise ValueError(
           f"Chunk file {path} ({rows}) has {size} bytes, expected {self.file_bytes} "
