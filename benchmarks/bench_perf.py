@@ -15,10 +15,14 @@ retrieval  One `StreamingTopK` step over a device-resident chunk (Q=1024, d=4096
            round them differently by an ulp).
 stream     A bf16 store on local disk (just written, so in the page cache) streamed
            to the device: a plain sequential read of its files (GB/s), the
-           host-to-device copy rate of one chunk from pageable memory and from
+           store's reads alone (`iter_chunks`, 4 in flight) with phi read
+           directly from the chunk files (`chunk_files`, the default for local
+           stores) and through TensorStore (direct_reads=False: *_tensorstore),
+           the host-to-device copy rate of one chunk from pageable memory and from
            pinned memory, the feed alone (store reads in flight + background
            copies), and whole `retrieval.retrieve` scans with the previous loop
-           (reference step, 2 reads, inline copies, pageable) and the new one.
+           (reference step, 2 reads, inline copies, pageable) and the new one;
+           feed and scan with direct reads unless named *_tensorstore.
 encode     The encode job's loop (`encoding.encode_to_store`, exact Adam by default)
            into a local-disk store and into memory://, pipelined and not, against
            the encoder kernel alone and a jitted AdamW training step, all at the
@@ -48,7 +52,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import trackstar_jax as tsj  # noqa: E402
-from trackstar_jax import configs, encoding, losses, retrieval  # noqa: E402
+from trackstar_jax import chunk_files, configs, encoding, losses, retrieval  # noqa: E402
 from trackstar_jax import mesh as mesh_lib  # noqa: E402
 from trackstar_jax import store as store_lib  # noqa: E402
 from trackstar_jax.data import batching  # noqa: E402
@@ -208,6 +212,18 @@ def stream_section(a, root: str) -> None:
           pass
 
   seq_s = best_time(read_files, lambda: None, a.repeat)
+  ts_store = store_lib.open_store(path, direct_reads=False)  # phi through TensorStore: the path before chunk_files
+  if not store.direct_reads or ts_store.direct_reads:
+    raise RuntimeError(f"{path}: expected direct reads on the first store and off on the second.")
+
+  def read_store(s):
+    for _ in s.iter_chunks(rows_per_chunk=rows, prefetch=4):
+      pass
+
+  read_s = {
+    "store_read_direct": best_time(lambda: read_store(store), lambda: None, a.repeat),
+    "store_read_tensorstore": best_time(lambda: read_store(ts_store), lambda: None, a.repeat),
+  }
   dev = jax.local_devices()[0]
   chunk = np.asarray(store.read(0, rows).phi)
   dst = jax.sharding.SingleDeviceSharding(dev)
@@ -227,11 +243,11 @@ def stream_section(a, root: str) -> None:
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
 
-  def feed(reads, ahead, pinned_on):
+  def feed(reads, ahead, pinned_on, src=store):
     topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh)
     last = None
     for ch in retrieval.device_chunks(
-      topk, store.iter_chunks(rows_per_chunk=rows, prefetch=reads), pad_to=rows, ahead=ahead, pinned=pinned_on
+      topk, src.iter_chunks(rows_per_chunk=rows, prefetch=reads), pad_to=rows, ahead=ahead, pinned=pinned_on
     ):
       last = ch.phi
     last.block_until_ready()
@@ -240,6 +256,7 @@ def stream_section(a, root: str) -> None:
     "feed_previous": (2, 0, False),  # the previous loop's reads and inline pageable copies
     "feed_pageable": (4, 2, False),
     "feed_pinned": (4, 2, True),
+    "feed_pinned_tensorstore": (4, 2, True, ts_store),
   }
   feed_s = {name: best_time(lambda cfg=cfg: feed(*cfg), lambda: None, a.repeat) for name, cfg in feeds.items()}
   scans = {
@@ -248,10 +265,15 @@ def stream_section(a, root: str) -> None:
     ),
     "retrieve_new": dict(cache_norms=False),
     "retrieve_new_pageable": dict(pinned=False, cache_norms=False),
+    "retrieve_new_tensorstore": dict(cache_norms=False),
   }
   scan_s = {
     name: best_time(
-      lambda kw=kw: retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, **kw), lambda: None, a.repeat
+      lambda name=name, kw=kw: retrieval.retrieve(
+        ts_store if name.endswith("_tensorstore") else store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, **kw
+      ),
+      lambda: None,
+      a.repeat,
     )
     for name, kw in scans.items()
   }
@@ -260,22 +282,27 @@ def stream_section(a, root: str) -> None:
     h2d_pageable=_gbps(chunk.nbytes, pageable_s),
     h2d_pinned=_gbps(chunk.nbytes, pinned_s),
     pinned_staging=_gbps(chunk.nbytes, stage_s),
-    **{k: _gbps(nbytes, v) for k, v in {**feed_s, **scan_s}.items()},
+    **{k: _gbps(nbytes, v) for k, v in {**read_s, **feed_s, **scan_s}.items()},
   )
   emit(
     section="stream", rows=n, d=d, chunk_rows=rows, store_chunk_rows=a.store_chunk, store_gib=nbytes / 2**30,
-    write_s=write_s, gbps=rates, queries=a.queries, k=a.k,
+    write_s=write_s, gbps=rates, queries=a.queries, k=a.k, read_threads=chunk_files.THREADS,
   )  # fmt: skip
   h2d = max(rates["h2d_pageable"], rates["h2d_pinned"])
   for name in (
     "feed_previous",
     "feed_pageable",
     "feed_pinned",
+    "feed_pinned_tensorstore",
     "retrieve_previous",
     "retrieve_new",
     "retrieve_new_pageable",
+    "retrieve_new_tensorstore",
   ):
     ratio(f"stream_{name}_vs_h2d", rates[name] / h2d)
+  ratio("stream_store_read_direct_vs_sequential_read", rates["store_read_direct"] / rates["sequential_read"])
+  ratio("stream_store_read_direct_vs_tensorstore", rates["store_read_direct"] / rates["store_read_tensorstore"])
+  ratio("stream_retrieve_new_vs_tensorstore", rates["retrieve_new"] / rates["retrieve_new_tensorstore"])
   ratio("stream_retrieve_new_vs_sequential_read", rates["retrieve_new"] / rates["sequential_read"])
   ratio("stream_retrieve_new_vs_previous", rates["retrieve_new"] / rates["retrieve_previous"])
   shutil.rmtree(path, ignore_errors=True)
