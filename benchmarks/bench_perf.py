@@ -214,7 +214,10 @@ def stream_section(a, root: str) -> None:
   seq_s = best_time(read_files, lambda: None, a.repeat)
   ts_store = store_lib.open_store(path, direct_reads=False)  # phi through TensorStore: the path before chunk_files
   if not store.direct_reads or ts_store.direct_reads:
-    raise RuntimeError(f"{path}: expected direct reads on the first store and off on the second.")
+    raise RuntimeError(
+      f"{path}: direct reads are {store.direct_reads} (expected on) with direct_reads=True and {ts_store.direct_reads} "
+      "with direct_reads=False: is google-crc32c installed (pip install google-crc32c), TRACKSTAR_DIRECT_READS unset?"
+    )
 
   def read_store(s):
     for _ in s.iter_chunks(rows_per_chunk=rows, prefetch=4):
