@@ -15,10 +15,14 @@ retrieval  One `StreamingTopK` step over a device-resident chunk (Q=1024, d=4096
            round them differently by an ulp).
 stream     A bf16 store on local disk (just written, so in the page cache) streamed
            to the device: a plain sequential read of its files (GB/s), the
-           host-to-device copy rate of one chunk from pageable memory and from
+           store's reads alone (`iter_chunks`, 4 in flight) with phi read
+           directly from the chunk files (`chunk_files`, the default for local
+           stores) and through TensorStore (direct_reads=False: *_tensorstore),
+           the host-to-device copy rate of one chunk from pageable memory and from
            pinned memory, the feed alone (store reads in flight + background
            copies), and whole `retrieval.retrieve` scans with the previous loop
-           (reference step, 2 reads, inline copies, pageable) and the new one.
+           (reference step, 2 reads, inline copies, pageable) and the new one;
+           feed and scan with direct reads unless named *_tensorstore.
 encode     The encode job's loop (`encoding.encode_to_store`, exact Adam by default)
            into a local-disk store and into memory://, pipelined and not, against
            the encoder kernel alone and a jitted AdamW training step, all at the
@@ -48,7 +52,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import trackstar_jax as tsj  # noqa: E402
-from trackstar_jax import configs, encoding, losses, retrieval  # noqa: E402
+from trackstar_jax import chunk_files, configs, encoding, losses, retrieval  # noqa: E402
 from trackstar_jax import mesh as mesh_lib  # noqa: E402
 from trackstar_jax import store as store_lib  # noqa: E402
 from trackstar_jax.data import batching  # noqa: E402
@@ -144,17 +148,16 @@ def retrieval_case(a, *, full_inv: bool) -> None:
   )
   results, times = {}, {}
   norm_fn = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv)  # the fused step's norms, shared below
-  for variant in ("reference", "fused_first", "fused_cached"):
-    select = "reference" if variant == "reference" else "fused"
+  variants = ("reference", "fused_first", "fused_cached", "kernel_cached")
+  for variant in variants:
+    select = variant.split("_")[0]
     topk = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv, select=select)
     chunk = topk.put(start=0, ids=ids, phi=phis[0])
-    if variant == "fused_cached":
+    if variant.endswith("_cached"):
       chunk = chunk._replace(inv_norms=topk.update_device(chunk))
     times[variant] = best_time(lambda: topk.update_device(chunk), topk.wait, a.repeat, a.steps)  # noqa: B023
-    if a.trace_dir and variant == "fused_cached":
-      trace(
-        a, f"retrieval_{'full' if full_inv else 'no'}_inv_fused_cached", lambda: topk.update_device(chunk), topk.wait
-      )  # noqa: B023
+    if a.trace_dir and variant.endswith("_cached") and d == FULL["dim"]:
+      trace(a, f"retrieval_{'full' if full_inv else 'no'}_inv_{variant}", lambda: topk.update_device(chunk), topk.wait)  # noqa: B023
     if variant == "fused_first":
       norm_out = [None]
       times["norms"] = best_time(
@@ -167,6 +170,7 @@ def retrieval_case(a, *, full_inv: bool) -> None:
   # step fed the same norms (the selection alone), and vs the reference step verbatim (norms inside it).
   for variant, select, shared in (
     ("fused", "fused", False),
+    ("kernel", "kernel", False),
     ("reference", "reference", True),
     ("inline", "reference", False),
   ):
@@ -178,20 +182,25 @@ def retrieval_case(a, *, full_inv: bool) -> None:
       check.update_device(ch)
     results[variant] = _state(check)
   flops = 2 * q_n * c * d
-  equal = {v: all(np.array_equal(x, y) for x, y in zip(results[v], results["reference"])) for v in ("fused", "inline")}
+  equal = {
+    v: all(np.array_equal(x, y) for x, y in zip(results[v], results["reference"]))
+    for v in ("fused", "kernel", "inline")
+  }
   rows_equal = all(np.array_equal(results["fused"][i], results["inline"][i]) for i in (1, 3))
   max_diff = max(float(np.nanmax(np.abs(results["fused"][i] - results["inline"][i]))) for i in (0, 2))
   r = emit(
     section="retrieval", Q=q_n, d=d, C=c, k=k, full_inv=full_inv, matmul_ms=t_mm * 1e3,
     matmul_tflops=flops / t_mm / 1e12, **{f"{v}_ms": t * 1e3 for v, t in times.items()},
-    **{f"{v}_ratio": t_mm / times[v] for v in ("reference", "fused_first", "fused_cached")},
-    bitwise_equal=equal["fused"], bitwise_equal_inline_norms=equal["inline"], rows_equal_inline_norms=rows_equal,
+    **{f"{v}_ratio": t_mm / times[v] for v in variants},
+    bitwise_equal=equal["fused"], kernel_bitwise_equal=equal["kernel"], bitwise_equal_inline_norms=equal["inline"],
+    rows_equal_inline_norms=rows_equal,
     max_score_diff_inline_norms=max_diff,
   )  # fmt: skip
   tag = ("full_inv" if full_inv else "no_inv") + ("" if d == FULL["dim"] or a.small else f"_d{d}")
-  for v in ("reference", "fused_first", "fused_cached"):
+  for v in variants:
     ratio(f"retrieval_{tag}_{v}_vs_matmul", r[f"{v}_ratio"])
   ratio(f"retrieval_{tag}_bitwise_equal", float(equal["fused"]))
+  ratio(f"retrieval_{tag}_kernel_bitwise_equal", float(equal["kernel"]))
   ratio(f"retrieval_{tag}_bitwise_equal_inline_norms", float(equal["inline"]))
 
 
@@ -229,6 +238,21 @@ def stream_section(a, root: str) -> None:
           pass
 
   seq_s = best_time(read_files, lambda: None, a.repeat)
+  ts_store = store_lib.open_store(path, direct_reads=False)  # phi through TensorStore: the path before chunk_files
+  if not store.direct_reads or ts_store.direct_reads:
+    raise RuntimeError(
+      f"{path}: direct reads are {store.direct_reads} (expected on) with direct_reads=True and {ts_store.direct_reads} "
+      "with direct_reads=False: is google-crc32c installed (pip install google-crc32c), TRACKSTAR_DIRECT_READS unset?"
+    )
+
+  def read_store(s):
+    for _ in s.iter_chunks(rows_per_chunk=rows, prefetch=4):
+      pass
+
+  read_s = {
+    "store_read_direct": best_time(lambda: read_store(store), lambda: None, a.repeat),
+    "store_read_tensorstore": best_time(lambda: read_store(ts_store), lambda: None, a.repeat),
+  }
   dev = jax.local_devices()[0]
   chunk = np.asarray(store.read(0, rows).phi)
   dst = jax.sharding.SingleDeviceSharding(dev)
@@ -244,35 +268,57 @@ def stream_section(a, root: str) -> None:
   stage_s = best_time(
     lambda: out.__setitem__(0, jax.device_put(chunk, pinned.sharding)), lambda: out[0].block_until_ready(), a.repeat
   )
+  piece = retrieval.RetrieveOptions.copy_piece_mib << 20
+  pieces_s = {  # the copy the feed makes: retrieval.put_in_pieces (32 MiB copies, joined on the device)
+    f"h2d_pieces{'_pinned' if p else ''}": best_time(
+      lambda p=p: out.__setitem__(0, retrieval.put_in_pieces(chunk, dst, piece_bytes=piece, pinned=p)),
+      lambda: out[0].block_until_ready(),
+      a.repeat,
+    )
+    for p in (False, True)
+  }
   q = np.random.default_rng(2).normal(size=(a.queries, d)).astype(np.float32)
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
 
-  def feed(reads, ahead, pinned_on):
-    topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh)
+  def feed(reads, ahead, pinned_on, src=store, piece_mib=retrieval.RetrieveOptions.copy_piece_mib):
+    topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh, copy_piece_mib=piece_mib)
     last = None
     for ch in retrieval.device_chunks(
-      topk, store.iter_chunks(rows_per_chunk=rows, prefetch=reads), pad_to=rows, ahead=ahead, pinned=pinned_on
+      topk, src.iter_chunks(rows_per_chunk=rows, prefetch=reads), pad_to=rows, ahead=ahead, pinned=pinned_on
     ):
       last = ch.phi
     last.block_until_ready()
 
   feeds = {
-    "feed_previous": (2, 0, False),  # the previous loop's reads and inline pageable copies
+    "feed_previous": (2, 0, False, ts_store, 0),  # the previous loop: TensorStore, 2 reads, inline whole copies
     "feed_pageable": (4, 2, False),
     "feed_pinned": (4, 2, True),
+    "feed_pageable_one_copy": (4, 2, False, store, 0),  # direct reads, one copy per chunk
+    "feed_pinned_one_copy": (4, 2, True, store, 0),
+    "feed_pinned_tensorstore": (4, 2, True, ts_store),
   }
   feed_s = {name: best_time(lambda cfg=cfg: feed(*cfg), lambda: None, a.repeat) for name, cfg in feeds.items()}
   scans = {
     "retrieve_previous": dict(
-      select="reference", reads_in_flight=2, transfers_ahead=0, pinned=False, cache_norms=False
+      select="reference", reads_in_flight=2, transfers_ahead=0, pinned=False, cache_norms=False, copy_piece_mib=0
     ),
     "retrieve_new": dict(cache_norms=False),
     "retrieve_new_pageable": dict(pinned=False, cache_norms=False),
+    "retrieve_new_tensorstore": dict(cache_norms=False),
   }
   scan_s = {
     name: best_time(
-      lambda kw=kw: retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, **kw), lambda: None, a.repeat
+      lambda name=name, kw=kw: retrieval.retrieve(
+        ts_store if name.endswith(("_tensorstore", "_previous")) else store,
+        q,
+        k=a.k,
+        rows_per_chunk=rows,
+        mesh=mesh,
+        **kw,
+      ),
+      lambda: None,
+      a.repeat,
     )
     for name, kw in scans.items()
   }
@@ -281,22 +327,30 @@ def stream_section(a, root: str) -> None:
     h2d_pageable=_gbps(chunk.nbytes, pageable_s),
     h2d_pinned=_gbps(chunk.nbytes, pinned_s),
     pinned_staging=_gbps(chunk.nbytes, stage_s),
-    **{k: _gbps(nbytes, v) for k, v in {**feed_s, **scan_s}.items()},
+    **{k: _gbps(chunk.nbytes, v) for k, v in pieces_s.items()},
+    **{k: _gbps(nbytes, v) for k, v in {**read_s, **feed_s, **scan_s}.items()},
   )
   emit(
     section="stream", rows=n, d=d, chunk_rows=rows, store_chunk_rows=a.store_chunk, store_gib=nbytes / 2**30,
-    write_s=write_s, gbps=rates, queries=a.queries, k=a.k,
+    write_s=write_s, gbps=rates, queries=a.queries, k=a.k, read_threads=chunk_files.THREADS,
   )  # fmt: skip
-  h2d = max(rates["h2d_pageable"], rates["h2d_pinned"])
+  h2d = max(rates[k] for k in ("h2d_pageable", "h2d_pinned", "h2d_pieces", "h2d_pieces_pinned"))  # the best copy
   for name in (
     "feed_previous",
     "feed_pageable",
     "feed_pinned",
+    "feed_pageable_one_copy",
+    "feed_pinned_one_copy",
+    "feed_pinned_tensorstore",
     "retrieve_previous",
     "retrieve_new",
     "retrieve_new_pageable",
+    "retrieve_new_tensorstore",
   ):
     ratio(f"stream_{name}_vs_h2d", rates[name] / h2d)
+  ratio("stream_store_read_direct_vs_sequential_read", rates["store_read_direct"] / rates["sequential_read"])
+  ratio("stream_store_read_direct_vs_tensorstore", rates["store_read_direct"] / rates["store_read_tensorstore"])
+  ratio("stream_retrieve_new_vs_tensorstore", rates["retrieve_new"] / rates["retrieve_new_tensorstore"])
   ratio("stream_retrieve_new_vs_sequential_read", rates["retrieve_new"] / rates["sequential_read"])
   ratio("stream_retrieve_new_vs_previous", rates["retrieve_new"] / rates["retrieve_previous"])
   shutil.rmtree(path, ignore_errors=True)

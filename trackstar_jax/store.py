@@ -46,6 +46,16 @@ worst some unmarked, possibly half-written chunks; the restart recomputes
 exactly those (`pending_chunks`) and, since encoding is deterministic, the
 final store equals an uninterrupted run's.
 
+Direct reads. On a local store (a path or file://), phi rows are read
+straight from their zarr chunk files by `chunk_files.ChunkFiles` (checking
+every chunk's crc32c, on a process-wide thread pool), several times faster
+than TensorStore's file kvstore; ids and scales, which are small, and
+`verify()` still go through TensorStore. `open_store(url, direct_reads=False)`,
+`store.direct_reads = False`, or the environment TRACKSTAR_DIRECT_READS=0 read
+phi with TensorStore too. Either way a damaged chunk raises the same
+`StoreDataError`: a direct read's error makes the store re-check the chunks
+with TensorStore, which names them.
+
 TensorStore starts threads: never fork() a process after using this module
 (tests use subprocesses / the spawn start method).
 """
@@ -65,6 +75,7 @@ from absl import logging
 import numpy as np
 import tensorstore as ts
 
+from trackstar_jax import chunk_files as chunk_files_lib
 from trackstar_jax import fileio, quantize, remote
 from trackstar_jax import progress as progress_lib
 
@@ -76,6 +87,9 @@ _MARKER = re.compile(r"^(\d+)-(\d+)$")
 # One context for every open in this process: `memory://` data lives in it.
 CONTEXT = fileio.CONTEXT
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+DIRECT_READS_ENV = "TRACKSTAR_DIRECT_READS"  # "0" reads phi with TensorStore even on local stores
+_logged_read_paths: set[tuple[str, str]] = set()
+_warned_no_crc32c = False
 
 
 class IncompleteStoreError(RuntimeError):
@@ -215,12 +229,33 @@ class EncodingStore:
     *,
     format: str = FORMAT,  # pylint: disable=redefined-builtin
     scale: ts.TensorStore | None = None,
+    direct_reads: bool = True,
   ):
     self.url, self.meta, self._kv, self.phi, self.ids, self.format = url, meta, kv, phi, ids, format
     self.scale = scale  # int8 / int4 stores: the scales array
     self.layout = quantize.layout(meta.dtype, meta.dim)
     if quantize.is_quantized(meta.dtype) and scale is None:
       raise ValueError(f"Encoding store {url} of dtype {meta.dtype} needs its scale/ array.")
+    self._files: chunk_files_lib.ChunkFiles | None = None
+    self.direct_reads = direct_reads
+
+  @property
+  def direct_reads(self) -> bool:
+    """True when phi is read straight from the chunk files (`chunk_files`), False: through TensorStore.
+
+    Setting True asks for direct reads; they happen only for a local store whose
+    layout `chunk_files` reads, with TRACKSTAR_DIRECT_READS not "0" (and, for
+    checksummed stores, google-crc32c installed).
+    """
+    return self._files is not None
+
+  @direct_reads.setter
+  def direct_reads(self, on: bool) -> None:
+    self._files, why = _direct_reader(self.phi, self.num_rows) if on else (None, "direct_reads=False")
+    path = "directly from its chunk files" if self._files else f"through TensorStore ({why})"
+    if (self.url, path) not in _logged_read_paths:
+      _logged_read_paths.add((self.url, path))
+      logging.info("Encoding store %s: phi is read %s.", self.url, path)
 
   @property
   def dtype(self) -> str:
@@ -503,7 +538,9 @@ class EncodingStore:
   # --- reading --------------------------------------------------------------
 
   def _start_read(self, start: int, stop: int) -> list[Any]:
-    return [arr[start:stop].read() for _, arr in self._arrays()]  # phi, ids[, scale]
+    """Futures of rows [start, stop) of phi, ids[, scale] (phi from the chunk files when `direct_reads`)."""
+    phi = self._files.read(start, stop) if self._files is not None else self.phi[start:stop].read()
+    return [phi] + [arr[start:stop].read() for _, arr in self._arrays()[1:]]
 
   def _chunk(self, start: int, stop: int, futures: Sequence[Any]) -> Chunk:
     what = f"Reading rows [{start}, {stop})"
@@ -626,8 +663,38 @@ def _array_spec(kv: Mapping[str, Any], shape: Sequence[int], chunk: Sequence[int
   }
 
 
+def _direct_reader(phi: ts.TensorStore, num_rows: int) -> tuple[chunk_files_lib.ChunkFiles | None, str]:
+  """A `ChunkFiles` reader of the phi array, or None and why phi is read with TensorStore."""
+  global _warned_no_crc32c
+  if os.environ.get(DIRECT_READS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    return None, f"{DIRECT_READS_ENV}={os.environ[DIRECT_READS_ENV]}"
+  spec = phi.spec().to_json()
+  kv = spec.get("kvstore", {})
+  if kv.get("driver") != "file":
+    return None, f"not a local store: kvstore {kv.get('driver')!r}"
+  lay = chunk_files_lib.zarr3_layout(spec.get("metadata", {}))
+  if isinstance(lay, str) or lay.num_rows != num_rows:
+    return None, f"phi/ layout not read directly: {lay}"
+  why = chunk_files_lib.unavailable(lay.checksum)
+  if why:
+    if not _warned_no_crc32c:
+      _warned_no_crc32c = True
+      logging.warning("Encoding stores are read with TensorStore, several times slower than directly: %s.", why)
+    return None, why
+  reader = chunk_files_lib.ChunkFiles(
+    kv["path"], chunk_rows=lay.chunk_rows, num_rows=lay.num_rows, cols=lay.cols,
+    dtype=phi.dtype.numpy_dtype, checksum=lay.checksum,
+  )  # fmt: skip
+  return reader, ""
+
+
 def open_store(
-  url: str, *, expected_meta: StoreMeta | None = None, create: bool = False, fsync: bool = True
+  url: str,
+  *,
+  expected_meta: StoreMeta | None = None,
+  create: bool = False,
+  fsync: bool = True,
+  direct_reads: bool = True,
 ) -> EncodingStore:
   """Opens (or, with `create=True`, creates) the encoding store at `url`.
 
@@ -641,6 +708,8 @@ def open_store(
       written (TensorStore's `file_io_sync`). False leaves that to the OS: a chunk
       lost in a crash is then found by the checksums and presence checks of every
       read (`StoreDataError`, repaired by `verify_store --repair` and a re-encode).
+    direct_reads: read phi of a local store straight from its chunk files
+      (`EncodingStore.direct_reads`; TRACKSTAR_DIRECT_READS=0 turns it off).
 
   Raises:
     remote.RemoteTimeoutError: a remote URL (gs://) did not answer in time.
@@ -680,7 +749,15 @@ def open_store(
       )
       for name in names
     ]
-    return EncodingStore(url, kv, meta, *arrays[:2], format=obj.get("format", FORMAT), scale=(arrays[2:] or [None])[0])
+    return EncodingStore(
+      url,
+      kv,
+      meta,
+      *arrays[:2],
+      format=obj.get("format", FORMAT),
+      scale=(arrays[2:] or [None])[0],
+      direct_reads=direct_reads,
+    )
   if not create:
     raise FileNotFoundError(f"No encoding store at {url} (no meta.json). Run launch/encode.py first.")
   if expected_meta is None:
@@ -710,4 +787,4 @@ def open_store(
   logging.info(
     "Created encoding store %s: %d rows x %d (%s), chunks of %d", url, m.num_rows, m.dim, m.dtype, m.chunk_rows
   )
-  return EncodingStore(url, kv, m, arrays["phi"], arrays["ids"], scale=arrays.get("scale"))
+  return EncodingStore(url, kv, m, arrays["phi"], arrays["ids"], scale=arrays.get("scale"), direct_reads=direct_reads)
