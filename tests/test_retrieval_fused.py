@@ -7,7 +7,6 @@ cache (a second scan reads the norms instead of recomputing them, with the same
 result), and the background feed (pinned staging, errors, early exit).
 """
 
-import functools
 import logging as py_logging
 import os
 import uuid
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from trackstar_jax import norms as norms_lib
-from trackstar_jax import retrieval, topk_kernel
+from trackstar_jax import retrieval
 from trackstar_jax import store as store_lib
 
 
@@ -74,9 +73,6 @@ def test_fused_equals_reference_bitwise(transform, normalize, dtype, rows, n_dev
   for name, g, w in zip(("top_v", "top_rows", "bot_v", "bot_rows"), got, want):
     np.testing.assert_array_equal(g, w, err_msg=name)
   assert np.isfinite(got[0]).all()
-  # The Pallas group selection (here in its interpreter) returns the same groups: the same result, bit for bit.
-  for name, g, w in zip(("top_v", "top_rows", "bot_v", "bot_rows"), _scan("kernel", q, phi, ids, **kw), got):
-    np.testing.assert_array_equal(g, w, err_msg=f"kernel {name}")
   # The previous step verbatim (norms inside it): XLA may round a norm differently in another fusion (1 ulp).
   inline = _scan("reference", q, phi, ids, **kw)
   for name, g, w in zip(("top_v", "top_rows", "bot_v", "bot_rows"), got, inline):
@@ -124,32 +120,15 @@ def test_merge_both_equals_two_reference_merges(groups, ranked):
       for i, key in enumerate((x, -x))
     ]
 
-  def fused(run_v, run_r, s, scale, valid, group_topk=None):
-    v, r = retrieval._merge_both(  # pylint: disable=protected-access
-      run_v.reshape(2 * q_n, k), run_r.reshape(2 * q_n, k), s, scale, valid, row0, k, groups, group_topk=group_topk
-    )
+  def fused(run_v, run_r, s, scale, valid):
+    v, r = retrieval._merge_both(run_v.reshape(2 * q_n, k), run_r.reshape(2 * q_n, k), s, scale, valid, row0, k, groups)  # pylint: disable=protected-access
     return v.reshape(2, q_n, k), r.reshape(2, q_n, k)
 
   want = jax.jit(reference)(run_v, run_r, s, scale, valid)
-  for group_topk in (None, topk_kernel.group_topk) if groups else (None,):
-    got_v, got_r = jax.jit(functools.partial(fused, group_topk=group_topk))(run_v, run_r, s, scale, valid)
-    for side in range(2):
-      np.testing.assert_array_equal(got_v[side], want[side][0])
-      np.testing.assert_array_equal(got_r[side], want[side][1])
-
-
-@pytest.mark.parametrize("rows,width,k", [(6, 37, 10), (8, 256, 10), (5, 16, 3), (4, 64, 16), (9, 100, 1)])
-def test_group_topk_kernel_is_sorted_lax_top_k(rows, width, k):
-  """The kernel's indices are lax.top_k's set (ties and -inf to the lower index), ascending."""
-  rng = np.random.default_rng(width)
-  m = rng.integers(-3, 3, size=(rows, width)).astype(np.float32)  # many ties
-  m[0] = -np.inf  # a row of nothing valid
-  m[1, ::2] = -np.inf
-  got = np.asarray(topk_kernel.group_topk(jax.numpy.asarray(m), k))
-  want = np.sort(np.asarray(jax.lax.top_k(m, k)[1]), axis=1)
-  np.testing.assert_array_equal(got, want)
-  with pytest.raises(ValueError, match="0 < k"):
-    topk_kernel.group_topk(jax.numpy.asarray(m), width + 1)
+  got_v, got_r = jax.jit(fused)(run_v, run_r, s, scale, valid)
+  for side in range(2):
+    np.testing.assert_array_equal(got_v[side], want[side][0])
+    np.testing.assert_array_equal(got_r[side], want[side][1])
 
 
 def _store(tmp_path, phi, chunk_rows=64):
@@ -245,5 +224,5 @@ def test_inv_norms_need_normalize_and_select_is_checked():
   topk = retrieval.StreamingTopK(np.ones((2, 4), np.float32), k=1, mesh=_mesh(1), normalize=False)
   with pytest.raises(ValueError, match="need normalize=True"):
     topk.put(start=0, ids=np.arange(4), phi=np.ones((4, 4), np.float32), inv_norms=np.ones(4, np.float32))
-  with pytest.raises(ValueError, match="select .* must be 'auto', 'fused', 'kernel' or 'reference'"):
+  with pytest.raises(ValueError, match="select .* must be 'fused' or 'reference'"):
     retrieval.StreamingTopK(np.ones((2, 4), np.float32), k=1, select="fast")

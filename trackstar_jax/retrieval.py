@@ -80,7 +80,7 @@ from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import norms as norms_lib
 from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
-from trackstar_jax import quantize, topk_kernel
+from trackstar_jax import quantize
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 
@@ -94,10 +94,8 @@ class RetrieveOptions:
     chunk_rows: corpus rows read per host per step, split over its devices.
     normalize: unit-normalize the encodings (cosine); False: raw dot product.
     matmul_dtype: "bfloat16" (float32 accumulation; the fast path) or "float32" (exact).
-    select: "fused" (both sides' selection batched, norms computed outside the step or cached),
-      "kernel" (the same with the k best column groups picked by a Pallas kernel, `topk_kernel`; GPU),
-      "auto" ("kernel" on a GPU, else "fused") or "reference" (the previous step, kept to check the
-      others against: all give bitwise-equal results).
+    select: "fused" (both sides' selection batched, norms computed outside the step or cached) or
+      "reference" (the previous step, kept to check "fused" against: bitwise-equal results).
     cache_norms: keep 1 / ||R^{-1/2} phi|| per chunk from the first scan (`norms.NormCache`; beside
       an `EncodingStore` on storage) so that later scans skip the transform.
     reads_in_flight: store chunk reads outstanding while the devices work.
@@ -283,7 +281,7 @@ def _merge_running(vals, rows, new_vals, row0, k, groups=()):
   return v, jnp.take_along_axis(jnp.concatenate([rows, row0 + cols], axis=-1), i, axis=-1)
 
 
-def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=(), group_topk=None):
+def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=()):
   """`_merge_running` of both sides at once, bitwise equal to the two calls the reference step makes.
 
   run_v, run_r: [2Q, k] running lists, top side (keys s * scale) then bottom side (keys -(s * scale));
@@ -293,8 +291,6 @@ def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=(), group_topk=No
   (the keys are recomputed where they are read: in the group maxima, one pass over s for both sides,
   and at the k * g gathered candidates), and every later op runs once over both sides' [2Q, ...]
   rows instead of once per side (half the small kernels). Same ops on the same values, same order.
-  `group_topk` (`topk_kernel.group_topk`) picks the k best groups in one kernel instead of the
-  second level of maxima, two `lax.top_k` and two sorts: the same indices, so the same result.
   """
   q = s.shape[0]
   pad = -s.shape[1] % math.prod(groups)
@@ -314,12 +310,9 @@ def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=(), group_topk=No
     g, c = groups[0], s.shape[1]
     top, bot = keys(s, None if scale is None else scale[None], valid[None])
     maxima = jnp.concatenate([top.reshape(q, c // g, g).max(axis=-1), bot.reshape(q, c // g, g).max(axis=-1)])
-    if group_topk is not None:
-      gi = group_topk(maxima, k)
-    else:
-      cand_v, cand_i = _candidates(maxima, k, tuple(groups[1:]))
-      _, j = lax.top_k(cand_v, k)
-      gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [2Q, k] best groups, in column order
+    cand_v, cand_i = _candidates(maxima, k, tuple(groups[1:]))
+    _, j = lax.top_k(cand_v, k)
+    gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [2Q, k] best groups, in column order
     cols = (gi[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(2 * q, k * g)
     raw = jnp.concatenate([jnp.take_along_axis(s, cols[:q], axis=-1), jnp.take_along_axis(s, cols[q:], axis=-1)])
     sc = None if scale is None else scale[cols]
@@ -447,9 +440,8 @@ def _compiled(
     groups = group_sizes(c, k) if hierarchical else ()
     s = jnp.dot(qm, phi.astype(mm).T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
     v, r = _merge_both(
-      jnp.concatenate([top_v, bot_v]), jnp.concatenate([top_r, bot_r]), s, scale, valid, row0, k, groups,
-      group_topk=topk_kernel.group_topk if select == "kernel" else None,
-    )  # fmt: skip
+      jnp.concatenate([top_v, bot_v]), jnp.concatenate([top_r, bot_r]), s, scale, valid, row0, k, groups
+    )
     q = top_v.shape[0]
     return tuple(x[None] for x in (v[:q], r[:q], v[q:], r[q:]))
 
@@ -539,12 +531,8 @@ class StreamingTopK:
       raise ValueError(f"k (config.retrieve.k) must be > 0, got {k}.")
     if matmul_dtype not in ("bfloat16", "float32"):
       raise ValueError(f"matmul_dtype must be 'bfloat16' or 'float32', got {matmul_dtype!r}.")
-    if select == "auto":
-      select = "kernel" if topk_kernel.available() else "fused"
-    if select not in ("fused", "kernel", "reference"):
-      raise ValueError(
-        f"select (config.retrieve.select) must be 'auto', 'fused', 'kernel' or 'reference', got {select!r}."
-      )
+    if select not in ("fused", "reference"):
+      raise ValueError(f"select (config.retrieve.select) must be 'fused' or 'reference', got {select!r}.")
     self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
     if any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
       raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
