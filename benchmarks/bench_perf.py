@@ -413,19 +413,21 @@ def encode_section(a, root: str) -> None:
   warm = store_lib.open_store(f"memory://bench_enc_{os.getpid()}_warm", expected_meta=meta, create=True)
   encoding.encode_to_store(enc, examples, store=warm, batch_size=a.batch)  # compiles what the job's batches need
   job_s = {}
-  for name, url, pipeline, writes, fsync in (
-    ("job_disk_pipelined", os.path.join(root, "enc_p"), True, 2, True),
-    ("job_disk_previous_loop", os.path.join(root, "enc_u"), False, 2, True),
-    ("job_disk_writes8", os.path.join(root, "enc_w"), True, 8, True),
-    ("job_disk_writes8_nosync", os.path.join(root, "enc_n"), True, 8, False),
-    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, 2, True),
-    ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False, 2, True),
+  # (name, url, pipelined loop, writes in flight, fsync, phi written directly to its chunk files)
+  for name, url, pipeline, writes, fsync, direct in (
+    ("job_disk_pipelined", os.path.join(root, "enc_p"), True, 2, True, True),
+    ("job_disk_tensorstore", os.path.join(root, "enc_t"), True, 2, True, False),  # before direct writes
+    ("job_disk_previous_loop", os.path.join(root, "enc_u"), False, 2, True, False),
+    ("job_disk_writes8", os.path.join(root, "enc_w"), True, 8, True, True),
+    ("job_disk_writes8_nosync", os.path.join(root, "enc_n"), True, 8, False, True),
+    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, 2, True, False),
+    ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False, 2, True, False),
   ):
     best = float("inf")
     for rep in range(min(2, a.repeat)):  # whole jobs: seconds each, little spread
       # A new URL per run: reopening a finished store would resume it with nothing left to encode.
       run_url = f"{url}_{rep}"
-      store = store_lib.open_store(run_url, expected_meta=meta, create=True, fsync=fsync)
+      store = store_lib.open_store(run_url, expected_meta=meta, create=True, fsync=fsync, direct_writes=direct)
       if store.completed_chunks():
         raise RuntimeError(f"{run_url} is not empty: the timing would measure a resume.")
       t = time.perf_counter()

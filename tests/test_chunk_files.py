@@ -295,3 +295,41 @@ def test_zarr3_layout_refuses_what_it_cannot_read():
     ({"shape": [37]}, "2-D"),
   ):
     assert words in chunk_files.zarr3_layout(dict(base, **change))
+
+
+@pytest.mark.parametrize("num_rows", [37, 32])  # an edge chunk padded with fill rows, and none
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8", "int4"])
+def test_direct_writes_make_tensorstores_files(tmp_path, dtype, num_rows):
+  """Chunk files written directly are TensorStore's, byte for byte (data, fill rows, crc32c), and read back."""
+  meta = store_lib.StoreMeta(num_rows=num_rows, dim=DIM, dtype=dtype, chunk_rows=CHUNK)
+  phi = np.random.default_rng(num_rows).normal(size=(num_rows, DIM)).astype(np.float32)
+  files = {}
+  for direct in (True, False):
+    root = tmp_path / f"{direct}.zarr"
+    store = store_lib.open_store(f"file://{root}", expected_meta=meta, create=True, direct_writes=direct, fsync=direct)
+    assert store.direct_writes == direct
+    with store_lib.AsyncWriter(store) as writer:
+      for c in range(store.num_chunks):
+        a, b = store.chunk_range(c)
+        writer.submit(start=a, ids=np.arange(a, b), phi=phi[a:b])
+    names = sorted(p.relative_to(root / "phi") for p in (root / "phi" / "c").rglob("*") if p.is_file())
+    files[direct] = {str(n): (root / "phi" / n).read_bytes() for n in names}
+    assert store.is_complete()
+  assert files[True] == files[False] and len(files[True]) == -(-num_rows // CHUNK)
+  on, off = _both(f"file://{tmp_path}/True.zarr")
+  _assert_same_chunk(on.read(0, num_rows), off.read(0, num_rows))  # TensorStore checks every crc32c
+
+
+def test_direct_write_leftovers_and_bad_writes(tmp_path, monkeypatch):
+  """A killed write's temporary file is no chunk; misaligned writes are refused; the env var turns writes off."""
+  url = _store(tmp_path / "s.zarr")
+  store = store_lib.open_store(url)
+  (tmp_path / "s.zarr" / "phi" / "c" / "2" / "0.dead.tmp").write_bytes(b"partial")
+  (tmp_path / "s.zarr" / "phi" / "c" / "2" / "0").unlink()
+  assert 2 not in store.stored_chunks() and 2 not in store.completed_chunks() and {0, 1, 3, 4} <= store.stored_chunks()
+  with pytest.raises(ValueError, match="whole chunks"):
+    store._files.write(3, np.zeros((8, DIM), np.float32))  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="columns"):
+    store._files.write(0, np.zeros((8, DIM + 1), np.float32))  # pylint: disable=protected-access
+  monkeypatch.setenv(store_lib.DIRECT_WRITES_ENV, "0")
+  assert not store_lib.open_store(url).direct_writes and store_lib.open_store(url).direct_reads

@@ -45,6 +45,7 @@ import os
 import threading
 import time
 from typing import Any, NamedTuple
+import uuid
 
 import numpy as np
 
@@ -127,17 +128,16 @@ def zarr3_layout(metadata: Mapping[str, Any]) -> Layout | str:
   return Layout(int(chunk[0]), int(shape[0]), int(shape[1]), names == ["bytes", "crc32c"])
 
 
-class ReadFuture:
-  """The rows of one `ChunkFiles.read`: `result()` waits for every chunk task and raises the first error."""
+class Futures:
+  """Several chunk tasks as one future: `result()` waits for all of them and raises the first error."""
 
-  def __init__(self, out: np.ndarray, futures: Sequence[concurrent.futures.Future]):
-    self._out, self._futures = out, list(futures)
+  def __init__(self, futures: Sequence[concurrent.futures.Future]):
+    self._futures = list(futures)
 
-  def result(self, timeout: float | None = None) -> np.ndarray:
+  def result(self, timeout: float | None = None) -> None:
     deadline = None if timeout is None else time.monotonic() + timeout
     for f in self._futures:  # in chunk order: the first damaged chunk's error is raised
       f.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-    return self._out
 
   def done(self) -> bool:
     return all(f.done() for f in self._futures)
@@ -145,6 +145,27 @@ class ReadFuture:
   def cancel(self) -> bool:
     cancelled = [f.cancel() for f in self._futures]  # every one, not up to the first that runs already
     return all(cancelled)
+
+
+class ReadFuture(Futures):
+  """The rows of one `ChunkFiles.read`: `result()` waits for every chunk task, raises the first error, returns them."""
+
+  def __init__(self, out: np.ndarray, futures: Sequence[concurrent.futures.Future]):
+    super().__init__(futures)
+    self._out = out
+
+  def result(self, timeout: float | None = None) -> np.ndarray:
+    super().result(timeout)
+    return self._out
+
+
+def _crc32c(data: np.ndarray, crc: int = 0) -> int:
+  """crc32c of a uint8 buffer, continuing `crc` (the `crc32c` package in place, else google_crc32c by pieces)."""
+  if crc32c_buffers is not None:
+    return crc32c_buffers.crc32c(data, crc)
+  for p0 in range(0, data.size, PIECE):
+    crc = google_crc32c.extend(crc, data[p0 : p0 + PIECE].tobytes())
+  return crc
 
 
 class ChunkFiles:
@@ -230,6 +251,59 @@ class ChunkFiles:
       raise ValueError(f"Reading chunk file {path} ({rows}) failed: {e}") from e
     finally:
       os.close(fd)
+
+  def write(self, start: int, rows: np.ndarray, *, fsync: bool = True) -> Futures:
+    """Starts writing rows [start, start + n) as whole chunk files; returns at once (`.result()` waits).
+
+    `start` is a chunk boundary and the rows end at one or at num_rows (the last
+    chunk is padded with fill rows, zeros, as zarr stores it). Each chunk file
+    is written to a temporary name beside it (data, then its crc32c when the
+    array has the codec), flushed to the disk when `fsync`, and renamed into
+    place: a reader sees the old file or the new one, never a part.
+    """
+    n = rows.shape[0]
+    stop = start + n
+    if start % self.chunk_rows or not (stop % self.chunk_rows == 0 or stop == self.num_rows) or stop > self.num_rows:
+      raise ValueError(
+        f"Direct writes take whole chunks of {self.chunk_rows} rows (the last may end at {self.num_rows}); "
+        f"got rows [{start}, {stop}) for {self.directory}."
+      )
+    if rows.shape[1:] != (self.cols,):
+      raise ValueError(f"Rows of {self.directory} have {self.cols} columns, got shape {rows.shape}.")
+    if self.checksum and unavailable(True):
+      raise RuntimeError(f"Cannot checksum chunks of {self.directory}: {unavailable(True)}.")
+    flat = np.ascontiguousarray(rows, self.dtype).reshape(-1).view(np.uint8)
+    pool = self._pool or executor()
+    c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)
+    return Futures(
+      [
+        pool.submit(self._write_chunk, c, flat[(c - c0) * self.data_bytes :][: self.data_bytes], fsync)
+        for c in range(c0, c1)
+      ]
+    )
+
+  def _write_chunk(self, chunk: int, data: np.ndarray, fsync: bool) -> None:
+    pad = np.zeros(self.data_bytes - data.size, np.uint8)  # fill rows of the last chunk
+    parts = [data, pad]
+    if self.checksum:
+      parts.append(np.frombuffer(_crc32c(pad, _crc32c(data)).to_bytes(_CRC_BYTES, "little"), np.uint8))
+    path = self.path(chunk)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      for part in parts:
+        view = memoryview(part)
+        while view.nbytes:
+          view = view[os.write(fd, view) :]
+      if fsync:
+        os.fsync(fd)
+    except BaseException:
+      os.close(fd)
+      os.unlink(tmp)
+      raise
+    os.close(fd)
+    os.replace(tmp, path)
 
   def _read_checked_in_place(self, fd: int, path: str, rows: str, b0: int, b1: int, dst: np.ndarray) -> None:
     """One preadv of the data part (into dst when it is all wanted, else a scratch buffer) and its crc32c."""

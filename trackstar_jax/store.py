@@ -46,7 +46,7 @@ worst some unmarked, possibly half-written chunks; the restart recomputes
 exactly those (`pending_chunks`) and, since encoding is deterministic, the
 final store equals an uninterrupted run's.
 
-Direct reads. On a local store (a path or file://), phi rows are read
+Direct reads and writes. On a local store (a path or file://), phi rows are read
 straight from their zarr chunk files by `chunk_files.ChunkFiles` (checking
 every chunk's crc32c, on a process-wide thread pool), several times faster
 than TensorStore's file kvstore; ids and scales, which are small, and
@@ -54,7 +54,10 @@ than TensorStore's file kvstore; ids and scales, which are small, and
 `store.direct_reads = False`, or the environment TRACKSTAR_DIRECT_READS=0 read
 phi with TensorStore too. Either way a damaged chunk raises the same
 `StoreDataError`: a direct read's error makes the store re-check the chunks
-with TensorStore, which names them.
+with TensorStore, which names them. Writes of phi go to the chunk files too
+(`chunk_files.ChunkFiles.write`: data + crc32c to a temporary file, renamed
+into place; TRACKSTAR_DIRECT_WRITES=0 or `direct_writes=False`: TensorStore),
+the same bytes TensorStore writes.
 
 TensorStore starts threads: never fork() a process after using this module
 (tests use subprocesses / the spawn start method).
@@ -88,6 +91,13 @@ _MARKER = re.compile(r"^(\d+)-(\d+)$")
 CONTEXT = fileio.CONTEXT
 _CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 DIRECT_READS_ENV = "TRACKSTAR_DIRECT_READS"  # "0" reads phi with TensorStore even on local stores
+DIRECT_WRITES_ENV = "TRACKSTAR_DIRECT_WRITES"  # "0" writes phi with TensorStore even on local stores
+
+
+def _env_on(name: str) -> bool:
+  return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 _logged_read_paths: set[tuple[str, str]] = set()
 _warned_no_crc32c = False
 
@@ -230,6 +240,8 @@ class EncodingStore:
     format: str = FORMAT,  # pylint: disable=redefined-builtin
     scale: ts.TensorStore | None = None,
     direct_reads: bool = True,
+    direct_writes: bool = True,
+    fsync: bool = True,
   ):
     self.url, self.meta, self._kv, self.phi, self.ids, self.format = url, meta, kv, phi, ids, format
     self.scale = scale  # int8 / int4 stores: the scales array
@@ -238,6 +250,17 @@ class EncodingStore:
       raise ValueError(f"Encoding store {url} of dtype {meta.dtype} needs its scale/ array.")
     self._files: chunk_files_lib.ChunkFiles | None = None
     self.direct_reads = direct_reads
+    # Direct writes need the same layout checks: they go with a direct reader of the same files.
+    self._direct_writes = direct_writes and _env_on(DIRECT_WRITES_ENV)
+    self._fsync = fsync
+
+  @property
+  def direct_writes(self) -> bool:
+    """True when phi chunks are written straight to their files (`chunk_files.ChunkFiles.write`).
+
+    Local stores only, with direct reads on (the same layout checks) and TRACKSTAR_DIRECT_WRITES not "0".
+    """
+    return self._direct_writes and self._files is not None
 
   @property
   def direct_reads(self) -> bool:
@@ -329,10 +352,14 @@ class EncodingStore:
 
   def stored_chunks(self) -> set[int]:
     """Chunks whose phi, ids (and scale) data objects exist (zarr v3 default keys `c/<i>/0` and `c/<i>`)."""
-    phi = {int(k.split("/")[0]) for k in self._list("phi/c/") if k.split("/")[0].isdigit()}
+
+    def rows_chunks(prefix):  # keys "<i>/0"; not a direct write's temporary "<i>/0.<hex>.tmp"
+      return {int(k[:-2]) for k in self._list(prefix) if k.endswith("/0") and k[:-2].isdigit()}
+
+    phi = rows_chunks("phi/c/")
     ids = {int(k) for k in self._list("ids/c/") if k.isdigit()}
     if self.quantized:
-      phi &= {int(k.split("/")[0]) for k in self._list("scale/c/") if k.split("/")[0].isdigit()}
+      phi &= rows_chunks("scale/c/")
     return phi & ids
 
   def completed_chunks(self) -> set[int]:
@@ -527,7 +554,11 @@ class EncodingStore:
       raise ValueError(f"Store {self.url} ({self.dtype}) takes {lay.codes_dtype} codes, got {codes.dtype}.")
     stop = self._check_write(start, n)
     codes = np.asarray(codes, self.phi.dtype.numpy_dtype)  # no copy when already the store's dtype
-    futures = [self.phi[start:stop].write(codes), self.ids[start:stop].write(ids)]
+    if self.direct_writes:  # TensorStore's file writes ran at ~0.6-0.8 GB/s on the H200 host (BENCHMARKS.md)
+      phi_write = self._files.write(start, codes, fsync=self._fsync)
+    else:
+      phi_write = self.phi[start:stop].write(codes)
+    futures = [phi_write, self.ids[start:stop].write(ids)]
     if scale is not None:
       futures.append(self.scale[start:stop].write(np.asarray(scale, np.float32)))
     return PendingWrite(self, start // self.chunk_rows, -(-stop // self.chunk_rows), futures, nbytes=self._nbytes(n))
@@ -666,7 +697,7 @@ def _array_spec(kv: Mapping[str, Any], shape: Sequence[int], chunk: Sequence[int
 def _direct_reader(phi: ts.TensorStore, num_rows: int) -> tuple[chunk_files_lib.ChunkFiles | None, str]:
   """A `ChunkFiles` reader of the phi array, or None and why phi is read with TensorStore."""
   global _warned_no_crc32c
-  if os.environ.get(DIRECT_READS_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+  if not _env_on(DIRECT_READS_ENV):
     return None, f"{DIRECT_READS_ENV}={os.environ[DIRECT_READS_ENV]}"
   spec = phi.spec().to_json()
   kv = spec.get("kvstore", {})
@@ -695,6 +726,7 @@ def open_store(
   create: bool = False,
   fsync: bool = True,
   direct_reads: bool = True,
+  direct_writes: bool = True,
 ) -> EncodingStore:
   """Opens (or, with `create=True`, creates) the encoding store at `url`.
 
@@ -710,6 +742,8 @@ def open_store(
       read (`StoreDataError`, repaired by `verify_store --repair` and a re-encode).
     direct_reads: read phi of a local store straight from its chunk files
       (`EncodingStore.direct_reads`; TRACKSTAR_DIRECT_READS=0 turns it off).
+    direct_writes: likewise write them (`EncodingStore.direct_writes`; needs direct
+      reads; TRACKSTAR_DIRECT_WRITES=0 turns it off). `fsync` applies to both paths.
 
   Raises:
     remote.RemoteTimeoutError: a remote URL (gs://) did not answer in time.
@@ -757,6 +791,8 @@ def open_store(
       format=obj.get("format", FORMAT),
       scale=(arrays[2:] or [None])[0],
       direct_reads=direct_reads,
+      direct_writes=direct_writes,
+      fsync=fsync,
     )
   if not create:
     raise FileNotFoundError(f"No encoding store at {url} (no meta.json). Run launch/encode.py first.")
@@ -787,4 +823,7 @@ def open_store(
   logging.info(
     "Created encoding store %s: %d rows x %d (%s), chunks of %d", url, m.num_rows, m.dim, m.dtype, m.chunk_rows
   )
-  return EncodingStore(url, kv, m, arrays["phi"], arrays["ids"], scale=arrays.get("scale"), direct_reads=direct_reads)
+  return EncodingStore(
+    url, kv, m, arrays["phi"], arrays["ids"], scale=arrays.get("scale"), direct_reads=direct_reads,
+    direct_writes=direct_writes, fsync=fsync,
+  )  # fmt: skip
