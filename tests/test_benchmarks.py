@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = ("encode", "encode_d2h", "retrieve", "retrieve_host")
 
 
-def _run(script: str, *args: str, devices: int = 1) -> list[dict]:
+def _run(script: str, *args: str, devices: int = 1, stdout: list | None = None) -> list[dict]:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
   env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   out = subprocess.run(
@@ -27,6 +27,8 @@ def _run(script: str, *args: str, devices: int = 1) -> list[dict]:
     timeout=330,
   )
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+  if stdout is not None:
+    stdout.append(out.stdout)
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -99,3 +101,17 @@ def test_bench_perf_small_prints_every_ratio():
     "job_memory_previous_loop",
   }
   assert all(v > 0 for v in rates.values()), rates
+
+
+def test_probes_small(tmp_path):
+  """The one-off diagnostics BENCHMARKS.md quotes still run; every layout of the fused step is bitwise the default."""
+  out = []
+  _run("probes/probe_stream.py", str(tmp_path), "--small", stdout=out)
+  probe = json.loads(out[-1].split("PROBE ", 1)[1].splitlines()[0])
+  assert {"preadv threads=16", "device_put 256MiB pageable", "tensorstore iter_chunks rows=256 prefetch=4"} <= set(
+    probe
+  )
+  assert all(v > 0 for v in probe.values()), probe
+  _run("probes/probe_selection.py", "groups", "--small", stdout=out)
+  groups = [line for line in out[-1].splitlines() if line.startswith("GROUPS")]
+  assert len(groups) == 8 and all(line.endswith("equal_to_default True") for line in groups), groups

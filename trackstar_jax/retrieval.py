@@ -31,9 +31,11 @@ later op runs once over both sides' rows. select="reference" keeps the
 previous step (two `_merge_running` calls, norms inside the step).
 
 Feeding (`retrieve`): the store keeps `reads_in_flight` chunk reads
-outstanding, a background thread pads each chunk and copies it to the devices
-(staged in pinned host memory where the devices have it) `transfers_ahead`
-chunks in front of the step, so reads, copies and compute overlap.
+outstanding (a local store reads its chunk files directly, `chunk_files`), a
+background thread pads each chunk and copies it to the devices in 32 MiB
+pieces (`put_in_pieces`; optionally staged in pinned host memory)
+`transfers_ahead` chunks in front of the step, so reads, copies and compute
+overlap.
 
 Tie order (deterministic, independent of device count, host count and chunk
 size): equal scores are ordered by lower store row first, for the top-k and the
@@ -100,7 +102,8 @@ class RetrieveOptions:
       an `EncodingStore` on storage) so that later scans skip the transform.
     reads_in_flight: store chunk reads outstanding while the devices work.
     transfers_ahead: chunks already sent to the devices ahead of the step (2 = double buffering).
-    pinned: stage host chunks in pinned host memory before the device copy (where the device has it).
+    pinned: stage host chunks in pinned host memory before the device copy (where the device has it);
+      off by default: with the copies in pieces it measured slower.
     copy_piece_mib: host chunks cross to the devices in copies of at most this many MiB, joined there
       (`put_in_pieces`: on the H200 host 4x the rate of one large copy); 0: one copy per chunk.
   """
@@ -113,7 +116,7 @@ class RetrieveOptions:
   cache_norms: bool = True
   reads_in_flight: int = 4
   transfers_ahead: int = 2
-  pinned: bool = True
+  pinned: bool = False  # H200 store scans: 9.06 GB/s pageable vs 8.29 pinned (BENCHMARKS.md, Streaming)
   copy_piece_mib: int = 32
 
 
