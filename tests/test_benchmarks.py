@@ -6,6 +6,7 @@ bench_scaling's --check compares every job's output at n = 1 and 2 devices
 with a brute-force reference (per-example vmap(grad) encodings; a NumPy top-k).
 """
 
+import gzip
 import json
 import os
 import subprocess
@@ -115,3 +116,26 @@ def test_probes_small(tmp_path):
   _run("probes/probe_selection.py", "groups", "--small", stdout=out)
   groups = [line for line in out[-1].splitlines() if line.startswith("GROUPS")]
   assert len(groups) == 8 and all(line.endswith("equal_to_default True") for line in groups), groups
+
+
+def test_trace_summary_counts_overlaps_once_and_ignores_host(tmp_path):
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import trace_summary  # pylint: disable=g-import-not-at-top
+
+  run = tmp_path / "plugins" / "profile" / "run1"
+  run.mkdir(parents=True)
+  events = [
+    {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+    {"ph": "X", "pid": 1, "tid": 1, "name": "gemm", "ts": 0, "dur": 10},
+    {"ph": "X", "pid": 1, "tid": 2, "name": "copy", "ts": 5, "dur": 10},  # overlaps gemm: busy counted once
+    {"ph": "X", "pid": 1, "tid": 1, "name": "gemm", "ts": 20, "dur": 10},  # after a 5 us gap
+    {"ph": "X", "pid": 2, "tid": 1, "name": "python", "ts": 0, "dur": 1000},  # host: not device time
+  ]
+  with gzip.open(run / "perfetto_trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  got = trace_summary.summarize(str(tmp_path))
+  assert got["device_processes"] == ["/device:GPU:0"] and got["events"] == 3
+  assert got["span_ms"] == 0.030 and got["busy_ms"] == 0.025 and got["longest_gaps_ms"] == [0.005]
+  assert abs(got["idle_share"] - 5 / 30) < 1e-12
+  assert [(k["name"], k["count"]) for k in got["top_kernels"]] == [("gemm", 2), ("copy", 1)]
