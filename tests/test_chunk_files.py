@@ -5,14 +5,13 @@ on, the default for local stores) and through TensorStore (off), and compares.
 """
 
 import concurrent.futures
-import json
 import logging
 import os
 import threading
 
 import numpy as np
 import pytest
-import tensorstore as ts
+from test_store_integrity import write_legacy_store  # a format-1 store (no checksums)
 
 from trackstar_jax import chunk_files
 from trackstar_jax import store as store_lib
@@ -142,24 +141,7 @@ def _legacy_store(path):
   """A format-1 store: no crc32c codec, so chunk files are the bare rows."""
   rng = np.random.default_rng(3)
   ids, phi = np.arange(37, dtype=np.int64), rng.normal(size=(37, DIM)).astype(np.float32)
-  for name, arr, chunk, dtype, fill in (("phi", phi, [CHUNK, DIM], "float32", 0), ("ids", ids, [CHUNK], "int64", -1)):
-    t = ts.open(
-      {
-        "driver": "zarr3",
-        "kvstore": {"driver": "file", "path": f"{path}/{name}/"},
-        "metadata": {
-          "shape": list(arr.shape),
-          "data_type": dtype,
-          "fill_value": fill,
-          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
-        },
-      },
-      create=True,
-    ).result()
-    t.write(arr).result()
-  meta = store_lib.StoreMeta(num_rows=37, dim=DIM, dtype="float32", chunk_rows=CHUNK)
-  (path / "meta.json").write_text(json.dumps(dict(meta.to_json(), format="trackstar_jax.encodings/1")))
-  os.makedirs(path / "done")
+  write_legacy_store(path, ids, phi, store_lib.StoreMeta(num_rows=37, dim=DIM, dtype="float32", chunk_rows=CHUNK))
   (path / "done" / "0000000000-0000000005").write_bytes(b"")
   return f"file://{path}", phi
 

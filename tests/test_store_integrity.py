@@ -129,11 +129,12 @@ def test_verify_logs_progress_with_rate_and_eta(tmp_path, caplog):
   assert any("chunk 5/5" in m and "chunk/s" in m and "ETA" in m for m in lines), lines
 
 
-def test_legacy_store_stays_readable(tmp_path):
-  """A format-1 store (no checksums) opens and reads; a lost chunk is still refused."""
-  path = tmp_path / "old.zarr"
-  ids, phi = _data()
-  for name, arr, chunk, dtype, fill in (("phi", phi, [8, 6], "float32", 0), ("ids", ids, [8], "int64", -1)):
+def write_legacy_store(path, ids, phi, meta):
+  """A format-1 store of these rows (no crc32c codec: chunk files are the bare rows), no chunk marked yet."""
+  for name, arr, chunk, dtype, fill in (
+    ("phi", phi, [meta.chunk_rows, meta.dim], "float32", 0),
+    ("ids", ids, [meta.chunk_rows], "int64", -1),
+  ):
     t = ts.open(
       {
         "driver": "zarr3",
@@ -148,9 +149,15 @@ def test_legacy_store_stays_readable(tmp_path):
       create=True,
     ).result()
     t.write(arr).result()
-  old = dict(META.to_json(), format="trackstar_jax.encodings/1")
-  (path / "meta.json").write_text(json.dumps(old))
+  (path / "meta.json").write_text(json.dumps(dict(meta.to_json(), format="trackstar_jax.encodings/1")))
   os.makedirs(path / "done")
+
+
+def test_legacy_store_stays_readable(tmp_path):
+  """A format-1 store (no checksums) opens and reads; a lost chunk is still refused."""
+  path = tmp_path / "old.zarr"
+  ids, phi = _data()
+  write_legacy_store(path, ids, phi, META)
   (path / "done" / "0000000000-0000000005").write_bytes(b"")
   store = store_lib.open_store(f"file://{path}", expected_meta=META)
   assert not store.checksummed and store.is_complete()
