@@ -71,10 +71,10 @@ def write_store(url: str, dtype: str, *, n: int, d: int, chunk_rows: int) -> tup
   return store, time.perf_counter() - t
 
 
-def _scan(source, queries, *, k: int, chunk_rows: int) -> float:
-  tsj.retrieve(query_phi=queries, store=source, k=k, chunk_rows=chunk_rows)  # compiles
+def _scan(source, queries, *, k: int, chunk_rows: int, **streaming) -> float:
+  tsj.retrieve(query_phi=queries, store=source, k=k, chunk_rows=chunk_rows, **streaming)  # compiles
   t = time.perf_counter()
-  tsj.retrieve(query_phi=queries, store=source, k=k, chunk_rows=chunk_rows)
+  tsj.retrieve(query_phi=queries, store=source, k=k, chunk_rows=chunk_rows, **streaming)
   return time.perf_counter() - t
 
 
@@ -90,6 +90,8 @@ def main() -> None:
   p.add_argument("--dir", default="", help="where the stores go (default: a temporary directory, removed)")
   p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True, help="also scan from memory")
   p.add_argument("--dtypes", default=",".join(DTYPES))
+  p.add_argument("--pinned", action=argparse.BooleanOptionalAction, default=None, help="retrieve's pinned staging")
+  p.add_argument("--copy_piece_mib", type=int, default=None, help="retrieve's piecewise copies (0: one copy)")
   args = p.parse_args()
   if args.small:
     args.n, args.d, args.queries, args.k, args.chunk_rows, args.store_chunk_rows = 512, 256, 8, 4, 128, 64
@@ -117,7 +119,10 @@ def main() -> None:
           mem = tsj.InMemoryEncodings(chunk.phi, chunk.ids)
         sources.append(("memory", mem))
       for name, source in sources:
-        scan_s = _scan(source, q, k=args.k, chunk_rows=args.chunk_rows)
+        streaming = {
+          n: v for n, v in (("pinned", args.pinned), ("copy_piece_mib", args.copy_piece_mib)) if v is not None
+        }
+        scan_s = _scan(source, q, k=args.k, chunk_rows=args.chunk_rows, **streaming)
         r = dict(base, source=name, scan_s=scan_s, rows_per_s=args.n / scan_s, stored_GBps=nbytes / scan_s / 1e9)
         print(json.dumps(r), flush=True)
         print(

@@ -263,8 +263,8 @@ def stream_section(a, root: str) -> None:
   stage_s = best_time(
     lambda: out.__setitem__(0, jax.device_put(chunk, pinned.sharding)), lambda: out[0].block_until_ready(), a.repeat
   )
-  piece = retrieval.RetrieveOptions.copy_piece_mib << 20
-  pieces_s = {  # the copy the feed makes: retrieval.put_in_pieces (32 MiB copies, joined on the device)
+  piece = 32 << 20
+  pieces_s = {  # retrieval.put_in_pieces: 32 MiB copies, joined on the device (copy_piece_mib=32)
     f"h2d_pieces{'_pinned' if p else ''}": best_time(
       lambda p=p: out.__setitem__(0, retrieval.put_in_pieces(chunk, dst, piece_bytes=piece, pinned=p)),
       lambda: out[0].block_until_ready(),
@@ -287,19 +287,19 @@ def stream_section(a, root: str) -> None:
 
   feeds = {
     "feed_previous": (2, 0, False, ts_store, 0),  # the previous loop: TensorStore, 2 reads, inline whole copies
-    "feed_pageable": (4, 2, False),
+    "feed_pageable": (4, 2, False),  # the defaults: direct reads, one pageable copy per chunk
     "feed_pinned": (4, 2, True),
-    "feed_pageable_one_copy": (4, 2, False, store, 0),  # direct reads, one copy per chunk
-    "feed_pinned_one_copy": (4, 2, True, store, 0),
-    "feed_pinned_tensorstore": (4, 2, True, ts_store),
+    "feed_pageable_pieces": (4, 2, False, store, 32),  # 32 MiB copies joined on the device
+    "feed_tensorstore": (4, 2, False, ts_store),  # phi read through TensorStore
   }
   feed_s = {name: best_time(lambda cfg=cfg: feed(*cfg), lambda: None, a.repeat) for name, cfg in feeds.items()}
   scans = {
     "retrieve_previous": dict(
       select="reference", reads_in_flight=2, transfers_ahead=0, pinned=False, cache_norms=False, copy_piece_mib=0
     ),
-    "retrieve_new": dict(cache_norms=False),
-    "retrieve_new_pageable": dict(pinned=False, cache_norms=False),
+    "retrieve_new": dict(cache_norms=False),  # the defaults
+    "retrieve_new_pinned": dict(pinned=True, cache_norms=False),
+    "retrieve_new_pieces": dict(copy_piece_mib=32, cache_norms=False),
     "retrieve_new_tensorstore": dict(cache_norms=False),
   }
   scan_s = {
@@ -330,18 +330,7 @@ def stream_section(a, root: str) -> None:
     write_s=write_s, gbps=rates, queries=a.queries, k=a.k, read_threads=chunk_files.THREADS,
   )  # fmt: skip
   h2d = max(rates[k] for k in ("h2d_pageable", "h2d_pinned", "h2d_pieces", "h2d_pieces_pinned"))  # the best copy
-  for name in (
-    "feed_previous",
-    "feed_pageable",
-    "feed_pinned",
-    "feed_pageable_one_copy",
-    "feed_pinned_one_copy",
-    "feed_pinned_tensorstore",
-    "retrieve_previous",
-    "retrieve_new",
-    "retrieve_new_pageable",
-    "retrieve_new_tensorstore",
-  ):
+  for name in (*feeds, *scans):
     ratio(f"stream_{name}_vs_h2d", rates[name] / h2d)
   ratio("stream_store_read_direct_vs_sequential_read", rates["store_read_direct"] / rates["sequential_read"])
   ratio("stream_store_read_direct_vs_tensorstore", rates["store_read_direct"] / rates["store_read_tensorstore"])

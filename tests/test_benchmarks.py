@@ -86,7 +86,7 @@ def test_bench_perf_small_prints_every_ratio():
     assert r["max_score_diff_inline_norms"] <= 1e-6, r
   assert set(records[2]["gbps"]) >= {
     "sequential_read", "h2d_pageable", "h2d_pinned", "retrieve_new", "feed_pinned", "store_read_direct",
-    "store_read_tensorstore", "feed_pinned_tensorstore", "retrieve_new_tensorstore",
+    "store_read_tensorstore", "feed_tensorstore", "retrieve_new_tensorstore", "h2d_pieces", "retrieve_new_pieces",
   }  # fmt: skip
   assert all(v > 0 for v in records[2]["gbps"].values()), records[2]
   rates = records[3]["examples_per_s"]

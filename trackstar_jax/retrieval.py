@@ -32,8 +32,8 @@ previous step (two `_merge_running` calls, norms inside the step).
 
 Feeding (`retrieve`): the store keeps `reads_in_flight` chunk reads
 outstanding (a local store reads its chunk files directly, `chunk_files`), a
-background thread pads each chunk and copies it to the devices in 32 MiB
-pieces (`put_in_pieces`; optionally staged in pinned host memory)
+background thread pads each chunk and copies it to the devices (optionally
+in pieces, `put_in_pieces`, or staged in pinned host memory)
 `transfers_ahead` chunks in front of the step, so reads, copies and compute
 overlap.
 
@@ -105,7 +105,8 @@ class RetrieveOptions:
     pinned: stage host chunks in pinned host memory before the device copy (where the device has it);
       off by default: with the copies in pieces it measured slower.
     copy_piece_mib: host chunks cross to the devices in copies of at most this many MiB, joined there
-      (`put_in_pieces`: on the H200 host 4x the rate of one large copy); 0: one copy per chunk.
+      (`put_in_pieces`: alone 2.3x the rate of one large copy on the H200 host, but no faster in a
+      store scan, where reads share the host's memory bandwidth); 0 (default): one copy per chunk.
   """
 
   k: int = 10
@@ -117,7 +118,7 @@ class RetrieveOptions:
   reads_in_flight: int = 4
   transfers_ahead: int = 2
   pinned: bool = False  # H200 store scans: 9.06 GB/s pageable vs 8.29 pinned (BENCHMARKS.md, Streaming)
-  copy_piece_mib: int = 32
+  copy_piece_mib: int = 0  # H200 store feed: one copy 10.0-12.3 GB/s vs 32 MiB pieces 9.65 (BENCHMARKS.md)
 
 
 @dataclasses.dataclass
@@ -363,9 +364,9 @@ def put_in_pieces(x: np.ndarray, sharding: NamedSharding, *, piece_bytes: int, p
   """Host rows x [c, ...] on the devices of `sharding` (rows split over them), copied `piece_bytes` at a time.
 
   Each device's rows cross as back-to-back copies of at most `piece_bytes` and are joined on that device.
-  Why: on the H200 host one 256 MiB `device_put` from pageable memory ran at 7.3 GB/s, the same bytes as
-  32 MiB pieces at 29-35 GB/s (PJRT overlaps one piece's staging copy with the previous one's DMA;
-  BENCHMARKS.md, Streaming). The join costs one device-side copy of the chunk. `pinned`: each piece is
+  Why: on the H200 host one 256 MiB `device_put` from pageable memory ran at 7.4 GB/s, the same bytes as
+  32 MiB pieces at 16.9 GB/s (PJRT overlaps one piece's staging copy with the previous one's DMA;
+  BENCHMARKS.md, Streaming). The join costs one device-side copy of the chunk (and its memory). `pinned`: each piece is
   first staged in pinned host memory (where the devices have it), then copied at the DMA rate.
   piece_bytes <= 0: one copy per device.
   """
