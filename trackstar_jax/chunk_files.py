@@ -316,7 +316,7 @@ class ChunkFiles:
     got = os.preadv(fd, [data, stored], 0)
     if got != self.file_bytes:
       raise ValueError(f"Chunk file {path} ({rows}) ended after {got} bytes, expected {self.file_bytes}")
-    self._check(path, rows, crc32c_buffers.crc32c(data), int.from_bytes(stored, "little"))
+    self._check(path, rows, _crc32c(data), int.from_bytes(stored, "little"))
     if not whole:
       dst[:] = data[b0:b1]
 
