@@ -51,9 +51,17 @@ def _flags(**extra) -> list[str]:
   return [f"--config={CONFIG}"] + [f"--config.{k.replace('__', '.')}={v}" for k, v in items.items()]
 
 
+# XLA:CPU aborts a collective whose devices do not all arrive in time; on 2 loaded cores (CI runs 2 test
+# workers, each with several processes of several fake devices) a device thread can be late (seen once: a
+# Fatal "AwaitAndLogIfStuck" abort in fit_hessian's all-reduce). Wait longer rather than abort.
+CPU_PATIENCE = "--xla_cpu_collective_call_terminate_timeout_seconds=600"
+
+
 def _env(*, devices: int, process_id: int | None = None, port: int | None = None) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
-  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env.update(
+    PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {CPU_PATIENCE}"
+  )
   if process_id is not None:
     env.update(
       JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
