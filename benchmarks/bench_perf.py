@@ -18,11 +18,14 @@ stream     A bf16 store on local disk (just written, so in the page cache) strea
            store's reads alone (`iter_chunks`, 4 in flight) with phi read
            directly from the chunk files (`chunk_files`, the default for local
            stores) and through TensorStore (direct_reads=False: *_tensorstore),
-           the host-to-device copy rate of one chunk from pageable memory and from
-           pinned memory, the feed alone (store reads in flight + background
-           copies), and whole `retrieval.retrieve` scans with the previous loop
-           (reference step, 2 reads, inline copies, pageable) and the new one;
-           feed and scan with direct reads unless named *_tensorstore.
+           the host-to-device copy rate of one chunk from pageable memory, from
+           pinned memory and from a dma_map-ped numpy buffer, the feed alone
+           (store reads in flight + background copies), and whole
+           `retrieval.retrieve` scans with the previous loop (reference step, 2
+           reads, inline copies, pageable) and the new one (reads into reused
+           dma_map-ped buffers, `host_buffers`; *_fresh_buffers: into new
+           pageable ones); feed and scan with direct reads unless named
+           *_tensorstore.
 encode     The encode job's loop (`encoding.encode_to_store`, exact Adam by default)
            into a local-disk store and into memory://, pipelined and not, against
            the encoder kernel alone and a jitted AdamW training step, all at the
@@ -52,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import trackstar_jax as tsj  # noqa: E402
-from trackstar_jax import chunk_files, configs, encoding, losses, retrieval  # noqa: E402
+from trackstar_jax import chunk_files, configs, encoding, host_buffers, losses, retrieval  # noqa: E402
 from trackstar_jax import mesh as mesh_lib  # noqa: E402
 from trackstar_jax import store as store_lib  # noqa: E402
 from trackstar_jax.data import batching  # noqa: E402
@@ -264,6 +267,17 @@ def stream_section(a, root: str) -> None:
     lambda: out.__setitem__(0, jax.device_put(chunk, pinned.sharding)), lambda: out[0].block_until_ready(), a.repeat
   )
   piece = 32 << 20
+  mapped_s = None
+  if host_buffers.dma_unsupported(dev.client) is None and dev.platform != "cpu":  # device_put from a dma_map-ped
+    mapped_pool = host_buffers.BufferPool(chunk.nbytes, 1, register=dev.client.dma_map, unregister=dev.client.dma_unmap)
+    buf = mapped_pool.take()
+    buf[:] = chunk.reshape(-1).view(np.uint8)
+    mapped_pool.release(buf)
+    mapped = mapped_pool.take().view(chunk.dtype).reshape(chunk.shape)  # reused: now registered
+    mapped_s = best_time(
+      lambda: out.__setitem__(0, jax.device_put(mapped, dst)), lambda: out[0].block_until_ready(), a.repeat
+    )
+    mapped_pool.close()
   pieces_s = {  # retrieval.put_in_pieces: 32 MiB copies, joined on the device (copy_piece_mib=32)
     f"h2d_pieces{'_pinned' if p else ''}": best_time(
       lambda p=p: out.__setitem__(0, retrieval.put_in_pieces(chunk, dst, piece_bytes=piece, pinned=p)),
@@ -276,18 +290,23 @@ def stream_section(a, root: str) -> None:
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
 
-  def feed(reads, ahead, pinned_on, src=store, piece_mib=retrieval.RetrieveOptions.copy_piece_mib):
+  def feed(reads, ahead, pinned_on, src=store, piece_mib=retrieval.RetrieveOptions.copy_piece_mib, pool_on=False):
     topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh, copy_piece_mib=piece_mib)
+    pool = None
+    if pool_on:  # as retrieve(pinned_reads=True): reused dma_map-ped read buffers, kept across scans
+      pool = host_buffers.shared_pool([dev], nbytes=src.phi_bytes(rows), max_buffers=reads + ahead + 1)
     last = None
-    for ch in retrieval.device_chunks(
-      topk, src.iter_chunks(rows_per_chunk=rows, prefetch=reads), pad_to=rows, ahead=ahead, pinned=pinned_on
-    ):
+    chunks = src.iter_chunks(rows_per_chunk=rows, prefetch=reads, buffers=pool)
+    for ch in retrieval.device_chunks(topk, chunks, pad_to=rows, ahead=ahead, pinned=pinned_on, buffers=pool):
       last = ch.phi
     last.block_until_ready()
+    if pool is not None:
+      pool.drain()
 
   feeds = {
     "feed_previous": (2, 0, False, ts_store, 0),  # the previous loop: TensorStore, 2 reads, inline whole copies
-    "feed_pageable": (4, 2, False),  # the defaults: direct reads, one pageable copy per chunk
+    "feed_pinned_reads": (4, 2, False, store, 0, True),  # the defaults: direct reads into reused dma_map-ped buffers
+    "feed_pageable": (4, 2, False),  # direct reads into fresh buffers, one pageable copy per chunk (run 6's default)
     "feed_pinned": (4, 2, True),
     "feed_pageable_pieces": (4, 2, False, store, 32),  # 32 MiB copies joined on the device
     "feed_tensorstore": (4, 2, False, ts_store),  # phi read through TensorStore
@@ -297,7 +316,8 @@ def stream_section(a, root: str) -> None:
     "retrieve_previous": dict(
       select="reference", reads_in_flight=2, transfers_ahead=0, pinned=False, cache_norms=False, copy_piece_mib=0
     ),
-    "retrieve_new": dict(cache_norms=False),  # the defaults
+    "retrieve_new": dict(cache_norms=False),  # the defaults (pinned_reads=True)
+    "retrieve_new_fresh_buffers": dict(pinned_reads=False, cache_norms=False),  # run 6's defaults
     "retrieve_new_pinned": dict(pinned=True, cache_norms=False),
     "retrieve_new_pieces": dict(copy_piece_mib=32, cache_norms=False),
     "retrieve_new_tensorstore": dict(cache_norms=False),
@@ -317,11 +337,17 @@ def stream_section(a, root: str) -> None:
     )
     for name, kw in scans.items()
   }
+  for name, on in (("retrieve_new_fresh_buffers_one_scan", False), ("retrieve_new_first_scan", True)):
+    host_buffers.clear()  # a process's first scan: its read buffers made, faulted in and registered on the way
+    t = time.perf_counter()  # one scan each, not the best of several: what a one-off job over this store sees
+    retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, cache_norms=False, pinned_reads=on)
+    scan_s[name] = time.perf_counter() - t
   rates = dict(
     sequential_read=_gbps(nbytes, seq_s),
     h2d_pageable=_gbps(chunk.nbytes, pageable_s),
     h2d_pinned=_gbps(chunk.nbytes, pinned_s),
     pinned_staging=_gbps(chunk.nbytes, stage_s),
+    **({} if mapped_s is None else {"h2d_dma_mapped": _gbps(chunk.nbytes, mapped_s)}),
     **{k: _gbps(chunk.nbytes, v) for k, v in pieces_s.items()},
     **{k: _gbps(nbytes, v) for k, v in {**read_s, **feed_s, **scan_s}.items()},
   )
@@ -329,14 +355,20 @@ def stream_section(a, root: str) -> None:
     section="stream", rows=n, d=d, chunk_rows=rows, store_chunk_rows=a.store_chunk, store_gib=nbytes / 2**30,
     write_s=write_s, gbps=rates, queries=a.queries, k=a.k, read_threads=chunk_files.THREADS,
   )  # fmt: skip
-  h2d = max(rates[k] for k in ("h2d_pageable", "h2d_pinned", "h2d_pieces", "h2d_pieces_pinned"))  # the best copy
-  for name in (*feeds, *scans):
+  copies = ("h2d_pageable", "h2d_pinned", "h2d_dma_mapped", "h2d_pieces", "h2d_pieces_pinned")
+  h2d = max(rates[k] for k in copies if k in rates)  # the best copy
+  for name in (*feeds, *scan_s):
     ratio(f"stream_{name}_vs_h2d", rates[name] / h2d)
   ratio("stream_store_read_direct_vs_sequential_read", rates["store_read_direct"] / rates["sequential_read"])
   ratio("stream_store_read_direct_vs_tensorstore", rates["store_read_direct"] / rates["store_read_tensorstore"])
   ratio("stream_retrieve_new_vs_tensorstore", rates["retrieve_new"] / rates["retrieve_new_tensorstore"])
   ratio("stream_retrieve_new_vs_sequential_read", rates["retrieve_new"] / rates["sequential_read"])
   ratio("stream_retrieve_new_vs_previous", rates["retrieve_new"] / rates["retrieve_previous"])
+  ratio("stream_retrieve_new_vs_fresh_buffers", rates["retrieve_new"] / rates["retrieve_new_fresh_buffers"])
+  ratio(
+    "stream_first_scan_vs_fresh_buffers_one_scan",
+    rates["retrieve_new_first_scan"] / rates["retrieve_new_fresh_buffers_one_scan"],
+  )
   shutil.rmtree(path, ignore_errors=True)
 
 

@@ -113,6 +113,14 @@ def test_probes_small(tmp_path):
     probe
   )
   assert all(v > 0 for v in probe.values()), probe
+  _run("probes/probe_dma.py", str(tmp_path / "dma"), "--small", stdout=out)
+  notes = json.loads(out[-1].split("NOTES ", 1)[1].splitlines()[0])
+  probe = json.loads(out[-1].split("PROBE ", 1)[1].splitlines()[0])
+  assert notes["dma_mapped_bytes_equal"] and not notes["dma_map"]  # the CPU client has no dma_map
+  assert {"h2d dma_mapped numpy", "store read + h2d from mapped buffers", "memcpy 16 threads (bytes copied)"} <= set(
+    probe
+  )
+  assert all(v > 0 for v in probe.values()), probe
   _run("probes/probe_selection.py", "groups", "--small", stdout=out)
   groups = [line for line in out[-1].splitlines() if line.startswith("GROUPS")]
   assert len(groups) == 8 and all(line.endswith("equal_to_default True") for line in groups), groups

@@ -210,11 +210,21 @@ class ChunkFiles:
     """The file of chunk `chunk` (zarr v3 default key `c/<chunk>/0`)."""
     return os.path.join(self.directory, "c", str(chunk), "0")
 
-  def read(self, start: int, stop: int) -> ReadFuture:
-    """Starts reading rows [start, stop); returns at once. `.result()`: the rows [stop - start, cols]."""
+  def read(self, start: int, stop: int, *, out: np.ndarray | None = None) -> ReadFuture:
+    """Starts reading rows [start, stop); returns at once. `.result()`: the rows [stop - start, cols].
+
+    `out`: a C-contiguous [stop - start, cols] array of the store's dtype to read into (e.g. a
+    reused page-locked buffer, `host_buffers`); default a new one.
+    """
     if not 0 <= start <= stop <= self.num_rows:
       raise IndexError(f"Rows [{start}, {stop}) outside [0, {self.num_rows}) of {self.directory}.")
-    out = np.empty((stop - start, self.cols), self.dtype)
+    if out is None:
+      out = np.empty((stop - start, self.cols), self.dtype)
+    elif out.shape != (stop - start, self.cols) or out.dtype != self.dtype or not out.flags.c_contiguous:
+      raise ValueError(
+        f"read(out=) takes a C-contiguous [{stop - start}, {self.cols}] {self.dtype} array, "
+        f"got {out.shape} {out.dtype} (C-contiguous: {out.flags.c_contiguous})."
+      )
     flat = out.reshape(-1).view(np.uint8)  # C-contiguous: output row r is bytes [r * row_bytes, (r + 1) * ...)
     pool = self._pool or executor()
     c0, c1 = start // self.chunk_rows, -(-stop // self.chunk_rows)

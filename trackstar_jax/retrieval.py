@@ -78,11 +78,11 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
+from trackstar_jax import host_buffers, quantize
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import norms as norms_lib
 from trackstar_jax import prefetch as prefetch_lib
 from trackstar_jax import progress as progress_lib
-from trackstar_jax import quantize
 from trackstar_jax import results as results_lib
 from trackstar_jax import store as store_lib
 
@@ -107,6 +107,10 @@ class RetrieveOptions:
     copy_piece_mib: host chunks cross to the devices in copies of at most this many MiB, joined there
       (`put_in_pieces`: alone 2.3x the rate of one large copy on the H200 host, but no faster in a
       store scan, where reads share the host's memory bandwidth); 0 (default): one copy per chunk.
+    pinned_reads: a local store's chunks are read into reused host buffers page-locked with the
+      devices' client (`host_buffers`), which the device copy reads at the DMA rate with no staging
+      copy; off where the client cannot (`dma_map`: not on CPU). The buffers are kept for later
+      scans (at most a quarter of host memory; `host_buffers.clear()` frees them).
   """
 
   k: int = 10
@@ -119,6 +123,7 @@ class RetrieveOptions:
   transfers_ahead: int = 2
   pinned: bool = False  # H200 store scans: 9.06 GB/s pageable vs 8.29 pinned (BENCHMARKS.md, Streaming)
   copy_piece_mib: int = 0  # H200 store feed: one copy 10.0-12.3 GB/s vs 32 MiB pieces 9.65 (BENCHMARKS.md)
+  pinned_reads: bool = True
 
 
 @dataclasses.dataclass
@@ -708,22 +713,30 @@ def _merge_hosts(parts: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np
   return np.take_along_axis(v, order, 1), np.take_along_axis(r, order, 1)
 
 
-def device_chunks(topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, pinned: bool = False, norms=None):
+def device_chunks(
+  topk: StreamingTopK, chunks, *, pad_to: int, ahead: int = 2, pinned: bool = False, norms=None, buffers=None
+):
   """`topk.put` of every chunk of the iterable `chunks`, run on a background thread `ahead` chunks in front.
 
   The copy of chunk j + 1 to the devices then overlaps the step over chunk j
   (double buffering at ahead=2), and the store reads that `chunks` keeps in
   flight overlap both. `norms` (a `norms.NormCache`) supplies cached inverse
-  norms. Yields `DeviceChunk`s in order; an error in the reader is raised here.
-  At most `ahead` + 2 chunks are on the devices at once; ahead=0 copies inline (the previous loop).
+  norms. `buffers`: the `host_buffers.BufferPool` the chunks were read into
+  (`EncodingStore.iter_chunks(buffers=)`); each chunk's buffer goes back to it
+  once its copy to the devices is done. Yields `DeviceChunk`s in order; an
+  error in the reader is raised here. At most `ahead` + 2 chunks are on the
+  devices at once; ahead=0 copies inline (the previous loop).
   """
 
   def put_all():
     for ch in chunks:
       cached = None if norms is None else norms.get(ch.start, ch.start + len(ch.ids))
-      yield topk.put(
+      dev = topk.put(
         start=ch.start, ids=ch.ids, phi=ch.phi, pad_to=pad_to, inv_norms=cached, pinned=pinned, scale=ch.scale
       )
+      if buffers is not None and ch.buffer is not None:
+        buffers.release(ch.buffer, after=dev.phi)  # ready = copied (or dequantized from the copy)
+      yield dev
 
   return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed") if ahead > 0 else put_all()
 
@@ -744,6 +757,7 @@ def retrieve(
   transfers_ahead: int = RetrieveOptions.transfers_ahead,
   pinned: bool = RetrieveOptions.pinned,
   copy_piece_mib: int = RetrieveOptions.copy_piece_mib,
+  pinned_reads: bool = RetrieveOptions.pinned_reads,
 ) -> RetrievalResult:
   """Exact top-k and bottom-k of every query over the whole (complete) store.
 
@@ -785,7 +799,17 @@ def retrieve(
   n_chunks = 0
   mine = len(range(pi * rows_per_chunk, store.num_rows, pc * rows_per_chunk))
   prog = progress_lib.Progress(total=mine, unit="chunk", item_unit="rows", name="retrieve")
-  read_kw = dict(prefetch=max(1, reads_in_flight)) if isinstance(store, store_lib.EncodingStore) else {}
+  pool, read_kw = None, {}
+  if isinstance(store, store_lib.EncodingStore):
+    read_kw = dict(prefetch=max(1, reads_in_flight))
+    if pinned_reads and store.direct_reads and mine:
+      # Buffers held at once: the reads in flight, the chunk being copied, the copies not yet done.
+      pool = host_buffers.shared_pool(
+        list(topk.mesh.devices.flat),
+        nbytes=store.phi_bytes(rows_per_chunk),
+        max_buffers=min(max(1, reads_in_flight) + transfers_ahead + 1, mine),
+      )
+      read_kw["buffers"] = pool
   chunks = store.iter_chunks(rows_per_chunk=rows_per_chunk, process_index=pi, process_count=pc, **read_kw)
   computed = collections.deque()  # (start, rows, device norms) to copy into the cache, one step behind
 
@@ -794,16 +818,27 @@ def retrieve(
       start, n, inv = computed.popleft()
       cache.put(start, start + n, np.asarray(inv)[:n])
 
-  for chunk in device_chunks(topk, chunks, pad_to=rows_per_chunk, ahead=transfers_ahead, pinned=pinned, norms=cache):
-    inv = topk.update_device(chunk)
-    if cache is not None and inv is not None:
-      inv.copy_to_host_async()
-      computed.append((chunk.start, chunk.rows, inv))
-      keep(1)
-    n_chunks += 1
-    prog.update(n_chunks, items=chunk.rows)
-    if prog.due(every_s=30) or n_chunks == mine:
-      logging.info(prog.line())
+  feed = device_chunks(
+    topk, chunks, pad_to=rows_per_chunk, ahead=transfers_ahead, pinned=pinned, norms=cache, buffers=pool
+  )
+  try:
+    for chunk in feed:
+      inv = topk.update_device(chunk)
+      if cache is not None and inv is not None:
+        inv.copy_to_host_async()
+        computed.append((chunk.start, chunk.rows, inv))
+        keep(1)
+      n_chunks += 1
+      prog.update(n_chunks, items=chunk.rows)
+      if prog.due(every_s=30) or n_chunks == mine:
+        logging.info(prog.line())
+  finally:
+    if pool is not None:
+      pool.drain()  # kept for later scans (host_buffers.clear() frees them)
+      logging.info(
+        "Read buffers (kept): %d of %d MiB made, %d MiB page-locked; %d waits for a copy, %d unpooled.",
+        pool.made, pool.nbytes >> 20, pool.pinned_bytes >> 20, pool.waits, pool.plain,
+      )  # fmt: skip
   if cache is not None:
     keep(0)
     if cache.misses:

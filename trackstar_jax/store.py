@@ -79,7 +79,7 @@ import numpy as np
 import tensorstore as ts
 
 from trackstar_jax import chunk_files as chunk_files_lib
-from trackstar_jax import fileio, quantize, remote
+from trackstar_jax import fileio, host_buffers, quantize, remote
 from trackstar_jax import progress as progress_lib
 
 FORMAT = "trackstar_jax.encodings/2"  # 2: crc32c per chunk, reads refuse missing chunks
@@ -205,6 +205,7 @@ class Chunk(NamedTuple):
   ids: np.ndarray  # [n] int64
   phi: np.ndarray  # [n, d] store dtype (bfloat16 as ml_dtypes.bfloat16); int8 / int4 stores: the codes
   scale: np.ndarray | None = None  # int8 / int4 stores: float32 scales [n, groups]; else None
+  buffer: np.ndarray | None = None  # the `host_buffers.BufferPool` buffer phi lies in (give it back), or None
 
 
 def repair_command(url: str, workdir: str = "") -> str:
@@ -568,10 +569,21 @@ class EncodingStore:
 
   # --- reading --------------------------------------------------------------
 
-  def _start_read(self, start: int, stop: int) -> list[Any]:
-    """Futures of rows [start, stop) of phi, ids[, scale] (phi from the chunk files when `direct_reads`)."""
-    phi = self._files.read(start, stop) if self._files is not None else self.phi[start:stop].read()
-    return [phi] + [arr[start:stop].read() for _, arr in self._arrays()[1:]]
+  def _start_read(
+    self, start: int, stop: int, buffers: host_buffers.BufferPool | None = None
+  ) -> tuple[list[Any], np.ndarray | None]:
+    """Futures of rows [start, stop) of phi, ids[, scale] (phi from the chunk files when `direct_reads`,
+    into a buffer of `buffers` when given and large enough), and that buffer (or None)."""
+    buf = None
+    if self._files is None:
+      phi = self.phi[start:stop].read()
+    else:
+      out = None
+      if buffers is not None and buffers.nbytes >= self.phi_bytes(stop - start):
+        buf = buffers.take()
+        out = buf[: self.phi_bytes(stop - start)].view(self._files.dtype).reshape(stop - start, self._files.cols)
+      phi = self._files.read(start, stop, out=out)
+    return [phi] + [arr[start:stop].read() for _, arr in self._arrays()[1:]], buf
 
   def _chunk(self, start: int, stop: int, futures: Sequence[Any]) -> Chunk:
     what = f"Reading rows [{start}, {stop})"
@@ -580,7 +592,7 @@ class EncodingStore:
 
   def read(self, start: int, stop: int) -> Chunk:
     """Rows [start, stop) as stored, numpy arrays (blocking). Raises `StoreDataError` for damaged chunks."""
-    return self._chunk(start, stop, self._start_read(start, stop))
+    return self._chunk(start, stop, self._start_read(start, stop)[0])
 
   def read_ids(self, rows: np.ndarray) -> np.ndarray:
     """ids at arbitrary rows (any shape); -1 where rows < 0."""
@@ -600,14 +612,30 @@ class EncodingStore:
       out[ok] = got[inv]
     return out.reshape(rows.shape)
 
+  def phi_bytes(self, rows: int) -> int:
+    """Bytes of `rows` rows of phi as stored (codes only for int8 / int4): a read buffer's size."""
+    lay = self.layout
+    return rows * lay.codes_cols * np.dtype(self.phi.dtype.numpy_dtype).itemsize
+
   def iter_chunks(
-    self, *, rows_per_chunk: int, process_index: int = 0, process_count: int = 1, prefetch: int = 2
+    self,
+    *,
+    rows_per_chunk: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    prefetch: int = 2,
+    buffers: host_buffers.BufferPool | None = None,
   ) -> Iterator[Chunk]:
     """Yields this host's read chunks: chunk j of [0, N) in steps of `rows_per_chunk` goes to host j % process_count.
 
     Reads of the next `prefetch` chunks are in flight while the caller works on
     the current one. Does not check completeness: call `require_complete()`.
     Raises `StoreDataError` when a chunk's data is missing or fails its checksum.
+
+    `buffers`: with direct reads, phi is read into buffers of this pool
+    (`phi_bytes(rows_per_chunk)` bytes or more each). A chunk's `buffer` is then
+    the one its phi lies in: the caller gives it back (`buffers.release(chunk.buffer,
+    after=...)`) once done with phi, which is overwritten after that.
     """
     if rows_per_chunk <= 0:
       raise ValueError(f"rows_per_chunk must be > 0, got {rows_per_chunk}.")
@@ -617,9 +645,10 @@ class EncodingStore:
       if i < len(starts):
         a = starts[i]
         b = min(a + rows_per_chunk, self.num_rows)
-        queue.append((a, b, self._start_read(a, b)))
+        queue.append((a, b, *self._start_read(a, b, buffers)))
       if i >= prefetch:
-        yield self._chunk(*queue.popleft())
+        a, b, futures, buf = queue.popleft()
+        yield self._chunk(a, b, futures)._replace(buffer=buf)
 
 
 class PendingWrite:
