@@ -39,6 +39,7 @@ p.add_argument("--seq", type=int, default=256)
 p.add_argument("--vocab", type=int, default=16384)
 p.add_argument("--d", type=int, default=64)
 p.add_argument("--steps", type=int, default=20)
+p.add_argument("--layer_kernel", default="auto", help="encoder.layer_kernel: auto | xla | pallas (exact Adam's layers)")
 
 import jax
 import jax.numpy as jnp
@@ -171,12 +172,14 @@ def run_one(args) -> None:
       d_in=args.d,
       d_out=args.d,
       correction=args.mode,
+      layer_kernel=args.layer_kernel,
       **enc_opts,
     )
     del st
     params = None
     dt = timeit(lambda: enc.encode(batch))
     modes = sorted(set(enc.modes().values()))
+    kernels = sorted(set(enc.projector.layer_kernels().values()))
   stats = dev.memory_stats() or {}
   print(
     json.dumps(
@@ -192,6 +195,7 @@ def run_one(args) -> None:
         tok_s=args.batch * args.seq / dt,
         peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30,
         layer_modes=None if args.mode == "train" else modes,
+        layer_kernels=None if args.mode == "train" else kernels,
         device=str(dev),
       )
     )

@@ -30,7 +30,11 @@ encode     The encode job's loop (`encoding.encode_to_store`, exact Adam by defa
            into a local-disk store and into memory://, pipelined and not, against
            the encoder kernel alone and a jitted AdamW training step, all at the
            same batch and sequence length (LAMA shapes: model small, seq 128,
-           batch 256, d_in = d_out = 64).
+           batch 256, d_in = d_out = 64). With exact Adam, also the kernel and
+           the disk job with `scaled_projection` forced on its layers
+           (*_pallas_layers: `encoder.layer_kernel="pallas"`; "auto" takes it
+           from 384 tokens per example).
+           --encode_jobs=job_disk_pipelined,... runs only those jobs.
 
 Output: one JSON line per measurement, then "RATIO name value" lines (the
 issue's targets: retrieval >= 0.85 no R / >= 0.6 full R, bitwise equal;
@@ -79,6 +83,7 @@ p.add_argument("--sections", default="retrieval,stream,encode")
 p.add_argument("--repeat", type=int, default=3, help="timed repetitions (best is reported)")
 p.add_argument("--dir", default="", help="local-disk directory for the stores (default: a temp dir)")
 p.add_argument("--correction", default="adam", help="encode: none | adam | adam_rank1 | adafactor")
+p.add_argument("--encode_jobs", default="", help="encode: comma-separated job cases to run (default: all)")
 p.add_argument("--dims", default="", help="retrieval: comma-separated encoding dims to sweep (default --dim)")
 p.add_argument(
   "--trace_dir", default="", help="also trace the fused step and the disk encode job (jax.profiler; trace_summary.py)"
@@ -424,18 +429,31 @@ def encode_section(a, root: str) -> None:
   elif a.correction == "adafactor":
     st = optax.scale_by_factored_rms(min_dim_size_to_factor=32).init(params)
     st = jax.tree.map(lambda x: x + 1e-4 if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
-  enc = tsj.build_encoder(
-    model=model, params=params, opt_state=st, seq_len=a.seq, d_in=a.d, d_out=a.d, correction=a.correction
-  )
-  kernel_s = best_time(
-    lambda: out.__setitem__(0, enc.encode(batch)), lambda: jax.block_until_ready(out[0]), a.repeat, a.steps
-  )
+  encoders, kernel_s = {}, {}
+  # Exact Adam's layers: the default (`encoder.layer_kernel="auto"`: einsums at LAMA's 128 tokens) and
+  # `scaled_projection`'s Pallas kernel forced ("pallas"), side by side.
+  for kernel in ("auto", "pallas") if a.correction == "adam" else ("auto",):
+    enc = tsj.build_encoder(
+      model=model,
+      params=params,
+      opt_state=st,
+      seq_len=a.seq,
+      d_in=a.d,
+      d_out=a.d,
+      correction=a.correction,
+      layer_kernel=kernel,
+    )
+    kernel_s[kernel] = best_time(
+      lambda enc=enc: out.__setitem__(0, enc.encode(batch)), lambda: jax.block_until_ready(out[0]), a.repeat, a.steps
+    )
+    encoders[kernel] = enc
+  enc = encoders["auto"]
   meta = encoding.store_meta(enc, num_rows=len(examples), corpus_fingerprint=encoding.fingerprint(examples))
-  warm = store_lib.open_store(f"memory://bench_enc_{os.getpid()}_warm", expected_meta=meta, create=True)
-  encoding.encode_to_store(enc, examples, store=warm, batch_size=a.batch)  # compiles what the job's batches need
+  for e in encoders.values():  # compiles what the job's batches need
+    warm = store_lib.open_store(f"memory://bench_enc_{os.getpid()}_warm{id(e)}", expected_meta=meta, create=True)
+    encoding.encode_to_store(e, examples, store=warm, batch_size=a.batch)
   job_s = {}
-  # (name, url, pipelined loop, writes in flight, fsync, phi written directly to its chunk files)
-  for name, url, pipeline, writes, fsync, direct in (
+  jobs = (  # (name, url, pipelined loop, writes in flight, fsync, phi written directly to its chunk files)
     ("job_disk_pipelined", os.path.join(root, "enc_p"), True, 2, True, True),
     ("job_disk_tensorstore", os.path.join(root, "enc_t"), True, 2, True, False),  # before direct writes
     ("job_disk_previous_loop", os.path.join(root, "enc_u"), False, 2, True, False),
@@ -443,7 +461,14 @@ def encode_section(a, root: str) -> None:
     ("job_disk_writes8_nosync", os.path.join(root, "enc_n"), True, 8, False, True),
     ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, 2, True, False),
     ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False, 2, True, False),
-  ):
+  )
+  if "pallas" in encoders:
+    jobs += (("job_disk_pipelined_pallas_layers", os.path.join(root, "enc_x"), True, 2, True, True),)
+  only = set(a.encode_jobs.split(",")) if a.encode_jobs else None
+  for name, url, pipeline, writes, fsync, direct in jobs:
+    if only and name not in only:
+      continue
+    enc = encoders["pallas" if name.endswith("_pallas_layers") else "auto"]
     best = float("inf")
     for rep in range(min(2, a.repeat)):  # whole jobs: seconds each, little spread
       # A new URL per run: reopening a finished store would resume it with nothing left to encode.
@@ -466,13 +491,20 @@ def encode_section(a, root: str) -> None:
       if run_url.startswith("/"):
         shutil.rmtree(run_url, ignore_errors=True)
     job_s[name] = best
-  rates = dict(train=a.batch / train_s, kernel=a.batch / kernel_s, **{k: len(examples) / v for k, v in job_s.items()})
+  rates = dict(train=a.batch / train_s, kernel=a.batch / kernel_s["auto"])
+  if "pallas" in kernel_s:
+    rates["kernel_pallas_layers"] = a.batch / kernel_s["pallas"]
+  rates.update({k: len(examples) / v for k, v in job_s.items()})
+  enc = encoders["auto"]
   emit(
     section="encode", model=a.model, dtype=a.dtype, seq=a.seq, batch=a.batch, rows=len(examples), dim=int(enc.dim),
-    correction=a.correction, layer_modes=sorted(set(enc.modes().values())), examples_per_s=rates,
-    store_mb_per_s_at_job=rates["job_disk_pipelined"] * enc.dim * 2 / 1e6,
+    correction=a.correction, layer_modes=sorted(set(enc.modes().values())),
+    layer_kernels=sorted(set(enc.projector.layer_kernels().values())), examples_per_s=rates,
+    store_mb_per_s_at_job=rates.get("job_disk_pipelined", 0.0) * enc.dim * 2 / 1e6,
   )  # fmt: skip
-  for name in ("kernel", *job_s):
+  if "kernel_pallas_layers" in rates:
+    ratio("encode_kernel_pallas_layers_vs_kernel", rates["kernel_pallas_layers"] / rates["kernel"])
+  for name in ("kernel", *(["kernel_pallas_layers"] if "kernel_pallas_layers" in rates else []), *job_s):
     ratio(f"encode_{name}_vs_train", rates[name] / rates["train"])
   for name in job_s:
     ratio(f"encode_{name}_vs_kernel", rates[name] / rates["kernel"])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures the README and the open issues still owe, in one unattended run on one H200.
+# The GPU figures issue 14 asked for, in one unattended run on one H200 (rerun them after a change).
 #
 #   setsid nohup bash benchmarks/owed_gpu.sh OUT_DIR > OUT_DIR.log 2>&1 &   # then poll OUT_DIR/DONE
 #
@@ -9,7 +9,7 @@
 #   2. bench_encoder at the 1B shape: exact Adam vs the training step (target >= 0.95x)
 #   3. bench_encoder, Gemma3_1B's shape: the training step, then adam_rank1 and exact Adam, each alone
 #   4. bench_compact: bf16 / int8 / int4 store size, write time and scan rows/s at d = 2^16
-# Cases 1, 2 and 4 were measured on 2026-12-02 (BENCHMARKS.md); case 3 is still owed (OWED_CASES=3).
+# All four were measured on 2026-12-02 (BENCHMARKS.md; case 3 in the fourth session's run B7).
 # Needs the wheels of benchmarks/README.md on PYTHONPATH; the Gemma case also the light gemma site
 # (GEMMA_SITE, default .gemma_site: pip install --no-deps --target .gemma_site -r
 # benchmarks/no_tensorflow/gemma-requirements.txt). OWED_CASES=1,3 runs a subset.

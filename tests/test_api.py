@@ -5,7 +5,9 @@ The doctests run on a tiny random LM with a real optax Adam state; the README's
 trained workdir's model).
 """
 
+import dataclasses
 import doctest
+import inspect
 import os
 import re
 
@@ -16,9 +18,10 @@ import optax
 import pytest
 
 import trackstar_jax as tsj
-from trackstar_jax import api
+from trackstar_jax import api, retrieval
 from trackstar_jax import hessian as hessian_lib
 from trackstar_jax.data import batching
+from trackstar_jax.jobs import retrieve as retrieve_job
 from trackstar_jax.models import DecoderLM, TransformerConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +114,11 @@ def test_four_calls_match_brute_force(tiny, tmp_path):
   )  # fmt: skip
   np.testing.assert_array_equal(ref.top_ids, mem.top_ids)
   np.testing.assert_array_equal(ref.bottom_ids, mem.bottom_ids)
+  fresh = tsj.retrieve(
+    encoder=enc, queries=tiny["queries"], store=store, hessian=h, k=5, matmul_dtype="float32", pinned_reads=False
+  )
+  np.testing.assert_array_equal(fresh.top_ids, res.top_ids)
+  np.testing.assert_array_equal(fresh.top_scores, res.top_scores)
   with pytest.raises(TypeError, match="unknown options .*'selekt'"):
     tsj.retrieve(query_phi=phi_q, corpus_phi=phi_z, k=5, selekt="fused")
   arrays = res.to_arrays()
@@ -205,3 +213,13 @@ def test_readme_example_runs_verbatim(tmp_path, monkeypatch, capsys):
   out = capsys.readouterr().out
   assert "proponents of" in out and os.path.exists(tmp_path / "api" / "results.jsonl")
   assert tsj.results.validate_results_file(str(tmp_path / "api" / "results.jsonl")) > 0
+
+
+def test_every_retrieve_option_reaches_the_scan():
+  """Each `RetrieveOptions` field is an argument of `tsj.retrieve` and is read by the retrieve job from its config."""
+  fields = {f.name for f in dataclasses.fields(retrieval.RetrieveOptions)}
+  arguments = set(inspect.signature(tsj.retrieve).parameters) | set(api._STREAMING_OPTIONS)
+  arguments |= {"chunk_rows"}
+  assert fields <= arguments, sorted(fields - arguments)
+  job = inspect.getsource(retrieve_job)
+  assert not [f for f in fields if f"rc.{f}" not in job], [f for f in fields if f"rc.{f}" not in job]

@@ -88,6 +88,29 @@ def test_device_count_invariance(setup):
     assert rel(enc.encode(ex), want) < 1e-5, n
 
 
+def test_pallas_layer_kernel_over_a_mesh_matches_einsums(setup):
+  """Exact Adam per layer with `scaled_projection` (Pallas' interpreter here), over 8 and 1 devices."""
+  model, params, state, enc8 = setup
+  ex = make_examples(7, seed=4)
+  cfg = encoder_config()
+  cfg.layer_mode = "layer"
+  want = None
+  for n in (8, 1):
+    mesh = mesh_lib.make_mesh(devices=jax.devices()[:n])
+    encs = {}
+    for kernel in ("xla", "pallas"):
+      cfg.layer_kernel = kernel
+      encs[kernel] = TrackStarEncoder(model_apply=model.apply, params=params, config=cfg, opt_state=state, mesh=mesh)
+    assert set(encs["pallas"].projector.layer_kernels().values()) == {"pallas"}
+    got = np.asarray(encs["pallas"].encode(ex))
+    want = np.asarray(encs["xla"].encode(ex)) if want is None else want
+    assert rel(got, want) < 1e-5, n
+  assert rel(want, enc8.encode(ex)) < 1e-5  # and both equal the default (fused) encoding
+  with pytest.raises(ValueError, match="layer_kernel must be auto.xla.pallas"):
+    cfg.layer_kernel = "triton"
+    TrackStarEncoder(model_apply=model.apply, params=params, config=cfg, opt_state=state)
+
+
 def test_padding_rows_and_ids(setup):
   _, _, _, enc = setup
   ex = make_examples(5, seed=2)

@@ -166,3 +166,24 @@ def test_traced_param_that_is_not_a_layer_kernel_errors():
   loss_fn = lambda p, b: losses.example_losses(model.apply(p, b["inputs"]), b)
   with pytest.raises(ValueError, match="not kernels of nn.Dense"):
     gradients.trace_layouts(loss_fn, params, make_batch(1), paths=["params/kernel"])
+
+
+@pytest.mark.parametrize("which", ["decoder", "custom"])
+def test_pallas_scale_project_matches_reference(which):
+  """Exact Adam's per-layer path with the scaling fused into P_out's matmul (Pallas' interpreter on CPU)."""
+  params, loss_fn, batch, layouts, plan = setup_model(which)
+  corr = oc.make_correction(kind="adam", layouts=layouts, opt_state=random_state("adam", params, layouts))
+  phis = {}
+  for kernel in ("xla", "pallas"):
+    proj = gradients.GradientProjector(plan=plan, correction=corr, layer_mode="layer", layer_kernel=kernel)
+    phis[kernel] = jax.jit(lambda p, a, b, proj=proj: proj.phi(loss_fn, p, a, b))(params, proj.arrays, batch)
+    kernels = proj.layer_kernels()  # as traced
+  # The decoder's kernels (16 x 16, 16 x 32, ...) tile; the custom model's (8 x 6, 6 x 8, ...) are too small.
+  tiled = {p for p, k in kernels.items() if k == "pallas"}
+  assert tiled == (set(kernels) if which == "decoder" else set()), kernels
+  ref = gradients.reference_phi(loss_fn, params, batch, plan=plan, correction=corr)
+  rel = float(jnp.linalg.norm(phis["pallas"] - ref) / jnp.linalg.norm(ref))
+  assert rel < 1e-4, rel
+  np.testing.assert_allclose(phis["pallas"], phis["xla"], rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
+  if which == "custom":  # nothing tiled: the same computation
+    np.testing.assert_array_equal(phis["pallas"], phis["xla"])

@@ -284,7 +284,15 @@ def _corpus(store, corpus_phi, corpus_ids):
   return store_lib.open_store(store) if isinstance(store, str) else store
 
 
-_STREAMING_OPTIONS = ("select", "cache_norms", "reads_in_flight", "transfers_ahead", "pinned", "copy_piece_mib")
+_STREAMING_OPTIONS = (
+  "select",
+  "cache_norms",
+  "reads_in_flight",
+  "transfers_ahead",
+  "pinned",
+  "copy_piece_mib",
+  "pinned_reads",
+)
 
 
 def retrieve(
@@ -322,7 +330,8 @@ def retrieve(
     batch_size: queries per encoder call.
     mesh: this host's devices (default: all local devices).
     **streaming: `select`, `cache_norms`, `reads_in_flight`, `transfers_ahead`,
-      `pinned`, `copy_piece_mib` (how the scan runs, not what it returns: see `RetrieveOptions`).
+      `pinned`, `copy_piece_mib`, `pinned_reads` (how the scan runs, not what it returns: see
+      `RetrieveOptions`).
 
   Returns:
     A `RetrievalResult`: `top_ids`, `top_scores`, `bottom_ids`, ... [Q, k];

@@ -138,6 +138,11 @@ class EncoderOptions:
     b2: Adam's b2, needed for bias correction only (likewise).
     layer_mode: auto | fused | layer (debug: force per-layer per-example G).
     projection_dtype: auto (bf16 operands for bf16 models on GPU/TPU) | float32.
+    layer_kernel: auto | xla | pallas: how a layer-mode layer with an elementwise correction (exact
+      Adam) scales and projects its per-example G. auto: `scaled_projection`'s Pallas kernel on a GPU
+      with bf16 operands, for examples of >= 384 tokens (where it measured faster), where the kernel
+      tiles and the mesh shards the batch only; else einsums;
+      xla: always einsums; pallas: the kernel wherever it tiles (Pallas' interpreter off GPUs: tests).
   """
 
   param_regex: str = r"block_\d+/(attn|mlp)/.*/kernel$"
@@ -152,6 +157,7 @@ class EncoderOptions:
   b2: float | None = None
   layer_mode: str = "auto"
   projection_dtype: str = "auto"
+  layer_kernel: str = "auto"
 
 
 # Fields of the config section `encoder` that belong to the jobs, not to the encoder.
@@ -240,6 +246,8 @@ class TrackStarEncoder:
       correction=correction,
       layer_mode=str(options.layer_mode),
       projection_dtype=str(options.projection_dtype),
+      layer_kernel=str(options.layer_kernel),
+      mesh=self.mesh,
     )
     replicated = NamedSharding(self.mesh, P())
     self._param_sharding = param_sharding if param_sharding is not None else replicated

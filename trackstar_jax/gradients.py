@@ -45,7 +45,7 @@ kernels, element-wise correction, then `ProjectionPlan.project`. Any JAX loss.
 
 Public API:
   trace_layouts(loss_fn, params, batch, *, paths) -> {path: KernelLayout}
-  GradientProjector(plan=, correction=, layer_mode="auto", projection_dtype="auto")
+  GradientProjector(plan=, correction=, layer_mode="auto", projection_dtype="auto", layer_kernel="auto", mesh=None)
     .arrays (pytree to pass into jit), .phi(loss_fn, params, arrays, batch)
   reference_phi(loss_fn, params, batch, *, plan, correction) -> [B, d]
 where loss_fn(params, batch) -> per-example losses [B].
@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trackstar_jax import layer_registry, projection
+from trackstar_jax import layer_registry, projection, scaled_projection
 from trackstar_jax import optimizer_correction as oc
 
 CallLabels = layer_registry.CallLabels
@@ -132,6 +132,7 @@ class _LayerStatic:
   factor_sides: tuple[str, ...]  # "x" | "y": which projected factor applies it
   projection_dtype: str  # "auto" | "float32"
   layout: projection.KernelLayout
+  layer_kernel: str = "xla"  # layer mode: "xla" (einsums) | "pallas" (`scaled_projection`) | "auto" (per call)
 
 
 def _fold(factor: oc.Factor, group_axes: tuple[int, ...]) -> jax.Array:
@@ -151,12 +152,18 @@ class GradientProjector:
     correction: oc.Correction,
     layer_mode: str = "auto",
     projection_dtype: str = "auto",
+    layer_kernel: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
   ):
     if layer_mode not in ("auto", "fused", "layer"):
       raise ValueError(f"encoder.layer_mode must be auto|fused|layer, got {layer_mode!r}.")
     if projection_dtype not in ("auto", "float32"):
       raise ValueError(f"encoder.projection_dtype must be auto|float32, got {projection_dtype!r}.")
+    if layer_kernel not in ("auto", "xla", "pallas"):
+      raise ValueError(f"encoder.layer_kernel must be auto|xla|pallas, got {layer_kernel!r}.")
     self.plan = plan
+    self.mesh = mesh
+    self._traced: dict[str, str] = {}
     self.static: dict[str, _LayerStatic] = {}
     arrays = {}
     for path, layout in plan.layouts.items():
@@ -202,14 +209,23 @@ class GradientProjector:
         else:
           rest.append(f)
           rest_sides.append("x" if side == "fold" else side)
+      kernel = "xla"
+      if mode == "layer" and _scale_project_fits(layer_kernel, rest, layout, mesh):
+        kernel = layer_kernel
       self.static[path] = _LayerStatic(
-        plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides), projection_dtype, layout
+        plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides), projection_dtype, layout, kernel
       )
       arrays[path] = dict(p_in=p_in, p_out=p_out, factors=tuple(jnp.asarray(f.values, jnp.float32) for f in rest))
     self.arrays = arrays
 
   def modes(self) -> dict[str, str]:
     return {p: s.mode for p, s in self.static.items()}
+
+  def layer_kernels(self) -> dict[str, str]:
+    """Per layer-mode kernel, how it scales and projects G: "pallas" (`scaled_projection`) or "xla"
+    (einsums) as the last trace of `phi` ran it; before any trace, the choice ("auto": Pallas on a GPU
+    with bf16 operands for examples of >= `scaled_projection.AUTO_MIN_TOKENS` tokens)."""
+    return {p: self._traced.get(p, s.layer_kernel) for p, s in self.static.items() if s.mode == "layer"}
 
   def phi(self, loss_fn: LossFn, params: Any, arrays: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
     """phi [B, d] float32 of every example of `batch` (call inside jit).
@@ -229,8 +245,11 @@ class GradientProjector:
         arr = arrays[path]
         if x.shape[0] != b:
           raise ValueError(f"Layer {path!r}: input leading axis {x.shape[0]} is not the batch size {b}.")
-        fn = _fused_tap if st.mode == "fused" else _layer_tap
-        return fn(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block])
+        if st.mode == "fused":
+          return _fused_tap(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block])
+        use = _use_pallas(st, labels, x, _compute_dtype(x, st.projection_dtype))
+        self._traced[path] = "pallas" if use else "xla"
+        return _layer_tap(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block], pallas=use, mesh=self.mesh)
 
       with layer_registry.intercept(paths=set(self.static), on_call=on_call):
         losses = loss_fn(params, batch)
@@ -309,7 +328,26 @@ def _broadcast(values: jax.Array, labels: str, target: str) -> jax.Array:
   return jnp.expand_dims(values, [i for i, l in enumerate(target) if l not in labels])
 
 
-def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z):
+def _scale_project_fits(layer_kernel: str, factors, layout: projection.KernelLayout, mesh) -> bool:
+  """Whether `scaled_projection` can take this layer: one elementwise factor over the whole kernel (exact
+  Adam), a kernel that tiles, a mesh that shards the batch only."""
+  return (
+    layer_kernel != "xla"
+    and len(factors) == 1
+    and tuple(factors[0].axes) == tuple(range(len(layout.shape)))
+    and scaled_projection.tiles(layout.n, layout.m) is not None
+    and scaled_projection.mesh_supported(mesh)
+  )
+
+
+def _use_pallas(st: _LayerStatic, labels: CallLabels, x: jax.Array, dtype) -> bool:
+  if st.layer_kernel != "auto":
+    return st.layer_kernel == "pallas"
+  tokens = math.prod(n for l, n in zip(labels.x[1:], x.shape[1:]) if l not in labels.k)  # per example
+  return scaled_projection.auto_chooses(tokens, dtype, jax.default_backend())
+
+
+def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z, *, pallas: bool = False, mesh=None):
   ex = labels.x[0]
   g_eq = f"{labels.x},{labels.y}->{ex}{labels.k}"
   f_l = _factor_labels(labels, st.factor_axes)
@@ -327,6 +365,18 @@ def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z):
   def bwd(res, dy):
     x, arrays = res
     dtype = _compute_dtype(x, st.projection_dtype)
+    if pallas:  # G in the operand dtype from the matmul library; scaling fused into P_out's matmul
+      lay = st.layout
+      g = jnp.einsum(g_eq, x.astype(dtype), dy.astype(dtype), preferred_element_type=dtype)
+      p_in = arrays["p_in"].reshape(lay.n, -1)
+      h = scaled_projection.sharded_scale_project(
+        lay.as_matrix(g),
+        lay.as_matrix(arrays["factors"][0]),
+        arrays["p_out"].reshape(lay.m, -1).astype(dtype),
+        mesh=mesh,
+        interpret=jax.default_backend() != "gpu",
+      )
+      return dy, _mm("bKZ,KY->bYZ", h, p_in, dtype=dtype), None, None
     g = _mm(g_eq, x, dy, dtype=dtype)  # [B, *kernel] float32: this layer only
     for f, fl in zip(arrays["factors"], f_l):
       g = g * _broadcast(f, fl, ex + labels.k)

@@ -74,6 +74,7 @@ def run(config, workdir: str, *, dataset=None) -> str:
     transfers_ahead=int(rc.transfers_ahead),
     pinned=bool(rc.pinned),
     copy_piece_mib=int(rc.copy_piece_mib),
+    pinned_reads=bool(rc.pinned_reads),
   )
   out = workdir_lib.results_path(config, workdir)
   rows = np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()]))  # the same on every process

@@ -1,0 +1,53 @@
+"""scaled_projection: (G * S) P_out per example == NumPy, tiles, padding of d_out, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from trackstar_jax import mesh as mesh_lib
+from trackstar_jax import scaled_projection
+
+
+@pytest.mark.parametrize("b,k,l,z", [(3, 64, 128, 4), (2, 48, 80, 16), (1, 16, 256, 24)])
+def test_scale_project_matches_numpy(b, k, l, z):
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((b, k, l)).astype(np.float32)
+  s = rng.uniform(0.1, 3.0, (k, l)).astype(np.float32)
+  p = rng.standard_normal((l, z)).astype(np.float32)
+  h = scaled_projection.scale_project(jnp.asarray(g), jnp.asarray(s), jnp.asarray(p), interpret=True)
+  want = np.einsum("bkl,kl,lz->bkz", g.astype(np.float64), s, p)
+  assert h.shape == (b, k, z) and h.dtype == jnp.float32
+  np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_sharded_over_the_batch_equals_one_device():
+  rng = np.random.default_rng(1)
+  g, s, p = rng.standard_normal((8, 32, 64)), rng.uniform(0.1, 3.0, (32, 64)), rng.standard_normal((64, 16))
+  g, s, p = (jnp.asarray(a, jnp.float32) for a in (g, s, p))
+  one = scaled_projection.scale_project(g, s, p, interpret=True)
+  mesh = mesh_lib.make_mesh(devices=jax.devices()[:8])
+  many = jax.jit(lambda *a: scaled_projection.sharded_scale_project(*a, mesh=mesh, interpret=True))(g, s, p)
+  np.testing.assert_allclose(many, one, rtol=1e-6, atol=1e-6)
+
+
+def test_tiles_and_refusals():
+  assert scaled_projection.tiles(2048, 8192) == (64, 128)
+  assert scaled_projection.tiles(48, 80) == (16, 16)
+  assert scaled_projection.tiles(8, 128) is None  # K below Triton's 16: the einsum path
+  with pytest.raises(ValueError, match="does not tile"):
+    scaled_projection.scale_project(jnp.zeros((1, 8, 32)), jnp.zeros((8, 32)), jnp.zeros((32, 16)), interpret=True)
+  with pytest.raises(ValueError, match="do not match"):
+    scaled_projection.scale_project(jnp.zeros((1, 16, 32)), jnp.zeros((16, 16)), jnp.zeros((32, 16)), interpret=True)
+  two_axes = jax.sharding.AbstractMesh((4, 2), ("data", "model"))
+  assert not scaled_projection.mesh_supported(two_axes) and scaled_projection.mesh_supported(None)
+  assert scaled_projection.mesh_supported(jax.sharding.AbstractMesh((4, 1), ("data", "model")))
+
+
+def test_auto_takes_the_kernel_for_long_bf16_examples_on_gpus_only():
+  n = scaled_projection.AUTO_MIN_TOKENS
+  assert scaled_projection.auto_chooses(n, jnp.bfloat16, "gpu")
+  assert not scaled_projection.auto_chooses(n - 1, jnp.bfloat16, "gpu")  # LAMA's 128 tokens: the einsums
+  assert not scaled_projection.auto_chooses(4 * n, jnp.float32, "gpu")
+  assert not scaled_projection.auto_chooses(4 * n, jnp.bfloat16, "cpu")
+  assert not scaled_projection.auto_chooses(4 * n, jnp.bfloat16, "tpu")

@@ -1,0 +1,127 @@
+"""(G * S) P_out with the elementwise scaling fused into the projection's loads (Pallas, GPU).
+
+Exact Adam's per-layer path (`gradients._layer_tap`) forms each example's
+gradient G_e [K, L], scales it by S = 1/sqrt(V) and projects it:
+phi_e = P_in^T (G_e * S) P_out. Written as einsums, XLA fuses the scaling into
+the matmul that forms G, and so forms G with its own (Triton) matmul at about
+half the rate of the matmul library on an H200
+(`benchmarks/probes/probe_layer_grad.py`, BENCHMARKS.md "Encode job"). Here G
+comes from the matmul library in the projection's operand dtype, and one
+kernel reads each of its tiles once, scales it in float32 and contracts it with
+P_out's rows: H_e = (G_e * S) P_out [K, Z] is all it writes. S is read once per
+K block while every example's programs for that block run together.
+
+Numerics: G is rounded to the operand dtype (bf16 on accelerators) before the
+scaling as well as after it, where the einsum path rounds once; both
+accumulate in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+# encoder.layer_kernel="auto" takes this kernel for examples of at least this many tokens. It trades XLA's
+# fused path (G formed by a Triton matmul at ~390 TFLOP/s on an H200, the scaling in its epilogue) for
+# the matmul library's G (~730 TFLOP/s) plus one bf16 write and read of G (4 K L bytes per example at
+# ~4.3 TB/s): G's 2 K L FLOP per token pay for that from ~390 tokens. Measured on the H200 (BENCHMARKS.md
+# "Encode job"): 512 tokens (1B shape) 1.10x faster end to end, 128 tokens (LAMA) 0.98x.
+AUTO_MIN_TOKENS = 384
+
+# Tile sizes, largest first (`benchmarks/probes/probe_layer_grad.py` sweeps them); Triton's dots need >= 16.
+BLOCK_K = (64, 32, 16)
+BLOCK_L = (128, 64, 32, 16)
+MIN_DOT = 16
+
+
+def tiles(k: int, l: int) -> tuple[int, int] | None:
+  """(block_k, block_l) tiling a [K, L] kernel exactly, or None (the einsum path then)."""
+  bk = next((b for b in BLOCK_K if k % b == 0), None)
+  bl = next((b for b in BLOCK_L if l % b == 0), None)
+  return None if bk is None or bl is None else (bk, bl)
+
+
+def auto_chooses(tokens: int, dtype, backend: str) -> bool:
+  """What `layer_kernel="auto"` picks for one layer call: a GPU, bf16 operands, long enough examples."""
+  return backend == "gpu" and dtype == jnp.bfloat16 and tokens >= AUTO_MIN_TOKENS
+
+
+def mesh_supported(mesh: Mesh | None) -> bool:
+  """The kernel runs per device over the batch: every mesh axis but `data` must have size 1."""
+  return mesh is None or all(size == 1 for name, size in mesh.shape.items() if name != "data")
+
+
+def _kernel(g_ref, s_ref, p_ref, h_ref, *, block_l: int, l_steps: int, precision):
+  def over_l(j, h):
+    cols = pl.ds(j * block_l, block_l)
+    g = (g_ref[:, cols].astype(jnp.float32) * s_ref[:, cols]).astype(p_ref.dtype)
+    return h + pl_triton.dot(g, p_ref[cols, :], precision=precision)
+
+  h_ref[...] = jax.lax.fori_loop(0, l_steps, over_l, jnp.zeros(h_ref.shape, jnp.float32))
+
+
+def scale_project(
+  g: jax.Array,
+  scale: jax.Array,
+  p_out: jax.Array,
+  *,
+  interpret: bool = False,
+  block: tuple[int, int] | None = None,
+  num_warps: int = 4,
+  num_stages: int = 3,
+) -> jax.Array:
+  """H [B, K, Z] float32 = (g * scale) p_out per example, on one device.
+
+  Args:
+    g: [B, K, L] per-example gradients, in the operand dtype.
+    scale: [K, L] float32 elementwise correction.
+    p_out: [L, Z] output-side projection, in the operand dtype.
+    interpret: Pallas' interpreter (CPU).
+    block, num_warps, num_stages: tiles (block_k, block_l; default `tiles`) and Triton's launch
+      settings (the probe sweeps them).
+  """
+  (b, k, l), z = g.shape, p_out.shape[1]
+  if scale.shape != (k, l) or p_out.shape[0] != l:
+    raise ValueError(f"scale_project: g {g.shape}, scale {scale.shape}, p_out {p_out.shape} do not match.")
+  found = block or tiles(k, l)
+  if found is None or k % found[0] or l % found[1]:
+    raise ValueError(f"scale_project: a [{k}, {l}] kernel does not tile by {block or (BLOCK_K, BLOCK_L)}.")
+  bk, bl = found
+  z_pad = max(MIN_DOT, pl.next_power_of_2(z))  # Triton's blocks are powers of 2; zero columns add nothing
+  if z_pad != z:
+    p_out = jnp.pad(p_out, ((0, 0), (0, z_pad - z)))
+  precision = jax.lax.Precision.HIGHEST if p_out.dtype == jnp.float32 else None
+  h = pl.pallas_call(
+    functools.partial(_kernel, block_l=bl, l_steps=l // bl, precision=precision),
+    out_shape=jax.ShapeDtypeStruct((b, k, z_pad), jnp.float32),
+    # Examples vary fastest (Triton's program id 0): the programs of one K block run together on S's rows.
+    grid=(b, k // bk),
+    in_specs=[
+      pl.BlockSpec((None, bk, l), lambda e, i: (e, i, 0)),
+      pl.BlockSpec((bk, l), lambda e, i: (i, 0)),
+      pl.BlockSpec((l, z_pad), lambda e, i: (0, 0)),
+    ],
+    out_specs=pl.BlockSpec((None, bk, z_pad), lambda e, i: (e, i, 0)),
+    compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+    interpret=interpret,
+    name="scale_project",
+  )(g, scale, p_out)
+  return h[..., :z] if z_pad != z else h
+
+
+def sharded_scale_project(g, scale, p_out, *, mesh: Mesh | None, interpret: bool = False) -> jax.Array:
+  """`scale_project` inside a jit over `mesh`: each device projects its own examples (batch on `data`)."""
+  fn = functools.partial(scale_project, interpret=interpret)
+  if mesh is None or mesh.size == 1:
+    return fn(g, scale, p_out)
+  if not mesh_supported(mesh):
+    raise ValueError(f"scale_project runs over the batch only; mesh {dict(mesh.shape)} shards other axes.")
+  return jax.shard_map(fn, mesh=mesh, in_specs=(P("data"), P(), P()), out_specs=P("data"), check_vma=False)(
+    g, scale, p_out
+  )
