@@ -202,10 +202,11 @@ def test_two_process_encode_and_retrieve_match_one_process(encoded, tmp_path):
   got, ref = _read_store(url), _read_store(ref_url)
   np.testing.assert_array_equal(got.ids, corpus_ids)
   np.testing.assert_array_equal(got.ids, ref.ids)
-  # Bitwise on the hosts CI ran on until 2026-12-02; on a 2-core AMD EPYC host the per-layer (exact Adam)
-  # blocks differ by a few float32 ulps between 1 and 2 processes although the optimized HLO of the encode
-  # step is the same (checked with --xla_dump_to; turning off XNNPACK, oneDNN, YNN fusions or Eigen's threads
-  # changed nothing). A wrong row, slice or padding would differ by far more than float32 rounding.
+  # Bitwise on the hosts CI ran on until 2026-12-02. On a 2-core AMD EPYC host the MLP blocks (exact Adam,
+  # per layer) differ by a few float32 ulps between 1 and 2 processes, although the encode step's optimized
+  # HLO (--xla_dump_to), the parameters, projections and corrections (gathered and compared) are the same;
+  # turning off XNNPACK, oneDNN, YNN fusions or Eigen's threads changed nothing. A wrong row, slice or padding
+  # would differ by far more than float32 rounding.
   np.testing.assert_allclose(got.phi, ref.phi, rtol=1e-5, atol=1e-6 * float(np.abs(ref.phi).max()))
 
   one_path = str(tmp_path / "one.jsonl")
