@@ -12,8 +12,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = ("encode", "encode_d2h", "retrieve", "retrieve_host")
 
@@ -79,7 +77,6 @@ def test_bench_compact_small():
   assert all(r["rows_per_s"] > 0 and r["N"] == 512 for r in records), records
 
 
-@pytest.mark.integration  # ~2 min of subprocesses (every section of bench_perf): after the default run
 def test_bench_perf_small_prints_every_ratio():
   records = _run("bench_perf.py", "--small", "--repeat=1")
   sections = [r["section"] for r in records]
