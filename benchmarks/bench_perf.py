@@ -468,7 +468,7 @@ def encode_section(a, root: str) -> None:
   for name, url, pipeline, writes, fsync, direct in jobs:
     if only and name not in only:
       continue
-    enc = encoders["pallas" if name.endswith("_pallas_layers") else "auto"]
+    job_enc = encoders["pallas" if name.endswith("_pallas_layers") else "auto"]
     best = float("inf")
     for rep in range(min(2, a.repeat)):  # whole jobs: seconds each, little spread
       # A new URL per run: reopening a finished store would resume it with nothing left to encode.
@@ -480,12 +480,12 @@ def encode_section(a, root: str) -> None:
       if a.trace_dir and rep == 1 and name == "job_disk_pipelined":
         with trace_summary.traced(os.path.join(a.trace_dir, name)):
           encoding.encode_to_store(
-            enc, examples, store=store, batch_size=a.batch, pipeline=pipeline, writes_in_flight=writes
+            job_enc, examples, store=store, batch_size=a.batch, pipeline=pipeline, writes_in_flight=writes
           )
         emit(section="trace", name=name, **trace_summary.summarize(os.path.join(a.trace_dir, name)))
       else:
         encoding.encode_to_store(
-          enc, examples, store=store, batch_size=a.batch, pipeline=pipeline, writes_in_flight=writes
+          job_enc, examples, store=store, batch_size=a.batch, pipeline=pipeline, writes_in_flight=writes
         )
       best = min(best, time.perf_counter() - t)
       if run_url.startswith("/"):
@@ -495,7 +495,6 @@ def encode_section(a, root: str) -> None:
   if "pallas" in kernel_s:
     rates["kernel_pallas_layers"] = a.batch / kernel_s["pallas"]
   rates.update({k: len(examples) / v for k, v in job_s.items()})
-  enc = encoders["auto"]
   emit(
     section="encode", model=a.model, dtype=a.dtype, seq=a.seq, batch=a.batch, rows=len(examples), dim=int(enc.dim),
     correction=a.correction, layer_modes=sorted(set(enc.modes().values())),

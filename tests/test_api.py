@@ -219,7 +219,6 @@ def test_every_retrieve_option_reaches_the_scan():
   """Each `RetrieveOptions` field is an argument of `tsj.retrieve` and is read by the retrieve job from its config."""
   fields = {f.name for f in dataclasses.fields(retrieval.RetrieveOptions)}
   arguments = set(inspect.signature(tsj.retrieve).parameters) | set(api._STREAMING_OPTIONS)
-  arguments |= {"chunk_rows"}
   assert fields <= arguments, sorted(fields - arguments)
   job = inspect.getsource(retrieve_job)
   assert not [f for f in fields if f"rc.{f}" not in job], [f for f in fields if f"rc.{f}" not in job]

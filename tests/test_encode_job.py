@@ -10,7 +10,7 @@ The shared tiny training run (conftest `trained`: configs/synthetic.py:runlocal=
     store bitwise equal to the uninterrupted one.
   * `launch.encode` and `launch.retrieve` with 2 processes x 2 devices
     (jax.distributed on localhost, gloo) give the same store (ids exactly, phi to
-    float32 rounding) as one process x 4 devices (the same per-device batch).
+    float32 rounding) and results as one process x 4 devices (the same per-device batch).
 """
 
 import contextlib
