@@ -31,9 +31,11 @@ encode     The encode job's loop (`encoding.encode_to_store`, exact Adam by defa
            the encoder kernel alone and a jitted AdamW training step, all at the
            same batch and sequence length (LAMA shapes: model small, seq 128,
            batch 256, d_in = d_out = 64). With exact Adam, also the kernel and
-           the disk job with `scaled_projection` forced on its layers
-           (*_pallas_layers: `encoder.layer_kernel="pallas"`; "auto" takes it
-           from 384 tokens per example).
+           the disk job with einsums forced on its layers (*_xla_layers:
+           `encoder.layer_kernel="xla"`; the default "auto" takes
+           `scaled_projection`'s Pallas kernel on a GPU). disk_write*: the same
+           bytes written plainly (os.write, one chunk per file, fsynced or
+           not) to the same directory, the rate no disk job can pass.
            --encode_jobs=job_disk_pipelined,... runs only those jobs.
 
 Output: one JSON line per measurement, then "RATIO name value" lines (the
@@ -430,9 +432,9 @@ def encode_section(a, root: str) -> None:
     st = optax.scale_by_factored_rms(min_dim_size_to_factor=32).init(params)
     st = jax.tree.map(lambda x: x + 1e-4 if jnp.issubdtype(x.dtype, jnp.floating) else x, st)
   encoders, kernel_s = {}, {}
-  # Exact Adam's layers: the default (`encoder.layer_kernel="auto"`: einsums at LAMA's 128 tokens) and
-  # `scaled_projection`'s Pallas kernel forced ("pallas"), side by side.
-  for kernel in ("auto", "pallas") if a.correction == "adam" else ("auto",):
+  # Exact Adam's layers: the default (`encoder.layer_kernel="auto"`: `scaled_projection`'s Pallas kernel on
+  # a GPU) and einsums forced ("xla"), side by side.
+  for kernel in ("auto", "xla") if a.correction == "adam" else ("auto",):
     enc = tsj.build_encoder(
       model=model,
       params=params,
@@ -462,13 +464,13 @@ def encode_section(a, root: str) -> None:
     ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, 2, True, False),
     ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False, 2, True, False),
   )
-  if "pallas" in encoders:
-    jobs += (("job_disk_pipelined_pallas_layers", os.path.join(root, "enc_x"), True, 2, True, True),)
+  if "xla" in encoders:
+    jobs += (("job_disk_pipelined_xla_layers", os.path.join(root, "enc_x"), True, 2, True, True),)
   only = set(a.encode_jobs.split(",")) if a.encode_jobs else None
   for name, url, pipeline, writes, fsync, direct in jobs:
     if only and name not in only:
       continue
-    job_enc = encoders["pallas" if name.endswith("_pallas_layers") else "auto"]
+    job_enc = encoders["xla" if name.endswith("_xla_layers") else "auto"]
     best = float("inf")
     for rep in range(min(2, a.repeat)):  # whole jobs: seconds each, little spread
       # A new URL per run: reopening a finished store would resume it with nothing left to encode.
@@ -492,21 +494,53 @@ def encode_section(a, root: str) -> None:
         shutil.rmtree(run_url, ignore_errors=True)
     job_s[name] = best
   rates = dict(train=a.batch / train_s, kernel=a.batch / kernel_s["auto"])
-  if "pallas" in kernel_s:
-    rates["kernel_pallas_layers"] = a.batch / kernel_s["pallas"]
+  # The disk's own rate for the job's bytes (files of one chunk, written and fsynced as the job's store
+  # does): the rows/s a job into this directory cannot pass, whatever the device does.
+  row_bytes, chunk_bytes = int(enc.dim) * 2, meta.chunk_rows * int(enc.dim) * 2
+  disk_s = {
+    sync: _plain_write_s(os.path.join(root, "plain"), len(examples) * row_bytes, chunk_bytes, fsync=sync)
+    for sync in (True, False)
+  }
+  rates.update(disk_write=len(examples) / disk_s[True], disk_write_nosync=len(examples) / disk_s[False])
+  if "xla" in kernel_s:
+    rates["kernel_xla_layers"] = a.batch / kernel_s["xla"]
   rates.update({k: len(examples) / v for k, v in job_s.items()})
   emit(
     section="encode", model=a.model, dtype=a.dtype, seq=a.seq, batch=a.batch, rows=len(examples), dim=int(enc.dim),
     correction=a.correction, layer_modes=sorted(set(enc.modes().values())),
     layer_kernels=sorted(set(enc.projector.layer_kernels().values())), examples_per_s=rates,
-    store_mb_per_s_at_job=rates.get("job_disk_pipelined", 0.0) * enc.dim * 2 / 1e6,
+    store_mb_per_s_at_job=rates.get("job_disk_pipelined", 0.0) * row_bytes / 1e6,
+    disk_write_mb_per_s=rates["disk_write"] * row_bytes / 1e6,
+    disk_write_nosync_mb_per_s=rates["disk_write_nosync"] * row_bytes / 1e6,
   )  # fmt: skip
-  if "kernel_pallas_layers" in rates:
-    ratio("encode_kernel_pallas_layers_vs_kernel", rates["kernel_pallas_layers"] / rates["kernel"])
-  for name in ("kernel", *(["kernel_pallas_layers"] if "kernel_pallas_layers" in rates else []), *job_s):
+  if "kernel_xla_layers" in rates:
+    ratio("encode_kernel_xla_layers_vs_kernel", rates["kernel_xla_layers"] / rates["kernel"])
+  for name in ("kernel", *(["kernel_xla_layers"] if "kernel_xla_layers" in rates else []), *job_s):
     ratio(f"encode_{name}_vs_train", rates[name] / rates["train"])
   for name in job_s:
     ratio(f"encode_{name}_vs_kernel", rates[name] / rates["kernel"])
+  for name in ("kernel", *job_s):
+    ratio(f"encode_{name}_vs_disk_write", rates[name] / rates["disk_write"])
+
+
+def _plain_write_s(directory: str, nbytes: int, file_bytes: int, *, fsync: bool) -> float:
+  """Seconds to write nbytes as files of file_bytes with plain os.write (each fsynced if asked), then remove them."""
+  os.makedirs(directory, exist_ok=True)
+  block = np.random.default_rng(2).bytes(min(file_bytes, 1 << 24))
+  t = time.perf_counter()
+  for i in range(-(-nbytes // file_bytes)):
+    left = min(file_bytes, nbytes - i * file_bytes)
+    fd = os.open(os.path.join(directory, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+      while left > 0:
+        left -= os.write(fd, block[:left])
+      if fsync:
+        os.fsync(fd)
+    finally:
+      os.close(fd)
+  seconds = time.perf_counter() - t
+  shutil.rmtree(directory, ignore_errors=True)
+  return seconds
 
 
 def main() -> None:

@@ -100,8 +100,10 @@ def test_bench_perf_small_prints_every_ratio():
     "job_disk_writes8_nosync",
     "job_memory_pipelined",
     "job_memory_previous_loop",
-    "kernel_pallas_layers",  # exact Adam's layers with scaled_projection forced, beside the default
-    "job_disk_pipelined_pallas_layers",
+    "kernel_xla_layers",  # exact Adam's layers with einsums forced, beside the default (the Pallas kernel on a GPU)
+    "job_disk_pipelined_xla_layers",
+    "disk_write",  # the job's bytes written plainly to the same directory: the ceiling of a disk job
+    "disk_write_nosync",
   }
   assert all(v > 0 for v in rates.values()), rates
 
@@ -128,7 +130,9 @@ def test_probes_small(tmp_path):
   assert len(groups) == 8 and all(line.endswith("equal_to_default True") for line in groups), groups
   _run("probes/probe_layer_grad.py", "small", stdout=out)
   errors = [float(line.rsplit(" ", 1)[1]) for line in out[-1].splitlines() if line.startswith("VARIANT")]
-  assert len(errors) == 7 and max(errors) < 1e-5, out[-1]  # float32 on CPU: every variant is the same phi
+  assert len(errors) == 8 and max(errors) < 1e-5, out[-1]  # float32 on CPU: every variant is the same phi
+  parts = [line.split()[1] for line in out[-1].splitlines() if line.startswith("PART")]
+  assert parts == ["g_matmul", "scale_project"], out[-1]
 
 
 def test_trace_summary_counts_overlaps_once_and_ignores_host(tmp_path):

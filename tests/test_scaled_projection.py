@@ -44,10 +44,25 @@ def test_tiles_and_refusals():
   assert scaled_projection.mesh_supported(jax.sharding.AbstractMesh((4, 1), ("data", "model")))
 
 
-def test_auto_takes_the_kernel_for_long_bf16_examples_on_gpus_only():
-  n = scaled_projection.AUTO_MIN_TOKENS
-  assert scaled_projection.auto_chooses(n, jnp.bfloat16, "gpu")
-  assert not scaled_projection.auto_chooses(n - 1, jnp.bfloat16, "gpu")  # LAMA's 128 tokens: the einsums
-  assert not scaled_projection.auto_chooses(4 * n, jnp.float32, "gpu")
-  assert not scaled_projection.auto_chooses(4 * n, jnp.bfloat16, "cpu")
-  assert not scaled_projection.auto_chooses(4 * n, jnp.bfloat16, "tpu")
+def test_auto_takes_the_kernel_for_bf16_on_gpus_only():
+  assert scaled_projection.auto_chooses(jnp.bfloat16, "gpu")
+  assert not scaled_projection.auto_chooses(jnp.float32, "gpu")
+  assert not scaled_projection.auto_chooses(jnp.bfloat16, "cpu")
+  assert not scaled_projection.auto_chooses(jnp.bfloat16, "tpu")
+
+
+@pytest.mark.parametrize("examples", [1, 2, 4])
+def test_examples_per_program_give_the_same_projection(examples):
+  rng = np.random.default_rng(2)
+  g, s, p = rng.standard_normal((4, 32, 64)), rng.uniform(0.1, 3.0, (32, 64)), rng.standard_normal((64, 8))
+  g, s, p = (jnp.asarray(a, jnp.float32) for a in (g, s, p))
+  want = np.einsum("bkl,kl,lz->bkz", np.asarray(g, np.float64), s, p)
+  h = scaled_projection.scale_project(g, s, p, interpret=True, examples=examples)
+  np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_examples_per_program_default_and_refusal():
+  assert scaled_projection.examples_per_program(16) == 2
+  assert scaled_projection.examples_per_program(3) == 1  # an odd batch: one example per program
+  with pytest.raises(ValueError, match="does not divide"):
+    scaled_projection.examples_per_program(6, 4)

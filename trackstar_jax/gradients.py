@@ -224,7 +224,7 @@ class GradientProjector:
   def layer_kernels(self) -> dict[str, str]:
     """Per layer-mode kernel, how it scales and projects G: "pallas" (`scaled_projection`) or "xla"
     (einsums) as the last trace of `phi` ran it; before any trace, the choice ("auto": Pallas on a GPU
-    with bf16 operands for examples of >= `scaled_projection.AUTO_MIN_TOKENS` tokens)."""
+    with bf16 operands)."""
     return {p: self._traced.get(p, s.layer_kernel) for p, s in self.static.items() if s.mode == "layer"}
 
   def phi(self, loss_fn: LossFn, params: Any, arrays: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -247,7 +247,7 @@ class GradientProjector:
           raise ValueError(f"Layer {path!r}: input leading axis {x.shape[0]} is not the batch size {b}.")
         if st.mode == "fused":
           return _fused_tap(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block])
-        use = _use_pallas(st, labels, x, _compute_dtype(x, st.projection_dtype))
+        use = _use_pallas(st, _compute_dtype(x, st.projection_dtype))
         self._traced[path] = "pallas" if use else "xla"
         return _layer_tap(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block], pallas=use, mesh=self.mesh)
 
@@ -340,11 +340,10 @@ def _scale_project_fits(layer_kernel: str, factors, layout: projection.KernelLay
   )
 
 
-def _use_pallas(st: _LayerStatic, labels: CallLabels, x: jax.Array, dtype) -> bool:
+def _use_pallas(st: _LayerStatic, dtype) -> bool:
   if st.layer_kernel != "auto":
     return st.layer_kernel == "pallas"
-  tokens = math.prod(n for l, n in zip(labels.x[1:], x.shape[1:]) if l not in labels.k)  # per example
-  return scaled_projection.auto_chooses(tokens, dtype, jax.default_backend())
+  return scaled_projection.auto_chooses(dtype, jax.default_backend())
 
 
 def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z, *, pallas: bool = False, mesh=None):

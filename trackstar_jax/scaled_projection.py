@@ -8,8 +8,10 @@ half the rate of the matmul library on an H200
 (`benchmarks/probes/probe_layer_grad.py`, BENCHMARKS.md "Encode job"). Here G
 comes from the matmul library in the projection's operand dtype, and one
 kernel reads each of its tiles once, scales it in float32 and contracts it with
-P_out's rows: H_e = (G_e * S) P_out [K, Z] is all it writes. S is read once per
-K block while every example's programs for that block run together.
+P_out's rows: H_e = (G_e * S) P_out [K, Z] is all it writes. Each program
+projects two examples, so each tile of S and P_out it loads serves both, and
+the programs of one K block run together on S's rows (L2, not HBM, is what
+bounds the kernel).
 
 Numerics: G is rounded to the operand dtype (bf16 on accelerators) before the
 scaling as well as after it, where the einsum path rounds once; both
@@ -27,17 +29,19 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-# encoder.layer_kernel="auto" takes this kernel for examples of at least this many tokens. It trades XLA's
-# fused path (G formed by a Triton matmul at ~390 TFLOP/s on an H200, the scaling in its epilogue) for
-# the matmul library's G (~730 TFLOP/s) plus one bf16 write and read of G (4 K L bytes per example at
-# ~4.3 TB/s): G's 2 K L FLOP per token pay for that from ~390 tokens. Measured on the H200 (BENCHMARKS.md
-# "Encode job"): 512 tokens (1B shape) 1.10x faster end to end, 128 tokens (LAMA) 0.98x.
-AUTO_MIN_TOKENS = 384
-
+# encoder.layer_kernel="auto" takes this kernel on GPUs with bf16 operands. It trades XLA's fused path (G
+# formed by a Triton matmul at ~390 TFLOP/s on an H200, the scaling in its epilogue, G' written and read
+# in bf16) for the matmul library's G (~730 TFLOP/s) plus one bf16 write and read of G. With two examples
+# per program it measured faster at every length tried (BENCHMARKS.md "Encode job", run D1: one MLP
+# matrix of the 1B shape at 128, 256 and 512 tokens, 1.45-1.55x; LAMA's at 128 tokens, 1.20x).
 # Tile sizes, largest first (`benchmarks/probes/probe_layer_grad.py` sweeps them); Triton's dots need >= 16.
 BLOCK_K = (64, 32, 16)
 BLOCK_L = (128, 64, 32, 16)
 MIN_DOT = 16
+# Examples per program, largest first (`examples_per_program`). Two examples share each loaded tile of S
+# and P_out, halving the kernel's L2-to-SM traffic: 1.16x (1B) and 1.22x (LAMA) faster than one (run D1);
+# four or eight were no faster at the tiles that fit shared memory.
+EXAMPLES = (2, 1)
 
 
 def tiles(k: int, l: int) -> tuple[int, int] | None:
@@ -47,9 +51,9 @@ def tiles(k: int, l: int) -> tuple[int, int] | None:
   return None if bk is None or bl is None else (bk, bl)
 
 
-def auto_chooses(tokens: int, dtype, backend: str) -> bool:
-  """What `layer_kernel="auto"` picks for one layer call: a GPU, bf16 operands, long enough examples."""
-  return backend == "gpu" and dtype == jnp.bfloat16 and tokens >= AUTO_MIN_TOKENS
+def auto_chooses(dtype, backend: str) -> bool:
+  """What `layer_kernel="auto"` picks for one layer call: the kernel on a GPU with bf16 operands."""
+  return backend == "gpu" and dtype == jnp.bfloat16
 
 
 def mesh_supported(mesh: Mesh | None) -> bool:
@@ -58,12 +62,32 @@ def mesh_supported(mesh: Mesh | None) -> bool:
 
 
 def _kernel(g_ref, s_ref, p_ref, h_ref, *, block_l: int, l_steps: int, precision):
-  def over_l(j, h):
-    cols = pl.ds(j * block_l, block_l)
-    g = (g_ref[:, cols].astype(jnp.float32) * s_ref[:, cols]).astype(p_ref.dtype)
-    return h + pl_triton.dot(g, p_ref[cols, :], precision=precision)
+  # g_ref [E, bk, L], s_ref [bk, L], p_ref [L, Z], h_ref [E, bk, Z]: the E examples of one program share
+  # each loaded tile of S and P_out (L2-to-SM traffic, not HBM, bounds this kernel: BENCHMARKS.md).
+  examples = g_ref.shape[0]
 
-  h_ref[...] = jax.lax.fori_loop(0, l_steps, over_l, jnp.zeros(h_ref.shape, jnp.float32))
+  def over_l(j, hs):
+    cols = pl.ds(j * block_l, block_l)
+    s, p = s_ref[:, cols].astype(jnp.float32), p_ref[cols, :]
+    return tuple(
+      h + pl_triton.dot((g_ref[e, :, cols].astype(jnp.float32) * s).astype(p.dtype), p, precision=precision)
+      for e, h in enumerate(hs)
+    )
+
+  zeros = tuple(jnp.zeros(h_ref.shape[1:], jnp.float32) for _ in range(examples))
+  hs = jax.lax.fori_loop(0, l_steps, over_l, zeros)
+  for e, h in enumerate(hs):
+    h_ref[e] = h
+
+
+def examples_per_program(b: int, requested: int | None = None) -> int:
+  """Examples each program projects (sharing its S and P_out tiles): `requested`, else the largest of
+  EXAMPLES dividing b."""
+  if requested is not None:
+    if requested < 1 or b % requested:
+      raise ValueError(f"scale_project: examples={requested} does not divide the batch of {b}.")
+    return requested
+  return next(e for e in EXAMPLES if b % e == 0)
 
 
 def scale_project(
@@ -73,6 +97,7 @@ def scale_project(
   *,
   interpret: bool = False,
   block: tuple[int, int] | None = None,
+  examples: int | None = None,
   num_warps: int = 4,
   num_stages: int = 3,
 ) -> jax.Array:
@@ -85,6 +110,7 @@ def scale_project(
     interpret: Pallas' interpreter (CPU).
     block, num_warps, num_stages: tiles (block_k, block_l; default `tiles`) and Triton's launch
       settings (the probe sweeps them).
+    examples: examples per program (default `examples_per_program`).
   """
   (b, k, l), z = g.shape, p_out.shape[1]
   if scale.shape != (k, l) or p_out.shape[0] != l:
@@ -93,6 +119,7 @@ def scale_project(
   if found is None or k % found[0] or l % found[1]:
     raise ValueError(f"scale_project: a [{k}, {l}] kernel does not tile by {block or (BLOCK_K, BLOCK_L)}.")
   bk, bl = found
+  e = examples_per_program(b, examples)
   z_pad = max(MIN_DOT, pl.next_power_of_2(z))  # Triton's blocks are powers of 2; zero columns add nothing
   if z_pad != z:
     p_out = jnp.pad(p_out, ((0, 0), (0, z_pad - z)))
@@ -100,14 +127,14 @@ def scale_project(
   h = pl.pallas_call(
     functools.partial(_kernel, block_l=bl, l_steps=l // bl, precision=precision),
     out_shape=jax.ShapeDtypeStruct((b, k, z_pad), jnp.float32),
-    # Examples vary fastest (Triton's program id 0): the programs of one K block run together on S's rows.
-    grid=(b, k // bk),
+    # Example groups vary fastest (Triton's program id 0): the programs of one K block run together on S's rows.
+    grid=(b // e, k // bk),
     in_specs=[
-      pl.BlockSpec((None, bk, l), lambda e, i: (e, i, 0)),
-      pl.BlockSpec((bk, l), lambda e, i: (i, 0)),
-      pl.BlockSpec((l, z_pad), lambda e, i: (0, 0)),
+      pl.BlockSpec((e, bk, l), lambda g, i: (g, i, 0)),
+      pl.BlockSpec((bk, l), lambda g, i: (i, 0)),
+      pl.BlockSpec((l, z_pad), lambda g, i: (0, 0)),
     ],
-    out_specs=pl.BlockSpec((None, bk, z_pad), lambda e, i: (e, i, 0)),
+    out_specs=pl.BlockSpec((e, bk, z_pad), lambda g, i: (g, i, 0)),
     compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     interpret=interpret,
     name="scale_project",

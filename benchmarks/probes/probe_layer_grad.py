@@ -2,6 +2,8 @@
 
   python benchmarks/probes/probe_layer_grad.py 1b|lama     # GPU host
   python benchmarks/probes/probe_layer_grad.py small       # CPU smoke test
+  python benchmarks/probes/probe_layer_grad.py 1b@256      # a shape at T tokens, B scaled to keep B * T
+  SWEEP=2_64_128_4_3,... VARIANTS=parts,g_then_pallas_2_64_128_4_3,...   # scale_project's settings to try
 
 A one-off diagnostic (BENCHMARKS.md, Encode job). For one MLP matrix [k, l] of the shape, times the
 training step's weight gradient (sum over the batch) against ways of forming
@@ -13,7 +15,10 @@ phi_e = P_in^T (G_e * S) P_out with G_e = x_e^T dy_e (per example, T tokens) and
   chunk_N     as current, over blocks of N rows of k (lax.map): G's block may stay in L2
   per_example as current, one example at a time (lax.map)
   pallas      a Pallas (Triton) kernel below: G's tiles never leave the chip (and a sweep of tile sizes)
-  g_then_pallas  G from the matmul library in bf16, then `scaled_projection` (the library's path since C5)
+  g_then_pallas  G from the matmul library in bf16, then `scaled_projection` (the library's path since C5);
+              g_then_pallas_E_K_L_W_S: E examples per program, [K, L] tiles, W warps, S stages
+
+and, as PART lines, the two halves of g_then_pallas alone: G's matmul and the kernel on a ready G.
 
 and prints each variant's relative error against a float32 computation of the same phi.
 """
@@ -50,6 +55,26 @@ TILE_SWEEP = (
   (128, 128, 64, 8, 4),
   (128, 128, 64, 8, 3, 1),  # x transposed to [B, K, T] first
   (128, 128, 128, 8, 2, 1),
+)
+
+
+# scale_project's settings swept: (examples per program, block_k, block_l, num_warps, num_stages). Runs
+# C5-C8 swept examples = 1; sharing S's and P_out's tiles over E examples cuts the L2 traffic by ~E.
+PROJECT_SWEEP = (
+  (1, 32, 128, 4, 3),
+  (1, 64, 64, 4, 4),
+  (2, 64, 128, 4, 3),
+  (2, 64, 128, 8, 3),
+  (2, 64, 64, 4, 4),
+  (2, 32, 128, 4, 3),
+  (4, 64, 128, 8, 3),
+  (4, 64, 64, 8, 3),
+  (4, 32, 128, 4, 3),
+  (4, 32, 128, 8, 3),
+  (4, 32, 64, 4, 4),
+  (8, 32, 64, 8, 3),
+  (8, 16, 128, 4, 3),
+  (4, 16, 128, 4, 3),
 )
 
 
@@ -179,9 +204,18 @@ def per_example(x, dy, s, p_in, p_out):
   return jax.lax.map(lambda a: current(a[0][None], a[1][None], s, p_in, p_out)[0], (x, dy))
 
 
+def parse_shape(arg: str) -> tuple[int, ...]:
+  """SHAPES[name], or name@T: T tokens per example and the batch scaled to keep B * T."""
+  name, _, tokens = arg.partition("@")
+  b, t, *rest = SHAPES[name]
+  if tokens:
+    b, t = b * t // int(tokens), int(tokens)
+  return (b, t, *rest)
+
+
 def main():
   shape = sys.argv[1]
-  b, t, k, l, d_in, d_out = SHAPES[shape]
+  b, t, k, l, d_in, d_out = parse_shape(shape)
   keys = jax.random.split(jax.random.key(0), 5)
   x = jax.random.normal(keys[0], (b, t, k), jnp.bfloat16)
   dy = (jax.random.normal(keys[1], (b, t, l), jnp.float32) * 1e-3).astype(jnp.bfloat16)
@@ -210,15 +244,26 @@ def main():
     variants[f"chunk_{rows}"] = chunked(rows)
   variants["pallas"] = pallas()
   variants["g_then_pallas"] = g_then_pallas()
-  if shape != "small":  # (block_k, block_l, num_warps, num_stages)
-    for cfg in ((32, 128, 4, 3), (128, 128, 4, 3), (64, 256, 4, 3), (64, 128, 8, 3), (64, 64, 4, 4), (16, 256, 4, 3)):
-      tiles = dict(block=cfg[:2], num_warps=cfg[2], num_stages=cfg[3])
+  sweep = PROJECT_SWEEP if shape != "small" else ((2, 16, 64, 4, 3),)
+  if os.environ.get("SWEEP"):  # SWEEP=2_128_64_4_3,...: these settings instead
+    sweep = tuple(tuple(map(int, c.split("_"))) for c in os.environ["SWEEP"].split(","))
+  for cfg in sweep:  # (examples, block_k, block_l, warps, stages)
+    if b % cfg[0] == 0:
+      tiles = dict(examples=cfg[0], block=cfg[1:3], num_warps=cfg[3], num_stages=cfg[4])
       variants["g_then_pallas_" + "_".join(map(str, cfg))] = g_then_pallas(**tiles)
   if shape != "small":  # tile configurations: (block_k, block_l, block_t, num_warps, num_stages)
     for cfg in TILE_SWEEP:
       tiles = dict(zip(("block_k", "block_l", "block_t", "num_warps", "num_stages", "x_kt"), cfg))
       variants["pallas_" + "_".join(map(str, cfg))] = pallas(**tiles)
   only = os.environ.get("VARIANTS")
+  if not only or "parts" in only.split(","):  # g_then_pallas's halves, each alone
+    g_mm = jax.jit(lambda x, dy: mm("btk,btl->bkl", x, dy, out=OPERAND))
+    g = g_mm(x, dy)
+    proj = jax.jit(functools.partial(scaled_projection.scale_project, interpret=jax.default_backend() == "cpu"))
+    p_op = p_out.astype(OPERAND)
+    print(f"PART g_matmul       {best_ms(g_mm, x, dy):8.3f} ms", flush=True)
+    print(f"PART scale_project  {best_ms(proj, g, s, p_op):8.3f} ms (default settings)", flush=True)
+    del g
   for name, fn in variants.items():
     if only and name not in only.split(","):
       continue
