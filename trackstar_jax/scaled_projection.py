@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 # formed by a Triton matmul at ~390 TFLOP/s on an H200, the scaling in its epilogue, G' written and read
 # in bf16) for the matmul library's G (~730 TFLOP/s) plus one bf16 write and read of G. With two examples
 # per program it measured faster at every length tried (BENCHMARKS.md "Encode job", run D1: one MLP
-# matrix of the 1B shape at 128, 256 and 512 tokens, 1.45-1.55x; LAMA's at 128 tokens, 1.20x).
+# matrix of the 1B shape at 128, 256 and 512 tokens, 1.41-1.54x; LAMA's at 128 tokens, 1.20x).
 # Tile sizes, largest first (`benchmarks/probes/probe_layer_grad.py` sweeps them); Triton's dots need >= 16.
 BLOCK_K = (64, 32, 16)
 BLOCK_L = (128, 64, 32, 16)
