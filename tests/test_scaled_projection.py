@@ -9,7 +9,7 @@ from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import scaled_projection
 
 
-@pytest.mark.parametrize("b,k,l,z", [(3, 64, 128, 4), (2, 48, 80, 16), (1, 16, 256, 24)])
+@pytest.mark.parametrize("b,k,l,z", [(3, 64, 128, 4), (2, 48, 80, 16), (1, 16, 256, 24), (2, 64, 128, 256)])
 def test_scale_project_matches_numpy(b, k, l, z):
   rng = np.random.default_rng(0)
   g = rng.standard_normal((b, k, l)).astype(np.float32)
@@ -32,7 +32,13 @@ def test_sharded_over_the_batch_equals_one_device():
 
 
 def test_tiles_and_refusals():
-  assert scaled_projection.tiles(2048, 8192) == (64, 128)
+  assert scaled_projection.tiles(2048, 8192, 64, examples=2) == (64, 128)
+  # Wide d_out: smaller tiles, as Triton's shared memory allows (run D5: (64, 128) at d_out 256 asked for 294,912 bytes).
+  assert scaled_projection.shared_memory_bytes(1, 64, 128, 256, 2) == 294912
+  assert scaled_projection.shared_memory_bytes(4, 64, 128, 64, 2) == 245760  # D1's failed 4-example setting
+  assert scaled_projection.tiles(2048, 8192, 256) == (64, 64)
+  assert scaled_projection.tiles(2048, 8192, 256, examples=2) == (64, 64)
+  assert scaled_projection.tiles(2048, 8192, 1 << 14) is None  # no tile fits: the einsum path
   assert scaled_projection.tiles(48, 80) == (16, 16)
   assert scaled_projection.tiles(8, 128) is None  # K below Triton's 16: the einsum path
   with pytest.raises(ValueError, match="does not tile"):
@@ -49,6 +55,8 @@ def test_auto_takes_the_kernel_for_bf16_on_gpus_only():
   assert not scaled_projection.auto_chooses(jnp.float32, "gpu")
   assert not scaled_projection.auto_chooses(jnp.bfloat16, "cpu")
   assert not scaled_projection.auto_chooses(jnp.bfloat16, "tpu")
+  assert scaled_projection.auto_chooses(jnp.bfloat16, "gpu", d_out=scaled_projection.AUTO_MAX_D_OUT)
+  assert not scaled_projection.auto_chooses(jnp.bfloat16, "gpu", d_out=256)  # run D6: 20x slower than at 128
 
 
 @pytest.mark.parametrize("examples", [1, 2, 4])

@@ -140,8 +140,8 @@ class EncoderOptions:
     projection_dtype: auto (bf16 operands for bf16 models on GPU/TPU) | float32.
     layer_kernel: auto | xla | pallas: how a layer-mode layer with an elementwise correction (exact
       Adam) scales and projects its per-example G. auto: `scaled_projection`'s Pallas kernel on a GPU
-      with bf16 operands (it measured faster at 128-512 tokens), where the kernel tiles and the mesh
-      shards the batch only; else einsums;
+      with bf16 operands and d_out <= 128 (it measured faster at 128-512 tokens), where the kernel
+      tiles and the mesh shards the batch only; else einsums;
       xla: always einsums; pallas: the kernel wherever it tiles (Pallas' interpreter off GPUs: tests).
   """
 

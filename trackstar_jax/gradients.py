@@ -210,7 +210,7 @@ class GradientProjector:
           rest.append(f)
           rest_sides.append("x" if side == "fold" else side)
       kernel = "xla"
-      if mode == "layer" and _scale_project_fits(layer_kernel, rest, layout, mesh):
+      if mode == "layer" and _scale_project_fits(layer_kernel, rest, layout, plan.d_out, mesh):
         kernel = layer_kernel
       self.static[path] = _LayerStatic(
         plan.block_of[path], mode, tuple(f.axes for f in rest), tuple(rest_sides), projection_dtype, layout, kernel
@@ -224,7 +224,7 @@ class GradientProjector:
   def layer_kernels(self) -> dict[str, str]:
     """Per layer-mode kernel, how it scales and projects G: "pallas" (`scaled_projection`) or "xla"
     (einsums) as the last trace of `phi` ran it; before any trace, the choice ("auto": Pallas on a GPU
-    with bf16 operands)."""
+    with bf16 operands and d_out <= `scaled_projection.AUTO_MAX_D_OUT`)."""
     return {p: self._traced.get(p, s.layer_kernel) for p, s in self.static.items() if s.mode == "layer"}
 
   def phi(self, loss_fn: LossFn, params: Any, arrays: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -247,7 +247,7 @@ class GradientProjector:
           raise ValueError(f"Layer {path!r}: input leading axis {x.shape[0]} is not the batch size {b}.")
         if st.mode == "fused":
           return _fused_tap(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block])
-        use = _use_pallas(st, _compute_dtype(x, st.projection_dtype))
+        use = _use_pallas(st, _compute_dtype(x, st.projection_dtype), arr["p_out"].shape[-1])
         self._traced[path] = "pallas" if use else "xla"
         return _layer_tap(labels, st, arr, jax.lax.stop_gradient(x), y, zs[st.block], pallas=use, mesh=self.mesh)
 
@@ -328,22 +328,22 @@ def _broadcast(values: jax.Array, labels: str, target: str) -> jax.Array:
   return jnp.expand_dims(values, [i for i, l in enumerate(target) if l not in labels])
 
 
-def _scale_project_fits(layer_kernel: str, factors, layout: projection.KernelLayout, mesh) -> bool:
+def _scale_project_fits(layer_kernel: str, factors, layout: projection.KernelLayout, d_out: int, mesh) -> bool:
   """Whether `scaled_projection` can take this layer: one elementwise factor over the whole kernel (exact
-  Adam), a kernel that tiles, a mesh that shards the batch only."""
+  Adam), a kernel that tiles within shared memory at this d_out, a mesh that shards the batch only."""
   return (
     layer_kernel != "xla"
     and len(factors) == 1
     and tuple(factors[0].axes) == tuple(range(len(layout.shape)))
-    and scaled_projection.tiles(layout.n, layout.m) is not None
+    and scaled_projection.tiles(layout.n, layout.m, d_out) is not None  # one example per program at least
     and scaled_projection.mesh_supported(mesh)
   )
 
 
-def _use_pallas(st: _LayerStatic, dtype) -> bool:
+def _use_pallas(st: _LayerStatic, dtype, d_out: int) -> bool:
   if st.layer_kernel != "auto":
     return st.layer_kernel == "pallas"
-  return scaled_projection.auto_chooses(dtype, jax.default_backend())
+  return scaled_projection.auto_chooses(dtype, jax.default_backend(), d_out)
 
 
 def _layer_tap(labels: CallLabels, st: _LayerStatic, arr, x, y, z, *, pallas: bool = False, mesh=None):
