@@ -57,13 +57,15 @@ def shared_memory_bytes(examples: int, block_k: int, block_l: int, z: int, items
   )
 
 
-def tiles(k: int, l: int, z: int = MIN_DOT, *, examples: int = 1, itemsize: int = 2) -> tuple[int, int] | None:
+def tiles(
+  k: int, l: int, z: int = MIN_DOT, *, examples: int = 1, itemsize: int = 2, stages: int = 3
+) -> tuple[int, int] | None:
   """(block_k, block_l) tiling a [K, L] kernel exactly, largest first, whose tiles fit shared memory with
-  d_out = z and `examples` per program; None if none does (the einsum path then)."""
+  d_out = z, `examples` per program and `stages` pipeline stages; None if none does (the einsum path then)."""
   z_pad = max(MIN_DOT, pl.next_power_of_2(z))
   for bk in (b for b in BLOCK_K if k % b == 0):
     for bl in (b for b in BLOCK_L if l % b == 0):
-      if shared_memory_bytes(examples, bk, bl, z_pad, itemsize) <= SHARED_MEMORY_BYTES:
+      if shared_memory_bytes(examples, bk, bl, z_pad, itemsize, stages) <= SHARED_MEMORY_BYTES:
         return bk, bl
   return None
 
@@ -139,12 +141,13 @@ def scale_project(
   (b, k, l), z = g.shape, p_out.shape[1]
   if scale.shape != (k, l) or p_out.shape[0] != l:
     raise ValueError(f"scale_project: g {g.shape}, scale {scale.shape}, p_out {p_out.shape} do not match.")
-  e = examples_per_program(b, examples)
+  # Examples per program and tiles together: the most examples whose tiles fit (a wide d_out: fewer).
+  choices = (examples_per_program(b, examples),) if examples is not None else [x for x in EXAMPLES if b % x == 0]
   itemsize = jnp.dtype(p_out.dtype).itemsize
-  found = block or tiles(k, l, z, examples=e, itemsize=itemsize)
-  if found is None and examples is None and e > 1:  # a wide d_out: one example per program, larger tiles
-    e = 1
-    found = tiles(k, l, z, examples=e, itemsize=itemsize)
+  for e in choices:
+    found = block or tiles(k, l, z, examples=e, itemsize=itemsize, stages=num_stages)
+    if found is not None:
+      break
   if found is None or k % found[0] or l % found[1]:
     raise ValueError(
       f"scale_project: a [{k}, {l}] kernel with d_out {z} does not tile by {block or (BLOCK_K, BLOCK_L)} "
