@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import ranking_helpers
 
 import trackstar_jax as tsj
 from trackstar_jax import api, retrieval
@@ -94,11 +95,10 @@ def test_four_calls_match_brute_force(tiny, tmp_path):
   phi_q = np.asarray(enc.reference(tiny["queries"].batch(np.arange(4))))
   np.testing.assert_allclose(store.read(0, 40).phi, phi_z, rtol=1e-4, atol=1e-4 * np.abs(phi_z).max())
   scores = np.asarray(hessian_lib.cosine_scores(phi_q, phi_z, hessian=h))
-  for i in range(4):
-    want = np.argsort(-scores[i], kind="stable")[:5]
-    assert list(res.top_ids[i]) == [100 + j for j in want]
-    np.testing.assert_allclose(res.top_scores[i], scores[i, want], atol=1e-4)
-    assert list(res.bottom_ids[i]) == [100 + j for j in np.argsort(scores[i], kind="stable")[:5]]
+  # Near-ties (R from 44 rows in d = 64) may come back in either order: CI saw rows 111 and 105 swap.
+  ranking_helpers.assert_is_top_k(res.top_ids - 100, scores, atol=1e-4)
+  ranking_helpers.assert_is_top_k(res.bottom_ids - 100, scores, atol=1e-4, largest=False)
+  np.testing.assert_allclose(res.top_scores, np.take_along_axis(scores, res.top_ids - 100, axis=1), atol=1e-4)
   # score() agrees, and in-memory phis give the same ranking as the store.
   np.testing.assert_allclose(
     tsj.score(encoder=enc, queries=tiny["queries"], examples=tiny["corpus"], hessian=h), scores, atol=1e-4
@@ -106,7 +106,7 @@ def test_four_calls_match_brute_force(tiny, tmp_path):
   mem = tsj.retrieve(
     query_phi=phi_q, corpus_phi=phi_z, corpus_ids=np.arange(100, 140), hessian=h, k=5, matmul_dtype="float32"
   )
-  np.testing.assert_array_equal(mem.top_ids, res.top_ids)
+  ranking_helpers.assert_is_top_k(mem.top_ids - 100, scores, atol=1e-4)  # the reference phis: ties may swap
   # The streaming options change how the scan runs, never what it returns.
   ref = tsj.retrieve(
     query_phi=phi_q, corpus_phi=phi_z, corpus_ids=np.arange(100, 140), hessian=h, k=5, matmul_dtype="float32",

@@ -8,8 +8,10 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import ranking_helpers
 
 from trackstar_jax import configs, optim, projection, sharding, training
+from trackstar_jax import hessian as hessian_lib
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax.models import DecoderLM, TransformerConfig
 
@@ -290,8 +292,15 @@ def test_sharded_encoder_hessian_and_retrieval_match_data_parallel(trained):
     rel = np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-30)
     assert rel.max() < 1e-5, rel.max()
   np.testing.assert_allclose(hs.inv_sqrt, h8.inv_sqrt, rtol=1e-4, atol=1e-5)
-  np.testing.assert_array_equal(rs.top_ids, r8.top_ids)
   np.testing.assert_allclose(rs.top_scores, r8.top_scores, rtol=1e-4, atol=1e-5)
+  # Both top-5 lists are top-5s of one reference (a near-tie may come back in either order: CI saw
+  # 1 of 160 ids swapped at rank 5), and their scores are the reference's.
+  scores = np.asarray(hessian_lib.cosine_scores(q8, c8, hessian=h8))
+  column = {int(i): j for j, i in enumerate(corpus.ids)}
+  for res in (r8, rs):
+    cols = np.vectorize(column.__getitem__)(res.top_ids)
+    ranking_helpers.assert_is_top_k(cols, scores, atol=2e-5)
+    np.testing.assert_allclose(res.top_scores, np.take_along_axis(scores, cols, axis=1), rtol=1e-4, atol=1e-5)
 
 
 _TWO_PROCESS = """

@@ -90,7 +90,10 @@ class SecondMoment:
       raise ValueError("SecondMoment(partials=True) needs a mesh with a 'data' axis (the mesh of phi).")
     self.dim, self.n_blocks, self.block_diagonal = dim, n_blocks, block_diagonal
     shape = (n_blocks, dim // n_blocks, dim // n_blocks) if block_diagonal else (dim, dim)
-    fn = _outer_blocks if block_diagonal else _outer
+    if block_diagonal:
+      fn = lambda phi, valid: _outer_blocks(jnp.reshape(phi, (phi.shape[0], n_blocks, -1)), valid)
+    else:
+      fn = _outer
     self._partials = partials
     if partials:
       data = P("data")
@@ -115,11 +118,13 @@ class SecondMoment:
       raise ValueError(f"phi has dim {phi.shape[-1]}, expected {self.dim}.")
     if valid is None:
       valid = np.ones(phi.shape[0], bool)
-    valid = jnp.asarray(valid, bool)
-    if self.block_diagonal:
-      phi = jnp.reshape(phi, (phi.shape[0], self.n_blocks, -1))
-    self._sum = self._add(self._sum, phi, valid)
-    self.count += int(jnp.sum(valid))
+    count = int(np.count_nonzero(valid)) if isinstance(valid, np.ndarray) else int(jnp.sum(valid))
+    # One add in flight: waiting for the previous sum bounds how far the host queues work ahead of the
+    # devices. Unbounded, XLA:CPU with several devices deadlocked (~1 run in 3 on 2 loaded cores: three
+    # devices waiting in the add's all-reduce, the fourth's launch blocked on its in-flight limit).
+    jax.block_until_ready(self._sum)
+    self._sum = self._add(self._sum, phi, jnp.asarray(valid, bool))
+    self.count += count
 
   def result(self) -> jax.Array | np.ndarray:
     """R = sum / N; with partials a host array, the same on every process."""
