@@ -29,4 +29,3 @@ def assert_is_top_k(ids, scores, *, atol: float, largest: bool = True) -> None:
       f"query {i}: ids {row} score {got} by the reference, its best {k} are {want} (atol {atol}); "
       f"rank {int(np.argmax(bad))} is off by {np.max(np.abs(got - want)):.3g}"
     )
-

@@ -1,8 +1,8 @@
 """The pipelined encode loop writes bitwise the store of the one-chunk-at-a-time loop; `prefetch` helpers.
 
-Pipelined: batches built on a thread ahead, chunk i + 1 dispatched before chunk
-i is collected, early device-to-host copies, writes on a writer thread. None of
-it may change a bit of the store, lose a write, or hide an error.
+Pipelined: batches built on a thread ahead, early device-to-host copies, chunks
+collected and written on a collector thread while the next is dispatched. None
+of it may change a bit of the store, lose a write, or hide an error.
 """
 
 import threading
@@ -89,6 +89,31 @@ def test_pipelined_store_equals_unpipelined(tiny, tmp_path, dtype, monkeypatch):
     np.testing.assert_array_equal(stores[True].scale, scale)
   else:
     np.testing.assert_allclose(np.asarray(stores[True].phi, np.float32), want, rtol=1e-2 if dtype == "bfloat16" else 0)
+
+
+def test_a_failed_write_stops_the_pipelined_job_and_resume_completes_it(tiny, tmp_path, monkeypatch):
+  enc, corpus = tiny
+  meta = encoding.store_meta(enc, num_rows=len(corpus), corpus_fingerprint=encoding.fingerprint(corpus), chunk_rows=16)
+  clean = encoding.open_or_create(f"file://{tmp_path}/clean.zarr", meta)
+  encoding.encode_to_store(enc, corpus, store=clean, batch_size=6)
+  write_rows, calls = store_lib.EncodingStore.write_rows, []
+
+  def third_write_fails(self, **kw):  # on the collector thread, while the main thread dispatches
+    calls.append(kw["start"])
+    if len(calls) == 3:
+      raise OSError("disk full")
+    return write_rows(self, **kw)
+
+  monkeypatch.setattr(store_lib.EncodingStore, "write_rows", third_write_fails)
+  url = f"file://{tmp_path}/resumed.zarr"
+  with pytest.raises(OSError, match="disk full"):  # raised in the caller's thread, not lost on the collector's
+    encoding.encode_to_store(enc, corpus, store=encoding.open_or_create(url, meta), batch_size=6)
+  assert calls == [0, 16, 32]  # nothing written past the failure
+  monkeypatch.setattr(store_lib.EncodingStore, "write_rows", write_rows)
+  encoding.encode_to_store(enc, corpus, store=encoding.open_or_create(url, meta), batch_size=6)
+  got, want = store_lib.open_store(url).read(0, len(corpus)), clean.read(0, len(corpus))
+  np.testing.assert_array_equal(np.asarray(got.phi).view(np.uint8), np.asarray(want.phi).view(np.uint8))
+  np.testing.assert_array_equal(got.ids, corpus.ids)
 
 
 def test_phi_batches_prefetched_equal_inline(tiny):
