@@ -456,16 +456,18 @@ def encode_section(a, root: str) -> None:
     encoding.encode_to_store(e, examples, store=warm, batch_size=a.batch)
   job_s = {}
   jobs = (  # (name, url, pipelined loop, writes in flight, fsync, phi written directly to its chunk files)
-    ("job_disk_pipelined", os.path.join(root, "enc_p"), True, 2, True, True),
+    ("job_disk_pipelined", os.path.join(root, "enc_p"), True, None, True, True),  # the defaults
+    ("job_disk_writes2", os.path.join(root, "enc_2"), True, 2, True, True),  # the default before run E3
+    ("job_disk_writes4", os.path.join(root, "enc_4"), True, 4, True, True),
     ("job_disk_tensorstore", os.path.join(root, "enc_t"), True, 2, True, False),  # before direct writes
     ("job_disk_previous_loop", os.path.join(root, "enc_u"), False, 2, True, False),
     ("job_disk_writes8", os.path.join(root, "enc_w"), True, 8, True, True),
     ("job_disk_writes8_nosync", os.path.join(root, "enc_n"), True, 8, False, True),
-    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, 2, True, False),
+    ("job_memory_pipelined", f"memory://bench_enc_{os.getpid()}_p", True, None, True, False),
     ("job_memory_previous_loop", f"memory://bench_enc_{os.getpid()}_u", False, 2, True, False),
   )
   if "xla" in encoders:
-    jobs += (("job_disk_pipelined_xla_layers", os.path.join(root, "enc_x"), True, 2, True, True),)
+    jobs += (("job_disk_pipelined_xla_layers", os.path.join(root, "enc_x"), True, None, True, True),)
   only = set(a.encode_jobs.split(",")) if a.encode_jobs else None
   for name, url, pipeline, writes, fsync, direct in jobs:
     if only and name not in only:

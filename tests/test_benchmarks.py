@@ -94,6 +94,8 @@ def test_bench_perf_small_prints_every_ratio():
     "train",
     "kernel",
     "job_disk_pipelined",
+    "job_disk_writes2",
+    "job_disk_writes4",
     "job_disk_tensorstore",
     "job_disk_previous_loop",
     "job_disk_writes8",

@@ -116,6 +116,28 @@ def test_a_failed_write_stops_the_pipelined_job_and_resume_completes_it(tiny, tm
   np.testing.assert_array_equal(got.ids, corpus.ids)
 
 
+def test_default_writes_in_flight_hold_a_bounded_number_of_bytes(tiny, tmp_path, monkeypatch):
+  enc, corpus = tiny
+  meta = encoding.store_meta(enc, num_rows=len(corpus), corpus_fingerprint=encoding.fingerprint(corpus), chunk_rows=16)
+  store = encoding.open_or_create(f"file://{tmp_path}/s.zarr", meta)
+  assert store.chunk_bytes == 16 * (enc.dim * 2 + 8)  # bf16 phi and an int64 id per row
+  mib = 1 << 20
+  for chunk_bytes, want in ((store.chunk_bytes, 8), (512 * mib, 8), (1024 * mib, 4), (1536 * mib, 2), (8192 * mib, 2)):
+    monkeypatch.setattr(store_lib.EncodingStore, "chunk_bytes", chunk_bytes)
+    assert encoding.writes_in_flight_for(store) == want, chunk_bytes
+  monkeypatch.undo()
+  seen = []
+  writer_init = store_lib.AsyncWriter.__init__
+
+  def recording_init(self, store, *, max_pending):
+    seen.append(max_pending)
+    writer_init(self, store, max_pending=max_pending)
+
+  monkeypatch.setattr(store_lib.AsyncWriter, "__init__", recording_init)
+  encoding.encode_to_store(enc, corpus, store=store, batch_size=6)
+  assert seen == [encoding.MAX_WRITES_IN_FLIGHT]  # small chunks: the most writes in flight
+
+
 def test_phi_batches_prefetched_equal_inline(tiny):
   enc, corpus = tiny
   got = [np.asarray(p) for p, _ in encoding.phi_batches(enc, corpus, batch_size=16)]

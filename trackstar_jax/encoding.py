@@ -252,6 +252,18 @@ def _pending_chunks(store, examples, *, process_index: int, process_count: int) 
   return [c for c in range(first, -(-hi // store.chunk_rows)) if c not in done]
 
 
+# Host memory that outstanding store writes may hold. With the encoder ahead of the disk, more writes in
+# flight kept the job up with it: 8 chunks of 512 MiB (d = 65536, bf16) ran the LAMA-shaped job at 0.988x
+# the training step where 2 ran it at 0.816x (BENCHMARKS.md "Encode job", run E2, Adam rank-1).
+WRITE_BUFFER_BYTES = 4 << 30
+MAX_WRITES_IN_FLIGHT = 8
+
+
+def writes_in_flight_for(store: store_lib.EncodingStore) -> int:
+  """`encode_to_store`'s default: as many chunk writes as WRITE_BUFFER_BYTES holds, 2 to MAX_WRITES_IN_FLIGHT."""
+  return int(np.clip(WRITE_BUFFER_BYTES // max(1, store.chunk_bytes), 2, MAX_WRITES_IN_FLIGHT))
+
+
 def encode_to_store(
   encoder,
   examples,
@@ -260,7 +272,7 @@ def encode_to_store(
   batch_size: int,
   log_every_s: float = 30.0,
   pipeline: bool = True,
-  writes_in_flight: int = 2,
+  writes_in_flight: int | None = None,
 ) -> store_lib.EncodingStore:
   """phi of every example into `store` (rows in example order); resumes where a killed run stopped.
 
@@ -276,7 +288,8 @@ def encode_to_store(
   full queues, i.e. storage slower than the encoder, ever stop the loop).
   False: the same computation one chunk at a time, every write waited for (a
   reference: both give bitwise the same store). `writes_in_flight`: store
-  chunk writes outstanding at once (each holds a chunk's rows in host memory).
+  chunk writes outstanding at once (each holds a chunk's rows in host memory;
+  default `writes_in_flight_for(store)`).
   """
   examples = as_examples(examples)
   if len(examples) != store.num_rows:
@@ -314,6 +327,8 @@ def encode_to_store(
     if prog.due(every_s=log_every_s) or done == n_iter:
       logging.info(prog.line())
 
+  if writes_in_flight is None:
+    writes_in_flight = writes_in_flight_for(store)
   with store_lib.AsyncWriter(store, max_pending=writes_in_flight) as writer:
     if not pipeline:
       for i, (chunk, a, b, batches) in enumerate(chunk_batches()):

@@ -295,6 +295,11 @@ class EncodingStore:
     out = [("phi", self.phi), ("ids", self.ids)]
     return out + [("scale", self.scale)] if self.quantized else out
 
+  @property
+  def chunk_bytes(self) -> int:
+    """Bytes a full chunk's rows hold in host memory (phi, its scales, ids)."""
+    return self._nbytes(self.chunk_rows)
+
   def _nbytes(self, rows: int) -> int:
     return rows * (self.layout.row_bytes + 8)
 
