@@ -33,6 +33,7 @@ def test_sharded_over_the_batch_equals_one_device():
 
 def test_tiles_and_refusals():
   assert scaled_projection.tiles(2048, 8192, 64, examples=2) == (64, 128)
+  assert scaled_projection.tiles(2048, 8192, 64, examples=4) == (64, 64)  # the default at the 1B shape (run E3)
   # Wide d_out: smaller tiles, as Triton's shared memory allows (run D5: (64, 128) at d_out 256 asked for 294,912 bytes).
   assert scaled_projection.shared_memory_bytes(1, 64, 128, 256, 2) == 294912
   assert scaled_projection.shared_memory_bytes(4, 64, 128, 64, 2) == 245760  # D1's failed 4-example setting
@@ -70,7 +71,8 @@ def test_examples_per_program_give_the_same_projection(examples):
 
 
 def test_examples_per_program_default_and_refusal():
-  assert scaled_projection.examples_per_program(16) == 2
+  assert scaled_projection.examples_per_program(16) == 4
+  assert scaled_projection.examples_per_program(6) == 2
   assert scaled_projection.examples_per_program(3) == 1  # an odd batch: one example per program
   with pytest.raises(ValueError, match="does not divide"):
     scaled_projection.examples_per_program(6, 4)
