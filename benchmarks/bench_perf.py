@@ -457,7 +457,7 @@ def encode_section(a, root: str) -> None:
   job_s = {}
   jobs = (  # (name, url, pipelined loop, writes in flight, fsync, phi written directly to its chunk files)
     ("job_disk_pipelined", os.path.join(root, "enc_p"), True, None, True, True),  # the defaults
-    ("job_disk_writes2", os.path.join(root, "enc_2"), True, 2, True, True),  # the default before run E3
+    ("job_disk_writes2", os.path.join(root, "enc_2"), True, 2, True, True),  # the default of runs E1 and E2
     ("job_disk_writes4", os.path.join(root, "enc_4"), True, 4, True, True),
     ("job_disk_tensorstore", os.path.join(root, "enc_t"), True, 2, True, False),  # before direct writes
     ("job_disk_previous_loop", os.path.join(root, "enc_u"), False, 2, True, False),

@@ -254,7 +254,8 @@ def _pending_chunks(store, examples, *, process_index: int, process_count: int) 
 
 # Host memory that outstanding store writes may hold. With the encoder ahead of the disk, more writes in
 # flight kept the job up with it: 8 chunks of 512 MiB (d = 65536, bf16) ran the LAMA-shaped job at 0.988x
-# the training step where 2 ran it at 0.816x (BENCHMARKS.md "Encode job", run E2, Adam rank-1).
+# the training step where 2 ran it at 0.816x (BENCHMARKS.md "Encode job", run E2, Adam rank-1); on a
+# faster disk (E3) 2, 4 and 8 ran alike.
 WRITE_BUFFER_BYTES = 4 << 30
 MAX_WRITES_IN_FLIGHT = 8
 
