@@ -158,7 +158,7 @@ def retrieval_case(a, *, full_inv: bool) -> None:
   )
   results, times = {}, {}
   norm_fn = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv)  # the fused step's norms, shared below
-  variants = ("reference", "fused_first", "fused_cached")
+  variants = ("reference", "fused_first", "fused_cached", "kernel_cached")
   for variant in variants:
     select = variant.split("_")[0]
     topk = retrieval.StreamingTopK(q, k=k, mesh=mesh, inv_sqrt=inv, select=select)
@@ -180,6 +180,7 @@ def retrieval_case(a, *, full_inv: bool) -> None:
   # step fed the same norms (the selection alone), and vs the reference step verbatim (norms inside it).
   for variant, select, shared in (
     ("fused", "fused", False),
+    ("kernel", "kernel", False),
     ("reference", "reference", True),
     ("inline", "reference", False),
   ):
@@ -191,14 +192,17 @@ def retrieval_case(a, *, full_inv: bool) -> None:
       check.update_device(ch)
     results[variant] = _state(check)
   flops = 2 * q_n * c * d
-  equal = {v: all(np.array_equal(x, y) for x, y in zip(results[v], results["reference"])) for v in ("fused", "inline")}
+  equal = {
+    v: all(np.array_equal(x, y) for x, y in zip(results[v], results["reference"]))
+    for v in ("fused", "kernel", "inline")
+  }
   rows_equal = all(np.array_equal(results["fused"][i], results["inline"][i]) for i in (1, 3))
   max_diff = max(float(np.nanmax(np.abs(results["fused"][i] - results["inline"][i]))) for i in (0, 2))
   r = emit(
     section="retrieval", Q=q_n, d=d, C=c, k=k, full_inv=full_inv, matmul_ms=t_mm * 1e3,
     matmul_tflops=flops / t_mm / 1e12, **{f"{v}_ms": t * 1e3 for v, t in times.items()},
     **{f"{v}_ratio": t_mm / times[v] for v in variants},
-    bitwise_equal=equal["fused"], bitwise_equal_inline_norms=equal["inline"],
+    bitwise_equal=equal["fused"], kernel_bitwise_equal=equal["kernel"], bitwise_equal_inline_norms=equal["inline"],
     rows_equal_inline_norms=rows_equal,
     max_score_diff_inline_norms=max_diff,
   )  # fmt: skip
@@ -206,6 +210,7 @@ def retrieval_case(a, *, full_inv: bool) -> None:
   for v in variants:
     ratio(f"retrieval_{tag}_{v}_vs_matmul", r[f"{v}_ratio"])
   ratio(f"retrieval_{tag}_bitwise_equal", float(equal["fused"]))
+  ratio(f"retrieval_{tag}_kernel_bitwise_equal", float(equal["kernel"]))
   ratio(f"retrieval_{tag}_bitwise_equal_inline_norms", float(equal["inline"]))
 
 

@@ -83,6 +83,7 @@ def test_bench_perf_small_prints_every_ratio():
   assert sections == ["retrieval", "retrieval", "stream", "encode"], sections
   for r in records[:2]:
     assert r["bitwise_equal"] is True and r["rows_equal_inline_norms"] is True, r  # fused == reference selection
+    assert r["kernel_bitwise_equal"] is True, r  # narrow_topk's kernel (its interpreter on CPU) == reference
     assert r["max_score_diff_inline_norms"] <= 1e-6, r
   assert set(records[2]["gbps"]) >= {
     "sequential_read", "h2d_pageable", "h2d_pinned", "retrieve_new", "feed_pinned", "store_read_direct",

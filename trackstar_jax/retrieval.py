@@ -24,11 +24,14 @@ and beside an `EncodingStore`), so a later scan, e.g. another query set,
 skips the transform: with a full [d, d] R^{-1/2} it costs C x d^2 FLOP per
 chunk, several times the score matmul. The selection first narrows each score
 block hierarchically to a few groups of columns (group maxima, see
-`_candidates`) so that `lax.top_k` never runs over a long row; the default
-"fused" step (`_merge_both`) does it for both sides at once: the raw [Q, c]
-scores are the only block-sized buffer (keys recomputed where read) and every
-later op runs once over both sides' rows. select="reference" keeps the
-previous step (two `_merge_running` calls, norms inside the step).
+`_candidates`) so that `lax.top_k` never runs over a long row; the "fused"
+step (`_merge_both`) does it for both sides at once: the raw [Q, c] scores are
+the only block-sized buffer (keys recomputed where read) and every later op
+runs once over both sides' rows. On a GPU (select="auto", the default, picks
+"kernel") the three selections over short rows that remain run in
+`narrow_topk`'s Pallas kernel, not as `lax.top_k`, which sorts such rows whole.
+select="reference" keeps the previous step (two `_merge_running` calls, norms
+inside the step).
 
 Feeding (`retrieve`): the store keeps `reads_in_flight` chunk reads
 outstanding (a local store reads its chunk files directly, `chunk_files`), a
@@ -78,7 +81,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
-from trackstar_jax import host_buffers, quantize
+from trackstar_jax import host_buffers, narrow_topk, quantize
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import norms as norms_lib
 from trackstar_jax import prefetch as prefetch_lib
@@ -96,8 +99,10 @@ class RetrieveOptions:
     chunk_rows: corpus rows read per host per step, split over its devices.
     normalize: unit-normalize the encodings (cosine); False: raw dot product.
     matmul_dtype: "bfloat16" (float32 accumulation; the fast path) or "float32" (exact).
-    select: "fused" (both sides' selection batched, norms computed outside the step or cached) or
-      "reference" (the previous step, kept to check "fused" against: bitwise-equal results).
+    select: "fused" (both sides' selection batched, norms computed outside the step or cached),
+      "kernel" (the same with its selections over short rows by `narrow_topk`'s Pallas kernel instead of
+      `lax.top_k` and sorts; GPU), "auto" (the default: "kernel" on a GPU, else "fused") or "reference"
+      (the previous step, kept to check the others against). All give bitwise-equal results.
     cache_norms: keep 1 / ||R^{-1/2} phi|| per chunk from the first scan (`norms.NormCache`; beside
       an `EncodingStore` on storage) so that later scans skip the transform.
     reads_in_flight: store chunk reads outstanding while the devices work.
@@ -117,7 +122,7 @@ class RetrieveOptions:
   chunk_rows: int = 65536
   normalize: bool = True
   matmul_dtype: str = "bfloat16"
-  select: str = "fused"
+  select: str = "auto"  # H200, d = 4096: "kernel" 0.82-0.88x the matmul, "fused" 0.76-0.82x (BENCHMARKS.md)
   cache_norms: bool = True
   reads_in_flight: int = 4
   transfers_ahead: int = 2
@@ -250,7 +255,26 @@ def group_sizes(rows: int, k: int) -> tuple[int, ...]:
   return ()
 
 
-def _candidates(vals: jax.Array, k: int, groups: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+def _best_columns(x: jax.Array, k: int, kernel: bool) -> jax.Array:
+  """The columns of the k largest entries of each row of x [R, n], in increasing order (`lax.top_k`'s set).
+
+  kernel: picked by `narrow_topk`'s Pallas kernel (GPU; rows of at most `narrow_topk.MAX_COLUMNS`) instead
+  of `lax.top_k` and a sort: the same columns.
+  """
+  if kernel and x.shape[1] <= narrow_topk.MAX_COLUMNS:
+    return narrow_topk.top_k_indices(x, k, ascending=True)
+  return jnp.sort(lax.top_k(x, k)[1], axis=-1)
+
+
+def _top_k(x: jax.Array, k: int, kernel: bool) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k(x, k)`, or the same values and columns by `narrow_topk`'s kernel (see `_best_columns`)."""
+  if kernel and x.shape[1] <= narrow_topk.MAX_COLUMNS:
+    i = narrow_topk.top_k_indices(x, k)
+    return jnp.take_along_axis(x, i, axis=-1), i
+  return lax.top_k(x, k)
+
+
+def _candidates(vals: jax.Array, k: int, groups: tuple[int, ...], kernel: bool = False) -> tuple[jax.Array, jax.Array]:
   """A superset of the top-k columns of vals [Q, c], as (values, column indices), indices increasing.
 
   Columns are split into groups of groups[0]; only the k groups with the largest
@@ -258,16 +282,16 @@ def _candidates(vals: jax.Array, k: int, groups: tuple[int, ...]) -> tuple[jax.A
   maxima has k larger elements above all of its own), and those k groups are
   found the same way one level up (groups[1:]). The result has k * groups[0]
   columns. Ties rank by lower column, as `lax.top_k` does, because candidate
-  indices stay increasing at every level.
+  indices stay increasing at every level (so the k best, taken in increasing
+  candidate order, are in increasing column order). kernel: see `_best_columns`.
   """
   q, c = vals.shape
   if not groups:
     return vals, jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (q, c))
   g = groups[0]
   grouped = vals.reshape(q, c // g, g)
-  cand_v, cand_i = _candidates(grouped.max(axis=-1), k, groups[1:])
-  _, j = lax.top_k(cand_v, k)
-  gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [Q, k] best groups, in column order
+  cand_v, cand_i = _candidates(grouped.max(axis=-1), k, groups[1:], kernel)
+  gi = jnp.take_along_axis(cand_i, _best_columns(cand_v, k, kernel), axis=-1)  # [Q, k] best groups, in column order
   new_vals = jnp.take_along_axis(grouped, gi[:, :, None], axis=1).reshape(q, k * g)
   return new_vals, (gi[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(q, k * g)
 
@@ -290,7 +314,7 @@ def _merge_running(vals, rows, new_vals, row0, k, groups=()):
   return v, jnp.take_along_axis(jnp.concatenate([rows, row0 + cols], axis=-1), i, axis=-1)
 
 
-def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=()):
+def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=(), kernel=False):
   """`_merge_running` of both sides at once, bitwise equal to the two calls the reference step makes.
 
   run_v, run_r: [2Q, k] running lists, top side (keys s * scale) then bottom side (keys -(s * scale));
@@ -300,6 +324,9 @@ def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=()):
   (the keys are recomputed where they are read: in the group maxima, one pass over s for both sides,
   and at the k * g gathered candidates), and every later op runs once over both sides' [2Q, ...]
   rows instead of once per side (half the small kernels). Same ops on the same values, same order.
+  kernel: the selections by `narrow_topk`'s Pallas kernel instead of `lax.top_k` and sorts: the k best
+  groups straight from all first-level maxima where they fit in its rows (else the levels' k best groups),
+  then the final k. The same columns, so the same result.
   """
   q = s.shape[0]
   pad = -s.shape[1] % math.prod(groups)
@@ -319,9 +346,11 @@ def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=()):
     g, c = groups[0], s.shape[1]
     top, bot = keys(s, None if scale is None else scale[None], valid[None])
     maxima = jnp.concatenate([top.reshape(q, c // g, g).max(axis=-1), bot.reshape(q, c // g, g).max(axis=-1)])
-    cand_v, cand_i = _candidates(maxima, k, tuple(groups[1:]))
-    _, j = lax.top_k(cand_v, k)
-    gi = jnp.sort(jnp.take_along_axis(cand_i, j, axis=-1), axis=-1)  # [2Q, k] best groups, in column order
+    if kernel and maxima.shape[1] <= narrow_topk.MAX_COLUMNS:  # the kernel takes the k best of all maxima at once
+      gi = _best_columns(maxima, k, kernel)  # the same k groups as the levels above find (see `_candidates`)
+    else:
+      cand_v, cand_i = _candidates(maxima, k, tuple(groups[1:]), kernel)
+      gi = jnp.take_along_axis(cand_i, _best_columns(cand_v, k, kernel), axis=-1)  # [2Q, k] best groups, in order
     cols = (gi[:, :, None] * g + jnp.arange(g, dtype=jnp.int32)).reshape(2 * q, k * g)
     raw = jnp.concatenate([jnp.take_along_axis(s, cols[:q], axis=-1), jnp.take_along_axis(s, cols[q:], axis=-1)])
     sc = None if scale is None else scale[cols]
@@ -329,7 +358,7 @@ def _merge_both(run_v, run_r, s, scale, valid, row0, k, groups=()):
     top, _ = keys(raw[:q], None if sc is None else sc[:q], ok[:q])
     _, bot = keys(raw[q:], None if sc is None else sc[q:], ok[q:])
     cand_v = jnp.concatenate([top, bot])
-  v, i = lax.top_k(jnp.concatenate([run_v, cand_v], axis=-1), k)
+  v, i = _top_k(jnp.concatenate([run_v, cand_v], axis=-1), k, kernel)
   return v, jnp.take_along_axis(jnp.concatenate([run_r, row0 + cols], axis=-1), i, axis=-1)
 
 
@@ -431,7 +460,8 @@ def _compiled(
     return hessian_lib.inv_norm(phi if inv is None else hessian_lib.apply_inv_sqrt(phi, inv, dtype=mm))
 
   def local_step(qm, inv, state, phi, scale, valid, row0):  # select="reference": the previous step
-    top_v, top_r, bot_v, bot_r = (s[0] for s in state)
+    q = qm.shape[0]
+    (top_v, bot_v), (top_r, bot_r) = ((x[0, :q], x[0, q:]) for x in state)
     c = phi.shape[0]
     row0 = row0 + lax.axis_index(axes) * c  # this device's first row
     groups = group_sizes(c, k) if hierarchical else ()
@@ -443,30 +473,27 @@ def _compiled(
       s = s * scale[None, :]
     top_v, top_r = _merge_running(top_v, top_r, jnp.where(valid, s, -jnp.inf), row0, k, groups)
     bot_v, bot_r = _merge_running(bot_v, bot_r, jnp.where(valid, -s, -jnp.inf), row0, k, groups)
-    return tuple(x[None] for x in (top_v, top_r, bot_v, bot_r))
+    return jnp.concatenate([top_v, bot_v])[None], jnp.concatenate([top_r, bot_r])[None]
 
   def local_step_fused(qm, state, phi, scale, valid, row0):
-    top_v, top_r, bot_v, bot_r = (s[0] for s in state)
     c = phi.shape[0]
     row0 = row0 + lax.axis_index(axes) * c  # this device's first row
     groups = group_sizes(c, k) if hierarchical else ()
     s = jnp.dot(qm, phi.astype(mm).T, precision=hi, preferred_element_type=jnp.float32)  # [Q, c]
-    v, r = _merge_both(
-      jnp.concatenate([top_v, bot_v]), jnp.concatenate([top_r, bot_r]), s, scale, valid, row0, k, groups
-    )
-    q = top_v.shape[0]
-    return tuple(x[None] for x in (v[:q], r[:q], v[q:], r[q:]))
+    v, r = _merge_both(state[0][0], state[1][0], s, scale, valid, row0, k, groups, kernel=select == "kernel")
+    return v[None], r[None]
 
   def local_final(state):
     out = []
-    for v, r in ((state[0], state[1]), (state[2], state[3])):
+    q = state[0].shape[1] // 2
+    for side in (slice(0, q), slice(q, 2 * q)):
       # [1, Q, k] per device -> [Q, n_dev * k], merged by (value desc, row asc).
-      v = lax.all_gather(v[0], axes, axis=1, tiled=True)
-      r = lax.all_gather(r[0], axes, axis=1, tiled=True)
+      v = lax.all_gather(state[0][0, side], axes, axis=1, tiled=True)
+      r = lax.all_gather(state[1][0, side], axes, axis=1, tiled=True)
       out += list(_sort_by_value_then_row(v, r, k))
     return tuple(out)
 
-  sspec = (P(axes, None, None),) * 4
+  sspec = (P(axes, None, None),) * 2  # `state_layout`
   inv_spec = P() if has_inv else None
   scale_spec = P(axes) if normalize else None
   if select == "reference":
@@ -497,6 +524,16 @@ def _compiled(
   return step, norms, final
 
 
+def state_layout(n_dev: int, q: int, k: int) -> tuple[tuple[tuple[int, ...], Any, float], ...]:
+  """(shape, dtype, initial value) of `StreamingTopK`'s running state: values and rows [n_dev, 2Q, k].
+
+  Rows [0, Q) are the top side (keys: scores), [Q, 2Q) the bottom side (keys: -scores); both maximize. Two
+  distinct buffers, donated to each step, in the layout `_merge_both` works in (four [Q, k] arrays cost the
+  fused step a concatenation and four copies per chunk).
+  """
+  return ((n_dev, 2 * q, k), np.float32, -np.inf), ((n_dev, 2 * q, k), np.int32, -1)
+
+
 class StreamingTopK:
   """Running exact top-k / bottom-k of e_q . T(phi) over chunks fed in row order.
 
@@ -509,7 +546,7 @@ class StreamingTopK:
     normalize: unit-normalize train encodings (cosine); False = dot product.
     matmul_dtype: "bfloat16" (f32 accumulation) or "float32".
     hierarchical: group-max pre-selection before `lax.top_k` (exact; faster on GPU).
-    select: "fused" (default) or "reference" (the previous step; see `RetrieveOptions`).
+    select: "auto" (default), "fused", "kernel" or "reference" (see `RetrieveOptions`).
     store_dtype: the chunks' dtype (`EncodingStore.dtype`). "int8" / "int4":
       `put` / `update` take the stored codes and scales, which go to the device as
       they are and are dequantized there, into the matmul dtype, right after the
@@ -517,7 +554,7 @@ class StreamingTopK:
       rows with matmul_dtype="float32", of a bfloat16 one with "bfloat16").
 
   Feeding: `update(start=, ids=, phi=)` per chunk, or `put(...)` (pad, copy to the devices; may run
-  on another thread, ahead of the step) then `update_device(chunk)`. With select="fused" the norms
+  on another thread, ahead of the step) then `update_device(chunk)`. Except with select="reference" the norms
   1 / ||R^{-1/2} phi|| come from `put(inv_norms=...)` (a `norms.NormCache`) or are computed by a
   separate jitted function that `update_device` returns, for the caller to cache.
   """
@@ -543,8 +580,12 @@ class StreamingTopK:
       raise ValueError(f"k (config.retrieve.k) must be > 0, got {k}.")
     if matmul_dtype not in ("bfloat16", "float32"):
       raise ValueError(f"matmul_dtype must be 'bfloat16' or 'float32', got {matmul_dtype!r}.")
-    if select not in ("fused", "reference"):
-      raise ValueError(f"select (config.retrieve.select) must be 'fused' or 'reference', got {select!r}.")
+    if select == "auto":
+      select = "kernel" if narrow_topk.available() else "fused"
+    if select not in ("fused", "kernel", "reference"):
+      raise ValueError(
+        f"select (config.retrieve.select) must be 'auto', 'fused', 'kernel' or 'reference', got {select!r}."
+      )
     self.mesh = mesh or Mesh(np.asarray(jax.local_devices()), ("data",))
     if any(d.process_index != jax.process_index() for d in self.mesh.devices.flat):
       raise ValueError("StreamingTopK needs a mesh of this process's devices (jax.local_devices()).")
@@ -575,10 +616,8 @@ class StreamingTopK:
     self._inv = None if inv_sqrt is None or not normalize else inv_sqrt.astype(mm)
     q, n_dev = queries.shape[0], self.n_dev
     state_sharding = NamedSharding(self.mesh, P(axes))  # as shard_map returns it: one jit cache entry
-    # Top keeps scores, bottom keeps -scores; both maximize. Four distinct buffers (donated).
     self._state = tuple(
-      jax.device_put(np.full((n_dev, q, k), fill, dtype), state_sharding)
-      for fill, dtype in ((-np.inf, np.float32), (-1, np.int32)) * 2
+      jax.device_put(np.full(shape, fill, dtype), state_sharding) for shape, dtype, fill in state_layout(n_dev, q, k)
     )
     self._step, self._norms, self._final = _compiled(
       self.mesh, k=k, normalize=normalize, matmul_dtype=matmul_dtype, hierarchical=hierarchical, select=select,

@@ -269,8 +269,8 @@ class Setup:
       topk._inv = jax.ShapeDtypeStruct(inv_shape, mm, sharding=rep)  # pylint: disable=protected-access
     state_sh = NamedSharding(host_mesh, P("data"))
     topk._state = tuple(  # pylint: disable=protected-access
-      jax.ShapeDtypeStruct((len(host), queries, int(rc.k)), dt, sharding=state_sh)
-      for dt in (jnp.float32, jnp.int32) * 2
+      jax.ShapeDtypeStruct(shape, dt, sharding=state_sh)
+      for shape, dt, _ in retrieval.state_layout(len(host), queries, int(rc.k))
     )
     c = topk.padded_rows(rows)
     phi = jax.ShapeDtypeStruct((c, d), jnp.bfloat16, sharding=NamedSharding(host_mesh, P("data", None)))
