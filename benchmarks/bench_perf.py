@@ -8,8 +8,9 @@ retrieval  One `StreamingTopK` step over a device-resident chunk (Q=1024, d=4096
            C=65536, k=10), no R^{-1/2} and a full one, against a bare bf16 matmul of
            the same [Q, d] x [d, C] (f32 out): select="reference" (the previous
            step), "fused" on a first scan (norms by their own function) and on a
-           later scan (norms from the cache); the norm function alone; and whether
-           fused == reference bitwise over 3 chunks (one of small integers with
+           later scan (norms from the cache), "kernel" (the same with `narrow_topk`'s
+           selections, the default on GPUs) on a later scan; the norm function
+           alone; and whether fused and kernel == reference bitwise over 3 chunks (one of small integers with
            duplicated rows: ties), with the reference fed the same norms (the
            selection alone) and verbatim (norms inside the step, where XLA may
            round them differently by an ulp).

@@ -131,6 +131,9 @@ def test_probes_small(tmp_path):
   _run("probes/probe_selection.py", "groups", "--small", stdout=out)
   groups = [line for line in out[-1].splitlines() if line.startswith("GROUPS")]
   assert len(groups) == 8 and all(line.endswith("equal_to_default True") for line in groups), groups
+  _run("probes/probe_selection.py", "kernels", "--small", stdout=out)  # narrow_topk's settings, in its interpreter
+  kernels = [line for line in out[-1].splitlines() if line.startswith("KERNELS") and "matmul" not in line]
+  assert len(kernels) == 5 and all(line.endswith("equal True equal_nan_inf_zero True") for line in kernels), kernels
   _run("probes/probe_layer_grad.py", "small", stdout=out)
   errors = [float(line.rsplit(" ", 1)[1]) for line in out[-1].splitlines() if line.startswith("VARIANT")]
   assert len(errors) == 8 and max(errors) < 1e-5, out[-1]  # float32 on CPU: every variant is the same phi

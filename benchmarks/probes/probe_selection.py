@@ -43,6 +43,17 @@ def bt(fn, n=20):
   return best * 1e3
 
 
+def step_inputs():
+  """The fused step's case (Q, d, C, k, unit queries, a chunk of normal rows, a chunk of small integers: ties)."""
+  q_n, d, c, k = (8, 64, 4096, 4) if small else (1024, 4096, 65536, 10)
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(q_n, d)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  phi = jax.random.normal(jax.random.key(0), (c, d), jnp.bfloat16)
+  tied = jax.random.randint(jax.random.key(1), (c, d), -2, 3).astype(jnp.bfloat16).at[::17].set(0)
+  return q_n, d, c, k, q, phi, tied
+
+
 if what == "topk":
   for n in (160, 256) if small else (160, 256, 1024, 4096, 8192):
     x = jax.random.normal(jax.random.key(0), (16 if small else 2048, n), jnp.float32)
@@ -50,12 +61,7 @@ if what == "topk":
     g = jax.jit(lambda x: jnp.sort(x, axis=-1))
     print("TOPK", n, f"top_k {bt(lambda: f(x)):.4f} ms", f"sort {bt(lambda: g(x)):.4f} ms", flush=True)
 if what == "groups":
-  q_n, d, c, k = (8, 64, 4096, 4) if small else (1024, 4096, 65536, 10)
-  rng = np.random.default_rng(0)
-  q = rng.normal(size=(q_n, d)).astype(np.float32)
-  q /= np.linalg.norm(q, axis=1, keepdims=True)
-  phi = jax.random.normal(jax.random.key(0), (c, d), jnp.bfloat16)
-  tied = jax.random.randint(jax.random.key(1), (c, d), -2, 3).astype(jnp.bfloat16).at[::17].set(0)
+  q_n, d, c, k, q, phi, tied = step_inputs()
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
   mm = jax.jit(lambda x, y: jnp.dot(x, y.T, preferred_element_type=jnp.float32))
   qb = jnp.asarray(q, jnp.bfloat16)
@@ -89,12 +95,7 @@ if what == "groups":
     )
   retrieval.group_sizes = orig
 if what == "kernels":
-  q_n, d, c, k = (8, 64, 4096, 4) if small else (1024, 4096, 65536, 10)
-  rng = np.random.default_rng(0)
-  q = rng.normal(size=(q_n, d)).astype(np.float32)
-  q /= np.linalg.norm(q, axis=1, keepdims=True)
-  phi = jax.random.normal(jax.random.key(0), (c, d), jnp.bfloat16)
-  tied = jax.random.randint(jax.random.key(1), (c, d), -2, 3).astype(jnp.bfloat16).at[::17].set(0)
+  q_n, d, c, k, q, phi, tied = step_inputs()
   odd = phi.at[5::997].set(jnp.nan).at[7::1999].set(jnp.inf).at[11::89].set(0)  # NaN, inf and zero rows
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
   mm = jax.jit(lambda x, y: jnp.dot(x, y.T, preferred_element_type=jnp.float32))
