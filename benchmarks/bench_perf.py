@@ -62,7 +62,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import trackstar_jax as tsj  # noqa: E402
-from trackstar_jax import chunk_files, configs, encoding, host_buffers, losses, retrieval  # noqa: E402
+from trackstar_jax import chunk_files, configs, encoding, host_buffers, losses, mapped_chunks, retrieval  # noqa: E402
 from trackstar_jax import mesh as mesh_lib  # noqa: E402
 from trackstar_jax import store as store_lib  # noqa: E402
 from trackstar_jax.data import batching  # noqa: E402
@@ -303,13 +303,17 @@ def stream_section(a, root: str) -> None:
   q /= np.linalg.norm(q, axis=1, keepdims=True)
   mesh = mesh_lib.make_mesh(devices=jax.local_devices()[:1])
 
-  def feed(reads, ahead, pinned_on, src=store, piece_mib=retrieval.RetrieveOptions.copy_piece_mib, pool_on=False):
+  def feed(
+    reads, ahead, pinned_on, src=store, piece_mib=retrieval.RetrieveOptions.copy_piece_mib, pool_on=False,
+    mapped_on=False,
+  ):  # fmt: skip
     topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh, copy_piece_mib=piece_mib)
     pool = None
     if pool_on:  # as retrieve(pinned_reads=True): reused dma_map-ped read buffers, kept across scans
       pool = host_buffers.shared_pool([dev], nbytes=src.phi_bytes(rows), max_buffers=reads + ahead + 1)
+    windows = mapped_chunks.shared_windows([dev]) if mapped_on else None  # as retrieve(mapped_reads=True)
     last = None
-    chunks = src.iter_chunks(rows_per_chunk=rows, prefetch=reads, buffers=pool)
+    chunks = src.iter_chunks(rows_per_chunk=rows, prefetch=reads, buffers=pool, windows=windows)
     for ch in retrieval.device_chunks(topk, chunks, pad_to=rows, ahead=ahead, pinned=pinned_on, buffers=pool):
       last = ch.phi
     last.block_until_ready()
@@ -318,7 +322,8 @@ def stream_section(a, root: str) -> None:
 
   feeds = {
     "feed_previous": (2, 0, False, ts_store, 0),  # the previous loop: TensorStore, 2 reads, inline whole copies
-    "feed_pinned_reads": (4, 2, False, store, 0, True),  # the defaults: direct reads into reused dma_map-ped buffers
+    "feed_mapped": (4, 2, False, store, 0, True, True),  # the defaults: chunk files mapped, page-locked (CUDA)
+    "feed_pinned_reads": (4, 2, False, store, 0, True),  # direct reads into reused dma_map-ped buffers
     "feed_pageable": (4, 2, False),  # direct reads into fresh buffers, one pageable copy per chunk (run 6's default)
     "feed_pinned": (4, 2, True),
     "feed_pageable_pieces": (4, 2, False, store, 32),  # 32 MiB copies joined on the device
@@ -329,10 +334,11 @@ def stream_section(a, root: str) -> None:
     "retrieve_previous": dict(
       select="reference", reads_in_flight=2, transfers_ahead=0, pinned=False, cache_norms=False, copy_piece_mib=0
     ),
-    "retrieve_new": dict(cache_norms=False),  # the defaults (pinned_reads=True)
-    "retrieve_new_fresh_buffers": dict(pinned_reads=False, cache_norms=False),  # run 6's defaults
-    "retrieve_new_pinned": dict(pinned=True, cache_norms=False),
-    "retrieve_new_pieces": dict(copy_piece_mib=32, cache_norms=False),
+    "retrieve_new": dict(cache_norms=False),  # the defaults (mapped_reads=True: the page cache DMA-ed, on CUDA)
+    "retrieve_new_buffered": dict(mapped_reads=False, cache_norms=False),  # the previous defaults (run B7)
+    "retrieve_new_fresh_buffers": dict(pinned_reads=False, mapped_reads=False, cache_norms=False),  # run 6's
+    "retrieve_new_pinned": dict(pinned=True, mapped_reads=False, cache_norms=False),
+    "retrieve_new_pieces": dict(copy_piece_mib=32, mapped_reads=False, cache_norms=False),
     "retrieve_new_tensorstore": dict(cache_norms=False),
   }
   scan_s = {
@@ -350,10 +356,16 @@ def stream_section(a, root: str) -> None:
     )
     for name, kw in scans.items()
   }
-  for name, on in (("retrieve_new_fresh_buffers_one_scan", False), ("retrieve_new_first_scan", True)):
+  first_scans = {
+    "retrieve_new_fresh_buffers_one_scan": dict(pinned_reads=False, mapped_reads=False),
+    "retrieve_new_buffered_first_scan": dict(mapped_reads=False),
+    "retrieve_new_first_scan": {},  # the defaults: every window mapped and registered on the way
+  }
+  for name, kw in first_scans.items():
     host_buffers.clear()  # a process's first scan: its read buffers made, faulted in and registered on the way
+    mapped_chunks.clear()
     t = time.perf_counter()  # one scan each, not the best of several: what a one-off job over this store sees
-    retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, cache_norms=False, pinned_reads=on)
+    retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, cache_norms=False, **kw)
     scan_s[name] = time.perf_counter() - t
   rates = dict(
     sequential_read=_gbps(nbytes, seq_s),
@@ -378,6 +390,7 @@ def stream_section(a, root: str) -> None:
   ratio("stream_retrieve_new_vs_sequential_read", rates["retrieve_new"] / rates["sequential_read"])
   ratio("stream_retrieve_new_vs_previous", rates["retrieve_new"] / rates["retrieve_previous"])
   ratio("stream_retrieve_new_vs_fresh_buffers", rates["retrieve_new"] / rates["retrieve_new_fresh_buffers"])
+  ratio("stream_retrieve_new_vs_buffered", rates["retrieve_new"] / rates["retrieve_new_buffered"])
   ratio(
     "stream_first_scan_vs_fresh_buffers_one_scan",
     rates["retrieve_new_first_scan"] / rates["retrieve_new_fresh_buffers_one_scan"],

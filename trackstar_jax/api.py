@@ -292,6 +292,7 @@ _STREAMING_OPTIONS = (
   "pinned",
   "copy_piece_mib",
   "pinned_reads",
+  "mapped_reads",
 )
 
 
@@ -330,7 +331,7 @@ def retrieve(
     batch_size: queries per encoder call.
     mesh: this host's devices (default: all local devices).
     **streaming: `select`, `cache_norms`, `reads_in_flight`, `transfers_ahead`,
-      `pinned`, `copy_piece_mib`, `pinned_reads` (how the scan runs, not what it returns: see
+      `pinned`, `copy_piece_mib`, `pinned_reads`, `mapped_reads` (how the scan runs, not what it returns: see
       `RetrieveOptions`).
 
   Returns:

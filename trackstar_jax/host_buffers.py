@@ -141,7 +141,7 @@ class BufferPool:
         buf, after = self._released.popleft()
         self.waits += 1
     if after is not None:
-      _wait(after)  # outside the lock: releases may go on meanwhile
+      wait(after)  # outside the lock: releases may go on meanwhile
     self._lock_pages(buf)
     return buf
 
@@ -178,7 +178,7 @@ class BufferPool:
       released, self._released = list(self._released), collections.deque()
     for buf, after in released:
       with contextlib.suppress(Exception):  # a failed copy's error surfaces where its array is used
-        _wait(after)
+        wait(after)
       self.release(buf)
     with self._lock:
       free = {b.ctypes.data for b in self._free}
@@ -258,7 +258,7 @@ def clear() -> None:
     pool.close()
 
 
-def _wait(after: Any) -> None:
+def wait(after: Any) -> None:
   """Blocks until `after` (a jax array or pytree of them, or a future) is done."""
   if hasattr(after, "result"):
     after.result()

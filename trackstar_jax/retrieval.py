@@ -34,7 +34,8 @@ select="reference" keeps the previous step (two `_merge_running` calls, norms
 inside the step).
 
 Feeding (`retrieve`): the store keeps `reads_in_flight` chunk reads
-outstanding (a local store reads its chunk files directly, `chunk_files`), a
+outstanding (a local store reads its chunk files directly, `chunk_files`; on
+CUDA GPUs it maps them, and the copy reads the page cache, `mapped_chunks`), a
 background thread pads each chunk and copies it to the devices (optionally
 in pieces, `put_in_pieces`, or staged in pinned host memory)
 `transfers_ahead` chunks in front of the step, so reads, copies and compute
@@ -81,7 +82,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from trackstar_jax import hessian as hessian_lib
-from trackstar_jax import host_buffers, narrow_topk, quantize
+from trackstar_jax import host_buffers, mapped_chunks, narrow_topk, quantize
 from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import norms as norms_lib
 from trackstar_jax import prefetch as prefetch_lib
@@ -116,6 +117,11 @@ class RetrieveOptions:
       devices' client (`host_buffers`), which the device copy reads at the DMA rate with no staging
       copy; off where the client cannot (`dma_map`: not on CPU). The buffers are kept for later
       scans (at most a quarter of host memory; `host_buffers.clear()` frees them).
+    mapped_reads: on CUDA GPUs, a local store's chunk files are mapped read-only and page-locked
+      with the CUDA driver (`mapped_chunks`), so the device copy reads the page cache itself by DMA
+      (checksums still checked on every read). The windows stay registered for later scans, at most
+      a quarter of host memory (env TRACKSTAR_MAPPED_BYTES; `mapped_chunks.clear()` lets them go);
+      chunks beyond that, and everywhere else, are read as `pinned_reads` says.
   """
 
   k: int = 10
@@ -129,6 +135,7 @@ class RetrieveOptions:
   pinned: bool = False  # H200 store scans: 9.06 GB/s pageable vs 8.29 pinned (BENCHMARKS.md, Streaming)
   copy_piece_mib: int = 0  # H200 store feed: one copy 10.0-12.3 GB/s vs 32 MiB pieces 9.65 (BENCHMARKS.md)
   pinned_reads: bool = True
+  mapped_reads: bool = True
 
 
 @dataclasses.dataclass
@@ -775,6 +782,8 @@ def device_chunks(
       )
       if buffers is not None and ch.buffer is not None:
         buffers.release(ch.buffer, after=dev.phi)  # ready = copied (or dequantized from the copy)
+      if ch.lease is not None:
+        ch.lease.release(after=dev.phi)  # a mapped window: evictable once copied
       yield dev
 
   return prefetch_lib.ahead(put_all(), depth=ahead, name="retrieve-feed") if ahead > 0 else put_all()
@@ -797,6 +806,7 @@ def retrieve(
   pinned: bool = RetrieveOptions.pinned,
   copy_piece_mib: int = RetrieveOptions.copy_piece_mib,
   pinned_reads: bool = RetrieveOptions.pinned_reads,
+  mapped_reads: bool = RetrieveOptions.mapped_reads,
 ) -> RetrievalResult:
   """Exact top-k and bottom-k of every query over the whole (complete) store.
 
@@ -838,9 +848,11 @@ def retrieve(
   n_chunks = 0
   mine = len(range(pi * rows_per_chunk, store.num_rows, pc * rows_per_chunk))
   prog = progress_lib.Progress(total=mine, unit="chunk", item_unit="rows", name="retrieve")
-  pool, read_kw = None, {}
+  pool, windows, read_kw = None, None, {}
   if isinstance(store, store_lib.EncodingStore):
     read_kw = dict(prefetch=max(1, reads_in_flight))
+    if mapped_reads and store.direct_reads and mine:
+      windows = read_kw["windows"] = mapped_chunks.shared_windows(list(topk.mesh.devices.flat))
     if pinned_reads and store.direct_reads and mine:
       # Buffers held at once: the reads in flight, the chunk being copied, the copies not yet done.
       pool = host_buffers.shared_pool(
@@ -877,6 +889,11 @@ def retrieve(
       logging.info(
         "Read buffers (kept): %d of %d MiB made, %d MiB page-locked; %d waits for a copy, %d unpooled.",
         pool.made, pool.nbytes >> 20, pool.pinned_bytes >> 20, pool.waits, pool.plain,
+      )  # fmt: skip
+    if windows is not None:
+      logging.info(
+        "Mapped store windows: %d reads from kept windows, %d mapped, %d declined; %d MiB page-locked in all.",
+        windows.hits, windows.mapped, windows.declined, windows.pinned_bytes >> 20,
       )  # fmt: skip
   if cache is not None:
     keep(0)

@@ -79,7 +79,7 @@ import numpy as np
 import tensorstore as ts
 
 from trackstar_jax import chunk_files as chunk_files_lib
-from trackstar_jax import fileio, host_buffers, quantize, remote
+from trackstar_jax import fileio, host_buffers, mapped_chunks, quantize, remote
 from trackstar_jax import progress as progress_lib
 
 FORMAT = "trackstar_jax.encodings/2"  # 2: crc32c per chunk, reads refuse missing chunks
@@ -206,6 +206,7 @@ class Chunk(NamedTuple):
   phi: np.ndarray  # [n, d] store dtype (bfloat16 as ml_dtypes.bfloat16); int8 / int4 stores: the codes
   scale: np.ndarray | None = None  # int8 / int4 stores: float32 scales [n, groups]; else None
   buffer: np.ndarray | None = None  # the `host_buffers.BufferPool` buffer phi lies in (give it back), or None
+  lease: Any = None  # the `mapped_chunks.MappedRead` phi is a view of (`lease.release(after=)`), or None
 
 
 def repair_command(url: str, workdir: str = "") -> str:
@@ -575,20 +576,29 @@ class EncodingStore:
   # --- reading --------------------------------------------------------------
 
   def _start_read(
-    self, start: int, stop: int, buffers: host_buffers.BufferPool | None = None
-  ) -> tuple[list[Any], np.ndarray | None]:
-    """Futures of rows [start, stop) of phi, ids[, scale] (phi from the chunk files when `direct_reads`,
-    into a buffer of `buffers` when given and large enough), and that buffer (or None)."""
-    buf = None
+    self,
+    start: int,
+    stop: int,
+    buffers: host_buffers.BufferPool | None = None,
+    windows: mapped_chunks.MappedWindows | None = None,
+  ) -> tuple[list[Any], np.ndarray | None, mapped_chunks.MappedRead | None]:
+    """Futures of rows [start, stop) of phi, ids[, scale], the buffer phi is read into, and its mapped read.
+
+    With `direct_reads`, phi comes from the chunk files: from a window of `windows` (mapped, page-locked
+    chunk files) where it takes them, else into a buffer of `buffers` when given and large enough.
+    """
+    buf = lease = None
     if self._files is None:
       phi = self.phi[start:stop].read()
     else:
-      out = None
-      if buffers is not None and buffers.nbytes >= self.phi_bytes(stop - start):
-        buf = buffers.take()
-        out = buf[: self.phi_bytes(stop - start)].view(self._files.dtype).reshape(stop - start, self._files.cols)
-      phi = self._files.read(start, stop, out=out)
-    return [phi] + [arr[start:stop].read() for _, arr in self._arrays()[1:]], buf
+      phi = lease = None if windows is None else windows.read(self._files, start, stop)
+      if lease is None:
+        out = None
+        if buffers is not None and buffers.nbytes >= self.phi_bytes(stop - start):
+          buf = buffers.take()
+          out = buf[: self.phi_bytes(stop - start)].view(self._files.dtype).reshape(stop - start, self._files.cols)
+        phi = self._files.read(start, stop, out=out)
+    return [phi] + [arr[start:stop].read() for _, arr in self._arrays()[1:]], buf, lease
 
   def _chunk(self, start: int, stop: int, futures: Sequence[Any]) -> Chunk:
     what = f"Reading rows [{start}, {stop})"
@@ -630,6 +640,7 @@ class EncodingStore:
     process_count: int = 1,
     prefetch: int = 2,
     buffers: host_buffers.BufferPool | None = None,
+    windows: mapped_chunks.MappedWindows | None = None,
   ) -> Iterator[Chunk]:
     """Yields this host's read chunks: chunk j of [0, N) in steps of `rows_per_chunk` goes to host j % process_count.
 
@@ -640,20 +651,29 @@ class EncodingStore:
     `buffers`: with direct reads, phi is read into buffers of this pool
     (`phi_bytes(rows_per_chunk)` bytes or more each). A chunk's `buffer` is then
     the one its phi lies in: the caller gives it back (`buffers.release(chunk.buffer,
-    after=...)`) once done with phi, which is overwritten after that.
+    after=...)`) once done with phi, which is overwritten after that. `windows`: phi is a view of
+    mapped chunk files where `windows` takes them (`mapped_chunks`); the chunk's `lease` is then
+    given back by the caller (`chunk.lease.release(after=...)`) once done with phi.
     """
     if rows_per_chunk <= 0:
       raise ValueError(f"rows_per_chunk must be > 0, got {rows_per_chunk}.")
     starts = list(range(process_index * rows_per_chunk, self.num_rows, process_count * rows_per_chunk))
     queue = collections.deque()
-    for i in range(len(starts) + prefetch):
-      if i < len(starts):
-        a = starts[i]
-        b = min(a + rows_per_chunk, self.num_rows)
-        queue.append((a, b, *self._start_read(a, b, buffers)))
-      if i >= prefetch:
-        a, b, futures, buf = queue.popleft()
-        yield self._chunk(a, b, futures)._replace(buffer=buf)
+    try:
+      for i in range(len(starts) + prefetch):
+        if i < len(starts):
+          a = starts[i]
+          b = min(a + rows_per_chunk, self.num_rows)
+          queue.append((a, b, *self._start_read(a, b, buffers, windows)))
+        if i >= prefetch:
+          a, b, futures, buf, lease = queue[0]
+          chunk = self._chunk(a, b, futures)._replace(buffer=buf, lease=lease)
+          queue.popleft()
+          yield chunk
+    finally:  # an error, or the caller stopped early: the reads still queued (and a failed one) give windows back
+      for *_, lease in queue:
+        if lease is not None:
+          lease.release()
 
 
 class PendingWrite:

@@ -75,6 +75,7 @@ def run(config, workdir: str, *, dataset=None) -> str:
     pinned=bool(rc.pinned),
     copy_piece_mib=int(rc.copy_piece_mib),
     pinned_reads=bool(rc.pinned_reads),
+    mapped_reads=bool(rc.mapped_reads),
   )
   out = workdir_lib.results_path(config, workdir)
   rows = np.unique(np.concatenate([result.top_rows.ravel(), result.bottom_rows.ravel()]))  # the same on every process
