@@ -74,10 +74,12 @@ import trace_summary  # noqa: E402
 FULL = dict(
   queries=1024, dim=4096, rows=65536, k=10, stream_rows=262144, stream_chunk=32768, store_chunk=4096,
   model="small", dtype="bfloat16", vocab=16384, seq=128, batch=256, d=64, encode_rows=32768, steps=10,
+  matmul_n=8192, matmul_steps=100,
 )  # fmt: skip
 SMALL = dict(
   queries=8, dim=64, rows=1024, k=4, stream_rows=4096, stream_chunk=1024, store_chunk=256,
   model="tiny", dtype="float32", vocab=256, seq=16, batch=8, d=4, encode_rows=64, steps=2,
+  matmul_n=64, matmul_steps=2,
 )  # fmt: skip
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -89,7 +91,9 @@ p.add_argument("--correction", default="adam", help="encode: none | adam | adam_
 p.add_argument("--encode_jobs", default="", help="encode: comma-separated job cases to run (default: all)")
 p.add_argument("--dims", default="", help="retrieval: comma-separated encoding dims to sweep (default --dim)")
 p.add_argument(
-  "--trace_dir", default="", help="also trace the fused step and the disk encode job (jax.profiler; trace_summary.py)"
+  "--trace_dir",
+  default="",
+  help="also trace the fused step, the default store scan and the disk encode job (jax.profiler; trace_summary.py)",
 )
 for key, value in FULL.items():
   p.add_argument(f"--{key}", type=type(value), default=None)
@@ -305,7 +309,7 @@ def stream_section(a, root: str) -> None:
 
   def feed(
     reads, ahead, pinned_on, src=store, piece_mib=retrieval.RetrieveOptions.copy_piece_mib, pool_on=False,
-    mapped_on=False,
+    mapped_on=False, defer=True,
   ):  # fmt: skip
     topk = retrieval.StreamingTopK(q, k=a.k, mesh=mesh, copy_piece_mib=piece_mib)
     pool = None
@@ -313,7 +317,9 @@ def stream_section(a, root: str) -> None:
       pool = host_buffers.shared_pool([dev], nbytes=src.phi_bytes(rows), max_buffers=reads + ahead + 1)
     windows = mapped_chunks.shared_windows([dev]) if mapped_on else None  # as retrieve(mapped_reads=True)
     last = None
-    chunks = src.iter_chunks(rows_per_chunk=rows, prefetch=reads, buffers=pool, windows=windows)
+    chunks = src.iter_chunks(
+      rows_per_chunk=rows, prefetch=reads, buffers=pool, windows=windows, defer_checks=mapped_on and defer
+    )  # as retrieve reads them
     for ch in retrieval.device_chunks(topk, chunks, pad_to=rows, ahead=ahead, pinned=pinned_on, buffers=pool):
       last = ch.phi
     last.block_until_ready()
@@ -323,6 +329,7 @@ def stream_section(a, root: str) -> None:
   feeds = {
     "feed_previous": (2, 0, False, ts_store, 0),  # the previous loop: TensorStore, 2 reads, inline whole copies
     "feed_mapped": (4, 2, False, store, 0, True, True),  # the defaults: chunk files mapped, page-locked (CUDA)
+    "feed_mapped_checked_first": (4, 2, False, store, 0, True, True, False),  # each copy after its crc32c checks
     "feed_pinned_reads": (4, 2, False, store, 0, True),  # direct reads into reused dma_map-ped buffers
     "feed_pageable": (4, 2, False),  # direct reads into fresh buffers, one pageable copy per chunk (run 6's default)
     "feed_pinned": (4, 2, True),
@@ -356,17 +363,68 @@ def stream_section(a, root: str) -> None:
     )
     for name, kw in scans.items()
   }
+  # A scan's fixed costs, paid once per `retrieve` whatever the store's size: the step's set-up (queries to the
+  # device, state made), the final merge copied back, the ids of the 2 Q k results read from the store, and
+  # the check that every chunk is committed (listings; these two grow with the store's chunks).
+  # With the pipeline's fill (the first chunk's read and copy) they set the scan's rate on a small store.
+  topk0 = retrieval.StreamingTopK(q, k=a.k, mesh=mesh)
+  hits = np.random.default_rng(3).integers(0, n, size=(2, a.queries, a.k))
+  fixed_s = dict(
+    init_s=best_time(lambda: retrieval.StreamingTopK(q, k=a.k, mesh=mesh).wait(), lambda: None, a.repeat),
+    result_s=best_time(topk0.local_result, lambda: None, a.repeat),
+    read_ids_s=best_time(lambda: store.read_ids(hits), lambda: None, a.repeat),
+    require_complete_s=best_time(store.require_complete, lambda: None, a.repeat),
+    scan_s=scan_s["retrieve_new"],
+  )
+  if a.trace_dir:
+    trace(
+      a, "retrieve_new",
+      lambda: retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, cache_norms=False),
+      lambda: None, steps=3,
+    )  # fmt: skip
   first_scans = {
     "retrieve_new_fresh_buffers_one_scan": dict(pinned_reads=False, mapped_reads=False),
     "retrieve_new_buffered_first_scan": dict(mapped_reads=False),
-    "retrieve_new_first_scan": {},  # the defaults: every window mapped and registered on the way
+    "retrieve_new_first_scan": {},  # the defaults: windows registered by the warm-up thread as the scan runs
+    "retrieve_new_first_scan_warmed": {},  # after `map_store_ahead` finished (as while tsj.retrieve encodes)
   }
+  warm_s = None
   for name, kw in first_scans.items():
     host_buffers.clear()  # a process's first scan: its read buffers made, faulted in and registered on the way
     mapped_chunks.clear()
+    if name.endswith("_warmed"):
+      t = time.perf_counter()
+      ahead = retrieval.map_store_ahead(store, rows_per_chunk=rows, mesh=mesh)
+      if ahead is not None:
+        ahead.result()
+        warm_s = time.perf_counter() - t
     t = time.perf_counter()  # one scan each, not the best of several: what a one-off job over this store sees
     retrieval.retrieve(store, q, k=a.k, rows_per_chunk=rows, mesh=mesh, cache_norms=False, **kw)
     scan_s[name] = time.perf_counter() - t
+  # Does registering stall the device's compute (as it stalls copies)? Matmuls dispatched one by one, alone
+  # and while a warm-up registers the whole store (what tsj.retrieve overlaps with encoding the queries).
+  mm_x = jnp.ones((a.matmul_n, a.matmul_n), jnp.bfloat16)
+  mm_f = jax.jit(lambda x: (x @ x) * 0.5)
+  mm_steps = max(1, int(a.matmul_steps))
+
+  def matmuls():
+    y = mm_x
+    for _ in range(mm_steps):
+      y = mm_f(y)
+    y.block_until_ready()
+
+  matmuls()
+  t = time.perf_counter()
+  matmuls()
+  matmul_alone_s = time.perf_counter() - t
+  mapped_chunks.clear()
+  ahead = retrieval.map_store_ahead(store, rows_per_chunk=rows, mesh=mesh)
+  t = time.perf_counter()
+  matmuls()
+  matmul_during_warm_s = time.perf_counter() - t
+  warm_overlapped = ahead is not None and not ahead.done()  # the warm-up outlasted the matmuls
+  if ahead is not None:
+    ahead.result()
   rates = dict(
     sequential_read=_gbps(nbytes, seq_s),
     h2d_pageable=_gbps(chunk.nbytes, pageable_s),
@@ -379,7 +437,10 @@ def stream_section(a, root: str) -> None:
   emit(
     section="stream", rows=n, d=d, chunk_rows=rows, store_chunk_rows=a.store_chunk, store_gib=nbytes / 2**30,
     write_s=write_s, gbps=rates, queries=a.queries, k=a.k, read_threads=chunk_files.THREADS,
+    warm_s=warm_s, warm_gbps=None if not warm_s else _gbps(nbytes, warm_s), matmul_alone_s=matmul_alone_s,
+    matmul_during_warm_s=matmul_during_warm_s, warm_outlasted_matmuls=warm_overlapped, fixed_s=fixed_s,
   )  # fmt: skip
+  ratio("stream_matmul_during_warm_vs_alone", matmul_alone_s / matmul_during_warm_s)
   copies = ("h2d_pageable", "h2d_pinned", "h2d_dma_mapped", "h2d_pieces", "h2d_pieces_pinned")
   h2d = max(rates[k] for k in copies if k in rates)  # the best copy
   for name in (*feeds, *scan_s):
@@ -391,6 +452,7 @@ def stream_section(a, root: str) -> None:
   ratio("stream_retrieve_new_vs_previous", rates["retrieve_new"] / rates["retrieve_previous"])
   ratio("stream_retrieve_new_vs_fresh_buffers", rates["retrieve_new"] / rates["retrieve_new_fresh_buffers"])
   ratio("stream_retrieve_new_vs_buffered", rates["retrieve_new"] / rates["retrieve_new_buffered"])
+  ratio("stream_feed_mapped_vs_checked_first", rates["feed_mapped"] / rates["feed_mapped_checked_first"])
   ratio(
     "stream_first_scan_vs_fresh_buffers_one_scan",
     rates["retrieve_new_first_scan"] / rates["retrieve_new_fresh_buffers_one_scan"],

@@ -11,8 +11,9 @@ those of processes whose name holds "GPU" or "TPU" (XLA's per-device streams);
 the summary gives the span from the first to the last device event, the union
 of their busy intervals (so overlapping streams count once), the idle share of
 the span (time the device waited on the host: input, copies, dispatch), the
-longest idle gaps, and the kernels with the most total time. A job whose idle
-share is large is host-bound; one with none is as fast as its kernels.
+longest idle gaps (where they fall, and the events on each side), and the
+kernels with the most total time. A job whose idle share is large is
+host-bound; one with none is as fast as its kernels.
 """
 
 import argparse
@@ -56,13 +57,15 @@ def summarize(log_dir: str, *, top: int = 12) -> dict:
   )
   if not spans:
     return {"device_processes": sorted(names[p] for p in device), "events": 0}
-  busy, gaps, end = 0.0, [], spans[0][0]
-  for a, b, _ in spans:
+  busy, gaps, end, last = 0.0, [], spans[0][0], ""
+  for a, b, n in spans:
     if a > end:
-      gaps.append(a - end)
+      gaps.append((a - end, end - spans[0][0], last, n))
     busy += max(0.0, b - max(a, end))
-    end = max(end, b)
+    if b >= end:
+      end, last = b, n
   span = end - spans[0][0]
+  longest = sorted(gaps, reverse=True)[:top]
   by_name: dict[str, list[float]] = {}
   for a, b, n in spans:
     t = by_name.setdefault(n, [0.0, 0])
@@ -75,7 +78,13 @@ def summarize(log_dir: str, *, top: int = 12) -> dict:
     "span_ms": span / 1e3,
     "busy_ms": busy / 1e3,
     "idle_share": 1 - busy / span if span else 0.0,
-    "longest_gaps_ms": [g / 1e3 for g in sorted(gaps, reverse=True)[:5]],
+    "longest_gaps_ms": [g[0] / 1e3 for g in longest[:5]],
+    # Where they fall (ms from the first device event, in time order) and what ran on each side:
+    # a gap after the last copy of a scan and before the next one's first is host set-up, not feeding.
+    "gaps": [
+      {"at_ms": at / 1e3, "ms": g / 1e3, "after": prev[:60], "before": nxt[:60]}
+      for g, at, prev, nxt in sorted(longest, key=lambda g: g[1])
+    ],
     "top_kernels": [
       {"name": n[:120], "total_ms": t / 1e3, "count": c, "share_of_busy": t / busy} for n, (t, c) in kernels
     ],

@@ -88,8 +88,15 @@ def test_bench_perf_small_prints_every_ratio():
   assert set(records[2]["gbps"]) >= {
     "sequential_read", "h2d_pageable", "h2d_pinned", "retrieve_new", "feed_pinned", "store_read_direct",
     "store_read_tensorstore", "feed_tensorstore", "retrieve_new_tensorstore", "h2d_pieces", "retrieve_new_pieces",
+    "feed_mapped", "feed_mapped_checked_first", "retrieve_new_buffered", "retrieve_new_first_scan", "retrieve_new_first_scan_warmed",
   }  # fmt: skip
   assert all(v > 0 for v in records[2]["gbps"].values()), records[2]
+  assert records[2]["matmul_alone_s"] > 0 and records[2]["matmul_during_warm_s"] > 0, records[2]
+  assert records[2]["warm_s"] is None  # CPU: no mapped windows, nothing to warm
+  fixed = records[2]["fixed_s"]  # a scan's fixed costs, beside the scan they are part of
+  assert set(fixed) == {"init_s", "result_s", "read_ids_s", "require_complete_s", "scan_s"} and all(
+    v > 0 for v in fixed.values()
+  ), fixed
   rates = records[3]["examples_per_s"]
   assert set(rates) == {
     "train",
@@ -161,4 +168,5 @@ def test_trace_summary_counts_overlaps_once_and_ignores_host(tmp_path):
   assert got["device_processes"] == ["/device:GPU:0"] and got["events"] == 3
   assert got["span_ms"] == 0.030 and got["busy_ms"] == 0.025 and got["longest_gaps_ms"] == [0.005]
   assert abs(got["idle_share"] - 5 / 30) < 1e-12
+  assert got["gaps"] == [{"at_ms": 0.015, "ms": 0.005, "after": "copy", "before": "gemm"}]  # copy ended last
   assert [(k["name"], k["count"]) for k in got["top_kernels"]] == [("gemm", 2), ("copy", 1)]

@@ -346,8 +346,11 @@ def retrieve(
   unknown = sorted(set(streaming) - set(_STREAMING_OPTIONS))
   if unknown:
     raise TypeError(f"retrieve() got unknown options {unknown}; the streaming options are {list(_STREAMING_OPTIONS)}.")
-  e_q = _query_encodings(encoder, queries, query_phi, hessian=hessian, normalize=normalize, batch_size=batch_size)
   source = _corpus(store, corpus_phi, corpus_ids)
+  options = {"mapped_reads": retrieval.RetrieveOptions.mapped_reads, **streaming}
+  # The store's windows are registered while the queries are encoded (`mapped_chunks`; CUDA only).
+  retrieval.map_store_ahead(source, rows_per_chunk=chunk_rows, mesh=mesh, mapped_reads=options["mapped_reads"])
+  e_q = _query_encodings(encoder, queries, query_phi, hessian=hessian, normalize=normalize, batch_size=batch_size)
   return retrieval.retrieve(
     source,
     e_q,

@@ -11,12 +11,16 @@ its checksum pass and the DMA. Probe M4 (`benchmarks/probes/probe_mmap_register.
 measured one `device_put` of a 256 MiB window of eight mapped chunk files at
 54.3 GB/s, vs 48.2 from a `dma_map`-ped buffer.
 
-Registering runs at about the copy's rate (37-53 GB/s), and it stalls the
-copies in flight: register + copy + unregister per scan ran at 19-21 GB/s,
-the buffered feed's rate. So windows are kept registered across scans, a
-pinned cache of the store of at most `limit_bytes`. The default is a quarter
-of physical memory (env TRACKSTAR_MAPPED_BYTES; 0 turns mapped reads off).
-Reads beyond it take the buffered path.
+Registering runs at about the copy's rate (37-57 GB/s), and it stalls the
+device's copies and kernel launches while it runs: register + copy +
+unregister per scan ran at 19-21 GB/s, the buffered feed's rate (M4), and
+matmuls at 0.53x (M7). So windows are kept registered across scans, a pinned
+cache of the store of at most `limit_bytes`. The default is a quarter of
+physical memory (env TRACKSTAR_MAPPED_BYTES; 0 turns mapped reads off). A
+store larger than that keeps its first windows, and the rest of it takes the
+buffered path. `warm` registers a scan's windows ahead, on a thread:
+`tsj.retrieve` starts it before it encodes the queries, where host work such as
+compiling can hide it.
 
   windows = shared_windows(jax.local_devices())    # None unless every device is a CUDA GPU
   got = windows.read(files, start, stop)           # None: not mappable here (see `read`): read as before
@@ -42,6 +46,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Sequence
+import concurrent.futures
 import contextlib
 import ctypes
 import mmap
@@ -176,6 +181,18 @@ class MappedRead(chunk_files.ReadFuture):
     super().__init__(out, futures)
     self._windows, self._window, self._released = windows, window, False
 
+  def result(self, timeout: float | None = None) -> np.ndarray:
+    try:
+      return super().result(timeout)
+    except ValueError:
+      self._windows._release(self._window, None, lease=False)  # pylint: disable=protected-access
+      raise
+
+  @property
+  def unchecked(self) -> np.ndarray:
+    """The rows now, while their crc32c checks may still run: for a copy whose result waits on `result()`."""
+    return self._out
+
   def release(self, after: Any = None) -> None:
     """The rows are no longer read once `after` (a jax array, a future; None: now) is done."""
     if not self._released:
@@ -206,6 +223,7 @@ class MappedWindows:
     self.pinned_bytes = 0
     self.hits = self.mapped = self.declined = self.evicted = 0
     self.broken: str | None = None  # why registration stopped working (then every read declines)
+    self._warmer: concurrent.futures.ThreadPoolExecutor | None = None
 
   def read(self, files: chunk_files.ChunkFiles, start: int, stop: int) -> MappedRead | None:
     """Rows [start, stop) of `files` from a window (mapped and registered now, or kept), or None.
@@ -256,13 +274,19 @@ class MappedWindows:
     return MappedRead(self, window, out, futures)
 
   def _map(self, files: chunk_files.ChunkFiles, key, c0: int, c1: int, nbytes: int) -> _Window | None:
-    """A new window of chunks [c0, c1), registered; None when it does not fit or cannot be made."""
+    """A new window of chunks [c0, c1), registered; None when it does not fit or cannot be made.
+
+    Room is made by evicting idle windows (oldest use first) of other arrays, and of this array where
+    they overlap [c0, c1) (another chunking of the same rows), never other windows of this array:
+    a scan of a store larger than the limit keeps its first windows registered and reads the rest
+    buffered, rather than evicting each window before the next scan reaches it again.
+    """
     if nbytes > self.limit_bytes:
       return None
     while self.pinned_bytes + nbytes > self.limit_bytes:
-      idle = next((w for w in self._windows.values() if w.leases == 0), None)
+      idle = next((w for w in self._windows.values() if w.leases == 0 and _evictable_for(w.key, key)), None)
       if idle is None:
-        return None  # every kept window is being read: this one goes the buffered way
+        return None  # the kept windows are this array's or being read: this one goes the buffered way
       self._evict(idle)
     fds, stats, crcs = [], [], []
     try:
@@ -311,19 +335,54 @@ class MappedWindows:
     except Exception as e:  # pylint: disable=broad-except
       logging.warning("Could not unregister a mapped store window: %s", e)
 
-  def _release(self, window: _Window, after: Any) -> None:
+  def _release(self, window: _Window, after: Any, *, lease: bool = True) -> None:
+    """Gives a lease back (lease=False: none, a failed check's); a bad window is dropped once none is out."""
     with self._lock:
-      window.leases -= 1
+      window.leases -= lease
       if after is not None:
         window.after = [a for a in window.after if not _done(a)] + [after]
       if window.bad and window.leases == 0 and self._windows.get(window.key) is window:
         self._evict(window)
+
+  def warm(self, files: chunk_files.ChunkFiles, starts: Sequence[int], rows: int) -> concurrent.futures.Future:
+    """Maps and registers the windows of rows [s, s + rows) for each s in `starts`, in order, on a thread.
+
+    So that a process's first scan finds its windows registered: registering stalls the device
+    copies in flight, so it is best done before the scan's copies start (while the queries are
+    encoded, the step compiles). Stops at the limit, or where a window cannot be mapped (the scan
+    then reads it buffered and reports why). The future's result: windows mapped.
+    """
+    with self._lock:
+      if self._warmer is None:
+        self._warmer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mapped-chunks-warm")
+    return self._warmer.submit(self._warm, files, list(starts), int(rows))
+
+  def _warm(self, files: chunk_files.ChunkFiles, starts: list[int], rows: int) -> int:
+    made = 0
+    for start in starts:
+      stop = min(start + rows, files.num_rows)
+      if self.broken or start % files.chunk_rows or files.data_bytes % _PAGE or start >= stop:
+        break
+      c0, c1 = start // files.chunk_rows, -(-stop // files.chunk_rows)
+      key = (os.path.abspath(files.directory), c0, c1, files.data_bytes)
+      with self._lock:
+        if key in self._windows:
+          continue  # kept (a changed one is replaced when read)
+        if self._map(files, key, c0, c1, (c1 - c0) * files.data_bytes) is None:
+          break
+        made += 1
+    return made
 
   def clear(self) -> None:
     """Unregisters and forgets every window not being read (after its copies)."""
     with self._lock:
       for window in [w for w in self._windows.values() if w.leases == 0]:
         self._evict(window)
+
+
+def _evictable_for(kept, new) -> bool:
+  """Whether window `kept` may make room for window `new` (keys: directory, c0, c1, bytes per chunk)."""
+  return kept[0] != new[0] or (kept[1] < new[2] and new[1] < kept[2])
 
 
 def _identity(paths: Sequence[str]) -> tuple | None:

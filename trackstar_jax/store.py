@@ -66,8 +66,9 @@ TensorStore starts threads: never fork() a process after using this module
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -207,6 +208,9 @@ class Chunk(NamedTuple):
   scale: np.ndarray | None = None  # int8 / int4 stores: float32 scales [n, groups]; else None
   buffer: np.ndarray | None = None  # the `host_buffers.BufferPool` buffer phi lies in (give it back), or None
   lease: Any = None  # the `mapped_chunks.MappedRead` phi is a view of (`lease.release(after=)`), or None
+  # iter_chunks(defer_checks=True), a mapped chunk: waits for phi's crc32c checks (raises StoreDataError as the
+  # read would). phi may be copied before; nothing may use its values until this returned. Else None.
+  check: Callable[[], Any] | None = None
 
 
 def repair_command(url: str, workdir: str = "") -> str:
@@ -380,7 +384,10 @@ class EncodingStore:
 
   def missing_ranges(self) -> list[tuple[int, int]]:
     """Merged row ranges [start, stop) that are not committed, in order."""
-    done, out = self.completed_chunks(), []
+    return self._ranges_outside(self.completed_chunks())
+
+  def _ranges_outside(self, done: set[int]) -> list[tuple[int, int]]:
+    out = []
     for c in range(self.num_chunks):
       if c in done:
         continue
@@ -401,7 +408,7 @@ class EncodingStore:
     lost = sorted(marked - stored)
     if lost:
       self._raise([BadChunk(c, *self.chunk_range(c), "data missing") for c in lost])
-    missing = self.missing_ranges()
+    missing = self._ranges_outside(marked & stored)  # listed once: a retrieve call's fixed cost
     if missing:
       n = sum(b - a for a, b in missing)
       shown = ", ".join(f"[{a}, {b})" for a, b in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -632,6 +639,27 @@ class EncodingStore:
     lay = self.layout
     return rows * lay.codes_cols * np.dtype(self.phi.dtype.numpy_dtype).itemsize
 
+  def _starts(self, rows_per_chunk: int, process_index: int, process_count: int) -> list[int]:
+    if rows_per_chunk <= 0:
+      raise ValueError(f"rows_per_chunk must be > 0, got {rows_per_chunk}.")
+    return list(range(process_index * rows_per_chunk, self.num_rows, process_count * rows_per_chunk))
+
+  def map_ahead(
+    self,
+    windows: mapped_chunks.MappedWindows,
+    *,
+    rows_per_chunk: int,
+    process_index: int = 0,
+    process_count: int = 1,
+  ) -> Any:
+    """Starts mapping phi's windows for this host's `iter_chunks(rows_per_chunk=...)` (`MappedWindows.warm`).
+
+    Returns its future, or None when phi is read with TensorStore (no chunk files to map).
+    """
+    if self._files is None:
+      return None
+    return windows.warm(self._files, self._starts(rows_per_chunk, process_index, process_count), rows_per_chunk)
+
   def iter_chunks(
     self,
     *,
@@ -641,6 +669,7 @@ class EncodingStore:
     prefetch: int = 2,
     buffers: host_buffers.BufferPool | None = None,
     windows: mapped_chunks.MappedWindows | None = None,
+    defer_checks: bool = False,
   ) -> Iterator[Chunk]:
     """Yields this host's read chunks: chunk j of [0, N) in steps of `rows_per_chunk` goes to host j % process_count.
 
@@ -653,11 +682,12 @@ class EncodingStore:
     the one its phi lies in: the caller gives it back (`buffers.release(chunk.buffer,
     after=...)`) once done with phi, which is overwritten after that. `windows`: phi is a view of
     mapped chunk files where `windows` takes them (`mapped_chunks`); the chunk's `lease` is then
-    given back by the caller (`chunk.lease.release(after=...)`) once done with phi.
+    given back by the caller (`chunk.lease.release(after=...)`) once done with phi. `defer_checks`: a
+    mapped chunk comes before its crc32c checks are done, so that a copy of phi to the devices (a DMA
+    from the mapping, which the checks do not slow) runs beside them; the caller calls `chunk.check()`
+    before any use of phi's values (`retrieval.device_chunks` does). Other chunks come checked.
     """
-    if rows_per_chunk <= 0:
-      raise ValueError(f"rows_per_chunk must be > 0, got {rows_per_chunk}.")
-    starts = list(range(process_index * rows_per_chunk, self.num_rows, process_count * rows_per_chunk))
+    starts = self._starts(rows_per_chunk, process_index, process_count)
     queue = collections.deque()
     try:
       for i in range(len(starts) + prefetch):
@@ -667,13 +697,28 @@ class EncodingStore:
           queue.append((a, b, *self._start_read(a, b, buffers, windows)))
         if i >= prefetch:
           a, b, futures, buf, lease = queue[0]
-          chunk = self._chunk(a, b, futures)._replace(buffer=buf, lease=lease)
+          if defer_checks and lease is not None:
+            check = functools.partial(self._result, lease, a, b, f"Reading rows [{a}, {b})")
+            chunk = self._chunk(a, b, [_Done(lease.unchecked), *futures[1:]])._replace(lease=lease, check=check)
+          else:
+            chunk = self._chunk(a, b, futures)._replace(buffer=buf, lease=lease)
           queue.popleft()
           yield chunk
     finally:  # an error, or the caller stopped early: the reads still queued (and a failed one) give windows back
       for *_, lease in queue:
         if lease is not None:
           lease.release()
+
+
+class _Done:
+  """A read's result that is already there (a future's `result()`)."""
+
+  def __init__(self, value: Any):
+    self._value = value
+
+  def result(self, timeout: float | None = None) -> Any:
+    del timeout
+    return self._value
 
 
 class PendingWrite:
