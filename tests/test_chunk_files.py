@@ -32,14 +32,15 @@ def crc_impl(request, monkeypatch):
 RANGES = [(0, 37), (0, 16), (8, 24), (3, 30), (9, 11), (32, 37), (35, 37), (30, 33), (5, 5)]
 
 
-def _store(path, dtype="float32", num_rows=37):
-  meta = store_lib.StoreMeta(num_rows=num_rows, dim=DIM, dtype=dtype, chunk_rows=CHUNK, checkpoint="/ckpt/wd")
+def _store(path, dtype="float32", num_rows=37, *, dim=DIM, chunk_rows=CHUNK, seed=None):
+  """A complete local store of random rows (ids 3 r + 1); its URL."""
+  meta = store_lib.StoreMeta(num_rows=num_rows, dim=dim, dtype=dtype, chunk_rows=chunk_rows, checkpoint="/ckpt/wd")
   store = store_lib.open_store(f"file://{path}", expected_meta=meta, create=True)
-  rng = np.random.default_rng(num_rows)
+  rng = np.random.default_rng(num_rows if seed is None else seed)
   with store_lib.AsyncWriter(store) as writer:
     for c in range(store.num_chunks):
       a, b = store.chunk_range(c)
-      writer.submit(start=a, ids=np.arange(a, b) * 3 + 1, phi=rng.normal(size=(b - a, DIM)).astype(np.float32))
+      writer.submit(start=a, ids=np.arange(a, b) * 3 + 1, phi=rng.normal(size=(b - a, dim)).astype(np.float32))
   return f"file://{path}"
 
 

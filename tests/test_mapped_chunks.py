@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from test_chunk_files import _assert_same_chunk, _damage
+from test_chunk_files import _store as chunk_files_store
 from test_host_buffers import FakeLock
 
 from trackstar_jax import chunk_files, mapped_chunks, retrieval
@@ -24,14 +25,7 @@ pytestmark = pytest.mark.skipif(chunk_files.crc32c_buffers is None, reason="mapp
 
 
 def _store(path, dtype="bfloat16", num_rows=200, chunk_rows=CHUNK, seed=0):
-  meta = store_lib.StoreMeta(num_rows=num_rows, dim=DIM, dtype=dtype, chunk_rows=chunk_rows, checkpoint="/ckpt/wd")
-  store = store_lib.open_store(f"file://{path}", expected_meta=meta, create=True)
-  rng = np.random.default_rng(seed)
-  with store_lib.AsyncWriter(store) as writer:
-    for c in range(store.num_chunks):
-      a, b = store.chunk_range(c)
-      writer.submit(start=a, ids=np.arange(a, b) * 3 + 1, phi=rng.normal(size=(b - a, DIM)).astype(np.float32))
-  return f"file://{path}"
+  return chunk_files_store(path, dtype, num_rows, dim=DIM, chunk_rows=chunk_rows, seed=seed)
 
 
 def _windows(limit_bytes=1 << 30, lock=None):

@@ -230,6 +230,29 @@ def test_feed_raises_reader_errors_and_stops_early():
   feed.close()  # the feeding thread stops instead of filling the devices
 
 
+@pytest.mark.parametrize("select", ["fused", "reference"])
+def test_throttle_bounds_the_steps_a_slower_device_holds(select):
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(512, 256)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  phi = rng.normal(size=(8192, 256)).astype(np.float32)
+  topk = retrieval.StreamingTopK(q, k=4, mesh=_mesh(1), select=select)
+  chunk = topk.put(start=0, ids=np.arange(8192), phi=phi)  # on the device: only the steps are timed here
+  topk.update_device(chunk)
+  topk.wait()
+  for _ in range(6):
+    topk.update_device(chunk)  # unthrottled: dispatched far faster than a step runs (~10 ms on a CPU core)
+  assert not topk._state[0].is_ready() and topk.step_waits == 0  # the device is behind the loop
+  topk.wait()
+  for _ in range(6):
+    topk.throttle(2)
+    topk.update_device(chunk)
+  assert topk.step_waits >= 2  # after 2 and 4 steps, the loop waited for the device
+  topk.wait()
+  topk.throttle(2)
+  assert topk.step_waits >= 2 and topk._unseen == 0  # seen done: no wait
+
+
 def test_inv_norms_need_normalize_and_select_is_checked():
   topk = retrieval.StreamingTopK(np.ones((2, 4), np.float32), k=1, mesh=_mesh(1), normalize=False)
   with pytest.raises(ValueError, match="need normalize=True"):

@@ -39,7 +39,9 @@ CUDA GPUs it maps them, and the copy reads the page cache, `mapped_chunks`), a
 background thread pads each chunk and copies it to the devices (optionally
 in pieces, `put_in_pieces`, or staged in pinned host memory)
 `transfers_ahead` chunks in front of the step, so reads, copies and compute
-overlap.
+overlap. Devices slower than the feed (CPU devices, many queries) hold at most
+`STEPS_IN_FLIGHT` dispatched steps and their chunks (`StreamingTopK.throttle`),
+not every chunk fed to them.
 
 Tie order (deterministic, independent of device count, host count and chunk
 size): equal scores are ordered by lower store row first, for the top-k and the
@@ -541,6 +543,9 @@ def state_layout(n_dev: int, q: int, k: int) -> tuple[tuple[tuple[int, ...], Any
   return ((n_dev, 2 * q, k), np.float32, -np.inf), ((n_dev, 2 * q, k), np.int32, -1)
 
 
+STEPS_IN_FLIGHT = 4  # `retrieve`: steps dispatched and not seen done (each holds its chunk on the devices)
+
+
 class StreamingTopK:
   """Running exact top-k / bottom-k of e_q . T(phi) over chunks fed in row order.
 
@@ -626,6 +631,8 @@ class StreamingTopK:
     self._state = tuple(
       jax.device_put(np.full(shape, fill, dtype), state_sharding) for shape, dtype, fill in state_layout(n_dev, q, k)
     )
+    self._unseen = 0  # steps dispatched since the devices were last seen done with them (`throttle`)
+    self.step_waits = 0  # how often `throttle` waited for the devices
     self._step, self._norms, self._final = _compiled(
       self.mesh, k=k, normalize=normalize, matmul_dtype=matmul_dtype, hierarchical=hierarchical, select=select,
       has_inv=self._inv is not None,
@@ -710,12 +717,29 @@ class StreamingTopK:
       self._state = step(
         self._q, self._inv, self._state, chunk.phi, chunk.inv_norms, chunk.valid, np.int32(chunk.start)
       )
+      self._unseen += 1
       return None
     scale = chunk.inv_norms
     if self.normalize and scale is None:
       scale = computed = self._norms(self._inv, chunk.phi)
     self._state = self._step(self._q, self._state, chunk.phi, scale, chunk.valid, np.int32(chunk.start))
+    self._unseen += 1
     return computed
+
+  def throttle(self, max_in_flight: int) -> None:
+    """Waits for the devices once `max_in_flight` steps were dispatched since they were last seen done.
+
+    For a loop that feeds the devices faster than they score: its dispatched steps, and the chunks
+    they hold, then stay bounded. The state is donated to each step, so only the newest one can be
+    waited on; once it is ready, every step before it is done. In a loop bound by the copies it
+    never waits. (Not in `update_device`: the step benchmarks time unbounded dispatch.)
+    """
+    if self._unseen and self._state[0].is_ready():
+      self._unseen = 0
+    if self._unseen >= max(1, max_in_flight):
+      self.step_waits += 1
+      jax.block_until_ready(self._state)
+      self._unseen = 0
 
   def update(
     self,
@@ -921,6 +945,7 @@ def retrieve(
   )
   try:
     for chunk in feed:
+      topk.throttle(STEPS_IN_FLIGHT)
       inv = topk.update_device(chunk)
       if cache is not None and inv is not None:
         inv.copy_to_host_async()
@@ -950,7 +975,10 @@ def retrieve(
       "Norm cache %s: %d chunks reused, %d computed.", cache.directory or "(memory)", cache.hits, cache.misses
     )
   top_v, top_r, bot_v, bot_r = topk.local_result()
-  logging.info("Process %d scored %d chunks of %d rows.", pi, n_chunks, rows_per_chunk)
+  logging.info(
+    "Process %d scored %d chunks of %d rows (%d waits for the devices to catch up).",
+    pi, n_chunks, rows_per_chunk, topk.step_waits,
+  )  # fmt: skip
   if pc > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
