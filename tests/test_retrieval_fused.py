@@ -253,6 +253,25 @@ def test_throttle_bounds_the_steps_a_slower_device_holds(select):
   assert topk.step_waits >= 2 and topk._unseen == 0  # seen done: no wait
 
 
+@pytest.mark.parametrize("select, names", [("fused", {"step", "norms"}), ("reference", {"step"})])
+def test_programs_compile_the_same_from_an_abstract_copy(select, names):
+  q = np.eye(4, 16, dtype=np.float32)
+  topk = retrieval.StreamingTopK(q, k=2, mesh=_mesh(1), inv_sqrt=np.eye(16, dtype=np.float32), select=select)
+  shapes = topk.abstract()  # what compile_check builds for a topology with no devices
+  assert isinstance(shapes._q, jax.ShapeDtypeStruct) and isinstance(topk._q, jax.Array)  # the original is kept
+  got, want = shapes.programs(64), topk.programs(64)
+  assert set(got) == set(want) == names
+  for name in names:
+    assert got[name].as_text() == want[name].as_text(), name
+    assert got[name].memory_analysis().temp_size_in_bytes == want[name].memory_analysis().temp_size_in_bytes
+  assert (
+    topk.programs(4096)["step"].memory_analysis().argument_size_in_bytes
+    > want["step"].memory_analysis().argument_size_in_bytes
+  )
+  topk.update(start=0, ids=np.arange(8), phi=np.ones((8, 16), np.float32), pad_to=64)  # the instance still scores
+  assert topk.local_result()[1].shape == (4, 2)
+
+
 def test_inv_norms_need_normalize_and_select_is_checked():
   topk = retrieval.StreamingTopK(np.ones((2, 4), np.float32), k=1, mesh=_mesh(1), normalize=False)
   with pytest.raises(ValueError, match="need normalize=True"):

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping, Sequence
+import copy
 import dataclasses
 import functools
 import math
@@ -754,17 +755,38 @@ class StreamingTopK:
     """Scores rows [start, start + n) against the queries (asynchronous dispatch): `put` + `update_device`."""
     return self.update_device(self.put(start=start, ids=ids, phi=phi, pad_to=pad_to, inv_norms=inv_norms, scale=scale))
 
-  def step_memory(self, rows_per_chunk: int):
-    """XLA's per-device `CompiledMemoryStats` of one chunk step (depends on Q, k, chunk rows; not on N)."""
+  def programs(self, rows_per_chunk: int) -> dict[str, Any]:
+    """The compiled programs a chunk of `rows_per_chunk` rows runs: "step", and "norms" where the step needs them.
+
+    Their `memory_analysis()` is what a chunk costs on each device (it depends on Q, k, d and the chunk's
+    rows, not on the store's size). On an `abstract()` copy they compile with no device at all.
+    """
     c = self.padded_rows(rows_per_chunk)
     phi = jax.ShapeDtypeStruct((c, self.dim), jnp.bfloat16, sharding=self._phi_sharding)
     valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=self._rows_sharding)
     if self.select == "reference":
-      lowered = self._step[False].lower(self._q, self._inv, self._state, phi, None, valid, jnp.int32(0))
-    else:
-      scale = jax.ShapeDtypeStruct((c,), jnp.float32, sharding=self._rows_sharding) if self.normalize else None
-      lowered = self._step.lower(self._q, self._state, phi, scale, valid, jnp.int32(0))
-    return lowered.compile().memory_analysis()
+      return {
+        "step": self._step[False].lower(self._q, self._inv, self._state, phi, None, valid, jnp.int32(0)).compile()
+      }
+    out = {}
+    scale = None
+    if self.normalize:
+      scale = jax.ShapeDtypeStruct((c,), jnp.float32, sharding=self._rows_sharding)
+      out["norms"] = self._norms.lower(self._inv, phi).compile()
+    out["step"] = self._step.lower(self._q, self._state, phi, scale, valid, jnp.int32(0)).compile()
+    return out
+
+  def abstract(self) -> StreamingTopK:
+    """A copy whose queries, R^{-1/2} and state are shapes only: its `programs` compile for a topology with
+    no devices attached (`jobs/compile_check.py` builds it under `jax.eval_shape`)."""
+    out = copy.copy(self)
+    rep = NamedSharding(self.mesh, P())
+    out._q = jax.ShapeDtypeStruct(self._q.shape, self._q.dtype, sharding=rep)
+    if self._inv is not None:
+      out._inv = jax.ShapeDtypeStruct(self._inv.shape, self._inv.dtype, sharding=rep)
+    state_sharding = NamedSharding(self.mesh, P(tuple(self.mesh.axis_names)))
+    out._state = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=state_sharding) for x in self._state)
+    return out
 
   def wait(self) -> None:
     """Blocks until every dispatched `update` has run (for timing; results need no wait)."""

@@ -261,31 +261,10 @@ class Setup:
 
     q = jax.ShapeDtypeStruct((queries, d), jnp.float32)
     _build_abstract(build, q, jax.ShapeDtypeStruct(inv_shape, jnp.float32))
-    topk = holder["topk"]
-    rep = NamedSharding(host_mesh, P())
-    mm = jnp.bfloat16 if rc.matmul_dtype == "bfloat16" else jnp.float32
-    topk._q = jax.ShapeDtypeStruct((queries, d), mm, sharding=rep)  # pylint: disable=protected-access
-    if topk._inv is not None:  # pylint: disable=protected-access
-      topk._inv = jax.ShapeDtypeStruct(inv_shape, mm, sharding=rep)  # pylint: disable=protected-access
-    state_sh = NamedSharding(host_mesh, P("data"))
-    topk._state = tuple(  # pylint: disable=protected-access
-      jax.ShapeDtypeStruct(shape, dt, sharding=state_sh)
-      for shape, dt, _ in retrieval.state_layout(len(host), queries, int(rc.k))
-    )
-    c = topk.padded_rows(rows)
-    phi = jax.ShapeDtypeStruct((c, d), jnp.bfloat16, sharding=NamedSharding(host_mesh, P("data", None)))
-    rows_sh = NamedSharding(host_mesh, P("data"))
-    valid = jax.ShapeDtypeStruct((c,), jnp.bool_, sharding=rows_sh)
     # A scan is two programs per chunk: the norms 1 / ||R^{-1/2} phi|| (first scan; cached afterwards) and the
     # fused score-and-select step. They run one after the other: the chunk's memory is the larger of the two.
-    # pylint: disable=protected-access
-    scale = jax.ShapeDtypeStruct((c,), jnp.float32, sharding=rows_sh) if topk.normalize else None
-    step = topk._step.lower(topk._q, topk._state, phi, scale, valid, jnp.int32(0)).compile()
-    if not topk.normalize:
-      return step
-    norms = topk._norms.lower(topk._inv, phi).compile()
-    # pylint: enable=protected-access
-    return max((step, norms), key=per_device_bytes)
+    programs = holder["topk"].abstract().programs(rows)
+    return max(programs.values(), key=per_device_bytes)
 
 
 def _build_abstract(fn, *abstract_args, eager_constants: bool = False):
