@@ -244,9 +244,8 @@ class MappedWindows:
     ):
       self.declined += 1
       return None
-    c0, c1 = start // files.chunk_rows, -(-stop // files.chunk_rows)
+    c0, c1, key = _window_of(files, start, stop)
     nbytes = (c1 - c0) * files.data_bytes
-    key = (os.path.abspath(files.directory), c0, c1, files.data_bytes)
     with self._lock:
       window = self._windows.get(key)
       if window is not None and (window.bad or window.identity != _identity([files.path(c) for c in range(c0, c1)])):
@@ -363,8 +362,7 @@ class MappedWindows:
       stop = min(start + rows, files.num_rows)
       if self.broken or start % files.chunk_rows or files.data_bytes % _PAGE or start >= stop:
         break
-      c0, c1 = start // files.chunk_rows, -(-stop // files.chunk_rows)
-      key = (os.path.abspath(files.directory), c0, c1, files.data_bytes)
+      c0, c1, key = _window_of(files, start, stop)
       with self._lock:
         if key in self._windows:
           continue  # kept (a changed one is replaced when read)
@@ -378,6 +376,12 @@ class MappedWindows:
     with self._lock:
       for window in [w for w in self._windows.values() if w.leases == 0]:
         self._evict(window)
+
+
+def _window_of(files: chunk_files.ChunkFiles, start: int, stop: int) -> tuple[int, int, tuple]:
+  """The chunks [c0, c1) that rows [start, stop) lie in, and their window's key (directory, c0, c1, bytes per chunk)."""
+  c0, c1 = start // files.chunk_rows, -(-stop // files.chunk_rows)
+  return c0, c1, (os.path.abspath(files.directory), c0, c1, files.data_bytes)
 
 
 def _evictable_for(kept, new) -> bool:

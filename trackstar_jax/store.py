@@ -699,7 +699,9 @@ class EncodingStore:
           a, b, futures, buf, lease = queue[0]
           if defer_checks and lease is not None:
             check = functools.partial(self._result, lease, a, b, f"Reading rows [{a}, {b})")
-            chunk = self._chunk(a, b, [_Done(lease.unchecked), *futures[1:]])._replace(lease=lease, check=check)
+            chunk = self._chunk(a, b, [chunk_files_lib.ReadFuture(lease.unchecked, []), *futures[1:]])._replace(
+              lease=lease, check=check
+            )
           else:
             chunk = self._chunk(a, b, futures)._replace(buffer=buf, lease=lease)
           queue.popleft()
@@ -708,17 +710,6 @@ class EncodingStore:
       for *_, lease in queue:
         if lease is not None:
           lease.release()
-
-
-class _Done:
-  """A read's result that is already there (a future's `result()`)."""
-
-  def __init__(self, value: Any):
-    self._value = value
-
-  def result(self, timeout: float | None = None) -> Any:
-    del timeout
-    return self._value
 
 
 class PendingWrite:
