@@ -5,6 +5,8 @@
 #   bash benchmarks/lama_gpu.sh train     WORKDIR   # small LM on all 20 relations
 #   bash benchmarks/lama_gpu.sh attribute WORKDIR   # fit_hessian -> encode -> retrieve
 #   bash benchmarks/lama_gpu.sh evaluate  WORKDIR   # the full ablation table (launch.pipeline; trains if needed)
+#   bash benchmarks/lama_gpu.sh correction WORKDIR  # TrackStar with exact Adam vs its rank-1 fit only (trains if
+#                                                   # needed): ablation.md's paired comparison on the relation split
 #
 # Text baselines need no GPU: precompute them anywhere with
 #   python -m launch.pipeline --config=configs/lama.py:model=small --workdir=W --stages=retrieve --methods=dense
@@ -40,5 +42,11 @@ case $stage in
     [ -f "$wd/metrics.jsonl" ] && cp "$wd/metrics.jsonl" "$out/train_metrics.jsonl"
     du -sh "$wd"/ladder/*/encodings.zarr | tee "$out/store_size.txt"
     gzip -c "$wd/ladder/results/r_mixed_trackstar.jsonl" > "$out/trackstar_results.jsonl.gz" || true ;;
+  correction)
+    timed python -m launch.pipeline --config=$cfg --config.manual_dir="$data" --workdir="$wd" \
+      --config.encoder.correction=adam --methods="+ R_mixed = TrackStar" --methods="TrackStar, Adam rank-1"
+    cp "$wd"/ablation.md "$wd"/ablation.json "$out/"
+    [ -f "$wd/metrics.jsonl" ] && cp "$wd/metrics.jsonl" "$out/train_metrics.jsonl"
+    cp "$wd"/pipeline_metrics.jsonl "$out/" 2>/dev/null || true ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

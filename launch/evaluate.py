@@ -6,6 +6,9 @@ r"""Evaluates retrieval results: fact-tracing metrics and tail-patch, one table.
 --workdir is the training workdir (checkpoint with optimizer state, tokenizer);
 --results names one or more results files (name=path; a bare path is named by
 its file name). Writes <workdir>/evaluation.{md,json} (or --output=PREFIX).
+--compare=A,B compares two of them query by query on the dev / test split of
+relations (A the costlier method; the report says which one dev MRR keeps):
+  --results=exact=e.jsonl --results=rank1=r.jsonl --compare=exact,rank1
 The whole ladder (train -> encode -> retrieve -> evaluate): launch/pipeline.py.
 """
 
@@ -26,6 +29,9 @@ _RESULTS = flags.DEFINE_multi_string(
 _OUTPUT = flags.DEFINE_string(
   "output", None, "Output prefix of the .md and .json report (default <workdir>/evaluation)."
 )
+_COMPARE = flags.DEFINE_multi_string(
+  "compare", [], "A,B: compare results A (the costlier method) with B on the relation split (repeatable)."
+)
 _TAIL_PATCH = flags.DEFINE_bool("tail_patch", True, "Tail-patch each query's proponents (slower than the metrics).")
 
 
@@ -33,7 +39,12 @@ def main(argv):
   config = cli.start(argv, CONFIG, DISTRIBUTED)
   results = evaluate.parse_results_flag(_RESULTS.value)
   table = evaluate.run(
-    config, WORKDIR.value, results=results, output_prefix=_OUTPUT.value, tail_patch=_TAIL_PATCH.value
+    config,
+    WORKDIR.value,
+    results=results,
+    output_prefix=_OUTPUT.value,
+    tail_patch=_TAIL_PATCH.value,
+    compare=evaluate.parse_compare_flag(_COMPARE.value),
   )
   prefix = _OUTPUT.value or os.path.join(WORKDIR.value, "evaluation")
   cli.finish(config, cli.output_dir(prefix), "evaluate", report=prefix, methods=len(table["rows"]))

@@ -12,7 +12,8 @@ table to <workdir>/ablation.{md,json}. Every stage is skipped when its output
 is up to date and resumes when killed. See trackstar_jax/jobs/pipeline.py.
 
 --methods restricts the run to some rows (names or kinds: gradient, bm25, dense,
-random). Text baselines need no checkpoint, so e.g. the dense baseline can be
+random), e.g. exact Adam against its rank-1 fit alone:
+  --methods="+ R_mixed = TrackStar" --methods="TrackStar, Adam rank-1" Text baselines need no checkpoint, so e.g. the dense baseline can be
 computed on a machine that has its packages and its results folder
 (<workdir>/ladder/results) copied into the GPU run's workdir.
 """
@@ -25,8 +26,11 @@ CONFIG, WORKDIR, DISTRIBUTED = cli.define_flags(
   workdir_help="Workdir: checkpoints, stores, results, the ablation table."
 )
 _STAGES = flags.DEFINE_list("stages", list(pipeline.STAGES), f"Stages to run, a subset of {pipeline.STAGES}.")
-_METHODS = flags.DEFINE_list(
-  "methods", [], "Only these methods (names, or kinds gradient/bm25/dense/random); default all."
+_METHODS = flags.DEFINE_multi_string(
+  "methods",
+  [],
+  "Only these methods (names, or kinds gradient/bm25/dense/random; comma-separated, or the flag repeated for a "
+  'name with a comma: --methods="TrackStar, Adam rank-1"); default all.',
 )
 _CACHE = cli.define_compilation_cache_flag()
 

@@ -69,3 +69,30 @@ def test_accuracy_job_and_compare(trained):
   os.remove(accuracy.output_path(other))
   with pytest.raises(FileNotFoundError, match="launch/accuracy.py"):
     accuracy.compare({"x": trained.workdir, "y": other})
+
+
+def test_paired_comparison_against_a_direct_count():
+  rng = np.random.default_rng(0)
+  rels = ["P0", "P1", "P2", "P3"]
+  rows_a, rows_b = [], []
+  for i in range(400):
+    rel = rels[i % 4]
+    better = 0.3 if rel in ("P0", "P1") else 0.0  # a beats b on P0 and P1 only
+    a = float(rng.random() < 0.3 + better)
+    rows_a.append(dict(query_id=i, relation=rel, mrr=a, **{"recall@10": a}))
+    rows_b.append(dict(query_id=i, relation=rel, mrr=float(rng.random() < 0.3), **{"recall@10": 0.0}))
+  rows_b.reverse()  # paired by query id, not by position
+  for dev, keep in ((["P0", "P1"], True), (["P2", "P3"], False)):
+    c = rs.paired_comparison(rows_a, rows_b, dev=dev, samples=500)
+    sel = [r["relation"] in dev for r in rows_a]
+    a = np.array([r["mrr"] for r in rows_a])
+    b = np.array([{r["query_id"]: r["mrr"] for r in rows_b}[r["query_id"]] for r in rows_a])
+    assert c["dev"]["n"] == sum(sel) and c["test"]["n"] == 400 - sum(sel) and c["all"]["n"] == 400
+    assert c["dev"]["mrr"]["a"] == pytest.approx(a[sel].mean()) and c["dev"]["mrr"]["b"] == pytest.approx(b[sel].mean())
+    lo, hi = c["dev"]["mrr"]["ci"]
+    assert c["dev"]["mrr"]["diff"] == pytest.approx((a - b)[sel].mean())
+    assert lo < c["dev"]["mrr"]["diff"] < hi
+    assert rs.keep_costlier(c) is keep  # decided by the dev relations alone, whatever test says
+    assert ("keep a (x)" if keep else "take b (y)") in rs.comparison_markdown("x", "y", c)
+  with pytest.raises(ValueError, match=r"only in a: \[0\]"):
+    rs.paired_comparison(rows_a, rows_b[:-1], dev=["P0"])

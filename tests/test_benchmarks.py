@@ -146,6 +146,9 @@ def test_probes_small(tmp_path):
   assert len(errors) == 8 and max(errors) < 1e-5, out[-1]  # float32 on CPU: every variant is the same phi
   parts = [line.split()[1] for line in out[-1].splitlines() if line.startswith("PART")]
   assert parts == ["g_matmul", "scale_project"], out[-1]
+  _run("probes/probe_first_retrieve.py", "--small", stdout=out)
+  first = json.loads([line for line in out[-1].splitlines() if line.startswith("{")][-1])
+  assert first["brute_force_ok"] and first["first_events_s"]["/jax/core/compile/backend_compile_duration"] > 0
 
 
 def test_trace_summary_counts_overlaps_once_and_ignores_host(tmp_path):

@@ -84,6 +84,10 @@ def test_ablation_ladder_end_to_end(tmp_path):
   assert ts["mrr"] > rnd["mrr"] + 0.05, (ts, rnd)  # seen: 0.12 vs 0.014
   assert ts["tail_patch@10"] > rnd["tail_patch@10"], (ts, rnd)
   assert rows["BM25"]["mrr"] > rnd["mrr"]
+  (pair,) = table["comparisons"].values()  # exact Adam vs its rank-1 fit, query by query on the relation split
+  assert (pair["a"], pair["b"]) == ("+ R_mixed = TrackStar", "TrackStar, Adam rank-1")
+  assert pair["all"]["n"] == ts["n"] == pair["dev"]["n"] + pair["test"]["n"]
+  assert pair["all"]["mrr"]["a"] == pytest.approx(ts["mrr"]) and "Paired comparison" in first.stdout
 
   # README command 1's report step on these outputs: one self-contained page with TrackStar's proponents.
   res = os.path.join(workdir, "ladder", "results")

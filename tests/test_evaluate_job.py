@@ -154,3 +154,28 @@ def test_parse_results_flag():
     run.parse_results_flag(["a=1", "a=2"])
   with pytest.raises(ValueError, match="at least one"):
     run.parse_results_flag([])
+
+
+def test_evaluate_compares_two_methods_on_the_relation_split(evaluated, tmp_path):
+  config, workdir, dataset = evaluated
+  rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
+  files = {
+    "oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
+    "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset)),
+  }
+  prefix = str(tmp_path / "evaluation")
+  table = run.run(
+    config, workdir, results=files, output_prefix=prefix, dataset=dataset, tail_patch=False,
+    compare=[("oracle", "random")],
+  )  # fmt: skip
+  c = table["comparisons"]["oracle vs random"]
+  rows = {r["method"]: r for r in table["rows"]}
+  assert c["all"]["n"] == len(dataset.queries) == c["dev"]["n"] + c["test"]["n"]
+  assert c["all"]["mrr"]["a"] == rows["oracle"]["mrr"] and c["all"]["mrr"]["b"] == pytest.approx(rows["random"]["mrr"])
+  assert c["dev"]["mrr"]["ci"][0] > 0  # the oracle beats random on dev beyond chance: it is kept
+  assert "Decided on dev MRR: keep a (oracle)" in open(prefix + ".md").read()
+  assert run.parse_compare_flag(["oracle, random"]) == [("oracle", "random")]
+  with pytest.raises(ValueError, match="two different results names"):
+    run.parse_compare_flag(["oracle"])
+  with pytest.raises(ValueError, match=r"compare names \['bm25'\]"):
+    run.run(config, workdir, results=files, dataset=dataset, tail_patch=False, compare=[("oracle", "bm25")])

@@ -36,6 +36,20 @@ def test_select_methods_by_name_and_kind(setup):
   assert [m.name for m in ladder.select_methods(methods, ["BM25", "+ R_train"])] == ["+ R_train", "BM25"]
   with pytest.raises(ValueError, match=r"bm26.*match no ladder method"):
     ladder.select_methods(methods, ["bm26"])
+  # A name with a comma is one method; anything else is a comma-separated list (absl's multi-string flag).
+  pair = ladder.select_methods(methods, ["+ R_mixed = TrackStar", "TrackStar, Adam rank-1"])
+  assert [m.variant for m in pair] == ["adam", "adam_rank1"]
+  assert ladder.comparisons(pair) == [("+ R_mixed = TrackStar", "TrackStar, Adam rank-1")]
+  assert [m.kind for m in ladder.select_methods(methods, ["bm25,random"])] == ["bm25", "random"]
+  assert ladder.comparisons(ladder.select_methods(methods, ["bm25"])) == []
+
+
+def test_a_rank1_ladder_keeps_exact_adam_beside_it(setup):
+  config = setup[0].copy_and_resolve_references()
+  config.encoder.correction = "adam_rank1"
+  variants, methods = ladder.ladder(config)
+  assert {v.correction for v in variants} == {"none", "adam_rank1", "adam"}
+  assert ladder.comparisons(methods) == [("TrackStar, exact Adam", "+ R_mixed = TrackStar")]
 
 
 def test_baselines_run_without_a_checkpoint_and_are_reused_elsewhere(setup, tmp_path):

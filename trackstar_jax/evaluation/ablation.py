@@ -19,6 +19,7 @@ from typing import Any
 from trackstar_jax import fileio
 from trackstar_jax.evaluation import lds as lds_lib
 from trackstar_jax.evaluation import metrics as metrics_lib
+from trackstar_jax.evaluation import relation_split
 
 COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@10", "tail_patch_rel@1", "tail_patch_rel@10")
 # Which query subset the metrics columns come from: the paper evaluates on the
@@ -137,6 +138,13 @@ def report_markdown(table: Mapping) -> str:
     out += rows + [""]
   out += _breakdown(table, "by_frequency", "fact frequency")
   out += _breakdown(table, "by_relation", "relation")
+  for c in table.get("comparisons", {}).values():  # jobs/evaluate.py's paired comparisons on the relation split
+    out += [
+      f"Paired comparison ({table['subset']} queries)",
+      "",
+      relation_split.comparison_markdown(c["a"], c["b"], c),
+      "",
+    ]
   if table.get("lds"):  # jobs/lds.py's report
     out += [lds_lib.to_markdown(table["lds"])]
   return "\n".join(out)

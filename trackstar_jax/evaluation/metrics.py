@@ -153,6 +153,32 @@ def annotate_correct(records: Sequence[Mapping], queries: Sequence[Mapping]) -> 
   return out
 
 
+def query_rows(
+  records: Sequence[Mapping],
+  queries: Sequence[Mapping],
+  *,
+  model_correct: Mapping[Any, bool] | None = None,
+  frequency_edges: Sequence[int] = DEFAULT_FREQUENCY_EDGES,
+  source: str = "results",
+) -> list[dict]:
+  """One dict per result record: `query_id`, `relation`, `bucket`, `correct` and the METRIC_NAMES values.
+
+  The per-query values every mean of `compute_metrics` averages, and what a paired comparison of two
+  methods resamples (`relation_split.paired_comparison`). `model_correct` overrides the queries' own field.
+  """
+  correct_map = {_key(k): bool(v) for k, v in (model_correct or {}).items()}
+  rows = []
+  for rec, q in match_queries(records, queries, source):
+    m = per_query_metrics(rec["proponent_ids"], q["gold_sentence_ids"], k=10)
+    qid = _key(q["query_id"])
+    m["query_id"] = qid
+    m["relation"] = q["relation"]
+    m["bucket"] = frequency_bucket(int(q.get("frequency", 0)), frequency_edges)
+    m["correct"] = correct_map.get(qid, q.get("model_correct"))
+    rows.append(m)
+  return rows
+
+
 def _mean(rows: list[dict]) -> dict:
   out = {"n": len(rows)}
   for name in METRIC_NAMES:
@@ -195,15 +221,7 @@ def compute_metrics(
   check_results(
     records, metadata=meta, num_examples=num_examples, fingerprint=fingerprint, dataset_name=dataset_name, source=source
   )
-  correct_map = {_key(k): bool(v) for k, v in (model_correct or {}).items()}
-  rows = []
-  for rec, q in match_queries(records, queries, source):
-    m = per_query_metrics(rec["proponent_ids"], q["gold_sentence_ids"], k=10)
-    qid = _key(q["query_id"])
-    m["relation"] = q["relation"]
-    m["bucket"] = frequency_bucket(int(q.get("frequency", 0)), frequency_edges)
-    m["correct"] = correct_map.get(qid, q.get("model_correct"))
-    rows.append(m)
+  rows = query_rows(records, queries, model_correct=model_correct, frequency_edges=frequency_edges, source=source)
 
   def group(key):
     groups = collections.defaultdict(list)

@@ -7,6 +7,8 @@ depends only on the relation ids and a seed, not on any result.
   dev, test = relation_split(["P19", "P20", ...], seed=0)     # halves, by a hash of (seed, id)
   table = accuracy_by_split(correct, queries, dev=dev)         # {"dev": {...}, "test": {...}, "all": {...}}
   best = select_variant({"a": table_a, "b": table_b}, metric=">=3")   # the name with the best dev accuracy
+  cmp = paired_comparison(rows_a, rows_b, dev=dev)              # method a - method b, per split, paired bootstrap
+  keep_costlier(cmp)                                            # True only if a beats b on dev beyond chance
 """
 
 from __future__ import annotations
@@ -96,3 +98,86 @@ def markdown(tables: Mapping[str, Mapping[str, Any]], *, selected: str | None = 
       f"| {name}{mark} | {d['accuracy']:.1%} | {d[metric]:.1%} | {s['accuracy']:.1%} | {s[metric]:.1%} | {s['n']} |"
     )
   return "\n".join(rows)
+
+
+def paired_comparison(
+  rows_a: Sequence[Mapping[str, Any]],
+  rows_b: Sequence[Mapping[str, Any]],
+  *,
+  dev: Sequence[str],
+  metrics: Sequence[str] = ("mrr", "recall@10"),
+  samples: int = 2000,
+  seed: int = 0,
+  level: float = 0.95,
+) -> dict:
+  """Method a minus method b, query by query, on the dev relations, the others ("test") and all.
+
+  Args:
+    rows_a, rows_b: per-query rows of the two methods (`metrics.query_rows`: `query_id`, `relation` and the
+      metric values) over the same queries, e.g. both restricted to the model-correct ones.
+    dev: the dev relations (`relation_split`).
+    metrics: the per-query values compared.
+    samples, seed, level: the paired bootstrap over queries (`lds.bootstrap_queries` of the differences).
+
+  Returns:
+    {split: {"n", metric: {"a", "b", "diff", "ci"}}} for split in SPLITS, plus "dev_relations".
+  """
+  from trackstar_jax.evaluation import lds  # pylint: disable=g-import-not-at-top
+
+  by_id = {r["query_id"]: r for r in rows_b}
+  ids_a = [r["query_id"] for r in rows_a]
+  if len(set(ids_a)) != len(ids_a) or set(ids_a) != set(by_id) or len(by_id) != len(rows_b):
+    only_a, only_b = sorted(set(ids_a) - set(by_id), key=str), sorted(set(by_id) - set(ids_a), key=str)
+    raise ValueError(
+      f"A paired comparison needs each query once in both methods; only in a: {only_a[:5]} ({len(only_a)}), "
+      f"only in b: {only_b[:5]} ({len(only_b)}), or a query repeated."
+    )
+  rel = np.asarray([str(r["relation"]) for r in rows_a])
+  is_dev = np.isin(rel, list(dev))
+  out: dict[str, Any] = {"dev_relations": sorted(set(dev))}
+  for split, sel in (("dev", is_dev), ("test", ~is_dev), ("all", np.ones_like(is_dev))):
+    entry: dict[str, Any] = {"n": int(sel.sum())}
+    for name in metrics:
+      a = np.asarray([float(r[name]) for r in rows_a])[sel]
+      b = np.asarray([float(by_id[r["query_id"]][name]) for r in rows_a])[sel]
+      nan = float("nan")
+      entry[name] = dict(
+        a=float(a.mean()) if a.size else nan,
+        b=float(b.mean()) if b.size else nan,
+        diff=float((a - b).mean()) if a.size else nan,
+        ci=list(lds.bootstrap_queries(a - b, samples=samples, seed=seed, level=level)),
+      )
+    out[split] = entry
+  return out
+
+
+def keep_costlier(comparison: Mapping[str, Any], *, metric: str = "mrr") -> bool:
+  """Whether method a (the costlier, e.g. exact Adam) should be kept over b (the cheaper approximation).
+
+  The cheaper method is the default; a is kept only when it beats b on the dev relations with the whole
+  bootstrap interval of the difference above zero. Decided on dev alone; test is what gets reported.
+  """
+  lo = comparison["dev"][metric]["ci"][0]
+  if not np.isfinite(lo):
+    raise ValueError(f"No dev queries to decide on ({comparison['dev']['n']}).")
+  return bool(lo > 0)
+
+
+def comparison_markdown(name_a: str, name_b: str, comparison: Mapping[str, Any]) -> str:
+  """Means, difference and interval per split and metric; the dev decision in the last line."""
+  metrics = [k for k in comparison["all"] if k != "n"]
+  rows = [
+    "| split | n | " + " | ".join(f"{m}: a / b / a - b [95% CI]" for m in metrics) + " |",
+    "|---|---|" + "---|" * len(metrics),
+  ]
+  for split in SPLITS:
+    e = comparison[split]
+    cells = [
+      f"{e[m]['a']:.4f} / {e[m]['b']:.4f} / {e[m]['diff']:+.4f} [{e[m]['ci'][0]:+.4f}, {e[m]['ci'][1]:+.4f}]"
+      for m in metrics
+    ]
+    rows.append(f"| {split} | {e['n']} | " + " | ".join(cells) + " |")
+  keep = keep_costlier(comparison) if comparison["dev"]["n"] else None
+  verdict = {True: f"keep a ({name_a})", False: f"take b ({name_b})", None: "no dev queries"}[keep]
+  head = f"a = {name_a}, b = {name_b}; dev relations: {', '.join(comparison['dev_relations'])}"
+  return "\n".join([head, "", *rows, "", f"Decided on dev MRR: {verdict}."])

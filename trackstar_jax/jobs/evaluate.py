@@ -19,7 +19,11 @@ the dataset of `config`, it
      `config.evaluate.subset` with the checkpoint's params and restored
      optimizer state and `optim.make_optimizer(config.train,
      learning_rate=optim.final_learning_rate(config.train))`,
-  5. writes `<prefix>.json` (everything) and `<prefix>.md` (the table plus
+  5. compares named pairs of methods query by query on the dev / test split
+     of relations (`relation_split.paired_comparison`, on the same query
+     subset as the table): how a cheaper variant is chosen on dev and
+     reported on test,
+  6. writes `<prefix>.json` (everything) and `<prefix>.md` (the table plus
      MRR by frequency / relation / correctness), prefix default
      `<workdir>/evaluation`.
 
@@ -45,7 +49,7 @@ from trackstar_jax import mesh as mesh_lib
 from trackstar_jax import results as results_lib
 from trackstar_jax import sharding as sharding_lib
 from trackstar_jax import store as store_lib
-from trackstar_jax.evaluation import ablation
+from trackstar_jax.evaluation import ablation, relation_split
 from trackstar_jax.evaluation import metrics as metrics_lib
 from trackstar_jax.jobs import own_model
 from trackstar_jax.jobs import workdir as workdir_lib
@@ -72,6 +76,17 @@ def parse_results_flag(values: Sequence[str]) -> dict[str, str]:
   if not out:
     raise ValueError("--results is empty: give at least one results file (name=path).")
   return out
+
+
+def parse_compare_flag(values: Sequence[str]) -> list[tuple[str, str]]:
+  """["a,b", ...] -> [("a", "b"), ...]: the --compare pairs of launch/evaluate.py."""
+  pairs = []
+  for v in values:
+    parts = [p.strip() for p in v.split(",")]
+    if len(parts) != 2 or not all(parts) or parts[0] == parts[1]:
+      raise ValueError(f"--compare={v!r}: expected two different results names as A,B (e.g. exact,rank1).")
+    pairs.append((parts[0], parts[1]))
+  return pairs
 
 
 def check_checkpoint(*, ckpt_meta: Mapping, dataset, workdir: str) -> None:
@@ -176,6 +191,28 @@ def file_slug(name: str) -> str:
   return out.strip("_") or "method"
 
 
+def _comparisons(compare, records, queries, *, correct, want, config) -> dict:
+  """{"a vs b": paired_comparison + names} on the table's query subset."""
+  dev, _ = relation_split.relation_split(
+    [q["relation"] for q in queries],
+    dev_fraction=float(config.accuracy.dev_fraction),
+    seed=int(config.accuracy.split_seed),
+  )
+  rows = {}
+  for name in {n for pair in compare for n in pair}:
+    all_rows = metrics_lib.query_rows(records[name], queries, model_correct=correct, source=name)
+    rows[name] = [r for r in all_rows if want(bool(r["correct"]))]
+  out = {}
+  for a, b in compare:
+    out[f"{a} vs {b}"] = dict(
+      a=a, b=b, **relation_split.paired_comparison(rows[a], rows[b], dev=dev, seed=int(config.evaluate.seed))
+    )
+    if out[f"{a} vs {b}"]["dev"]["n"]:
+      keep = relation_split.keep_costlier(out[f"{a} vs {b}"])
+      logging.info("evaluate: %s vs %s, decided on dev MRR: %s", a, b, a if keep else b)
+  return out
+
+
 def run(
   config,
   workdir: str,
@@ -185,6 +222,7 @@ def run(
   dataset=None,
   skipped: Mapping[str, str] | None = None,
   tail_patch: bool = True,
+  compare: Sequence[tuple[str, str]] = (),
 ) -> dict:
   """Metrics + tail-patch of every results file; writes `<prefix>.json/.md`.
 
@@ -197,6 +235,8 @@ def run(
     skipped: method name -> reason, rows added to the table as skipped
       (e.g. the dense baseline without its optional packages).
     tail_patch: False skips tail-patching (metrics only).
+    compare: (a, b) pairs of method names to compare on the relation split
+      (`config.accuracy`'s dev fraction and seed), a the costlier method.
 
   Returns:
     The table dict (`ablation.ablation_table` + `model_accuracy`,
@@ -211,6 +251,9 @@ def run(
       "(proponent_correct) when queries.gold_field is set."
     )
   ec = config.evaluate
+  unknown = sorted({n for pair in compare for n in pair} - set(results))
+  if unknown:
+    raise ValueError(f"evaluate: compare names {unknown}, which are not among the results {sorted(results)}.")
   workdir = os.path.abspath(workdir)
   prefix = output_prefix or os.path.join(workdir, "evaluation")
   rd = workdir_lib.load_data(config, workdir, dataset=dataset)
@@ -303,6 +346,8 @@ def run(
     },
     model_correct_by_query={str(q): c for q, c in correct.items()},  # for the HTML report's filter
   )
+  if compare:
+    table["comparisons"] = _comparisons(compare, records, queries, correct=correct, want=want, config=config)
   lds_file = config.get("lds", {}).get("output") or os.path.join(workdir, "lds.json")
   if fileio.exists(lds_file):  # the LDS job's report (launch/lds.py): its table joins this one
     table["lds"] = fileio.read_json(lds_file)

@@ -15,7 +15,8 @@ Encoding variants (raw phi is task-independent, so methods share stores):
 
   none        no optimizer correction, config d_in x d_out
   <corr>      config.encoder.correction (adam by default), config d_in x d_out
-  adam_rank1  Adam's nu fitted by a rank-1 matrix (fused path); only for Adam
+  adam_rank1  Adam's nu fitted by a rank-1 matrix (fused path); with exact
+              Adam as <corr> (and exact Adam when <corr> is adam_rank1)
   <corr>_half <corr> at d_in/2 x d_out/2 (a quarter of the dimensions)
 
 Methods (table rows, in the paper's ladder order):
@@ -25,7 +26,9 @@ Methods (table rows, in the paper's ladder order):
   3 + optimizer corr.  <corr>, cosine
   4 + R_train          <corr>, R = R_train (hessian.mixed=False)
   5 TrackStar          <corr>, R = R_mixed
-  TrackStar adam_rank1, TrackStar d=<d/4>, BM25, dense (optional), random.
+  TrackStar with the other Adam correction, TrackStar d=<d/4>, BM25, dense
+  (optional), random. Exact Adam vs rank-1 is also compared query by query
+  on the relation split (`jobs.evaluate`'s `compare`).
 
 Layout: <workdir>/ladder/<variant>/{encodings.zarr, hessian_<kind>.npz},
 <workdir>/ladder/results/<method>.jsonl, and `.stage.json` stamps recording
@@ -41,7 +44,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 
@@ -80,6 +83,27 @@ class Method:
   normalize: bool = True
 
 
+class _Extra(NamedTuple):
+  variant: str
+  row: str
+
+
+# The correction a ladder compares its own against: exact Adam against the rank-1 fit of nu (fused, cheaper)
+# and back. `comparisons` pairs their TrackStar rows for the paired test on the relation split.
+ADAM_PAIR = {
+  "adam": _Extra("adam_rank1", "TrackStar, Adam rank-1"),
+  "adam_rank1": _Extra("adam", "TrackStar, exact Adam"),
+}
+
+
+def comparisons(methods: Sequence[Method]) -> list[tuple[str, str]]:
+  """(exact Adam's TrackStar row, rank-1's) when both are among `methods`: the costlier one first."""
+  rows = {m.variant: m.name for m in methods if m.hessian == "mixed"}
+  if "adam" in rows and "adam_rank1" in rows:
+    return [(rows["adam"], rows["adam_rank1"])]
+  return []
+
+
 def ladder(config) -> tuple[list[Variant], list[Method]]:
   """The encoding variants and methods of the ablation ladder for `config`."""
   enc = config.encoder
@@ -96,9 +120,10 @@ def ladder(config) -> tuple[list[Variant], list[Method]]:
     Method("+ R_train", variant=corr, hessian="train"),
     Method("+ R_mixed = TrackStar", variant=corr, hessian="mixed"),
   ]
-  if corr == "adam":
-    variants.append(Variant("adam_rank1", "adam_rank1", d_in, d_out))
-    methods.append(Method("TrackStar, Adam rank-1", variant="adam_rank1", hessian="mixed"))
+  if corr in ADAM_PAIR:  # exact Adam and its rank-1 fit, side by side: the other one as an extra row
+    other = ADAM_PAIR[corr]
+    variants.append(Variant(other.variant, other.variant, d_in, d_out))
+    methods.append(Method(other.row, variant=other.variant, hessian="mixed"))
   variants.append(half)
   methods += [
     Method(f"TrackStar, {half.d_in}x{half.d_out}/block (not {d_in}x{d_out})", variant=half.name, hessian="mixed"),
@@ -191,7 +216,11 @@ def select_methods(methods: Sequence[Method], only: Sequence[str] | None) -> lis
   """The methods named in `only` (a method name, or a kind: gradient | bm25 | dense | random); all if empty."""
   if not only:
     return list(methods)
-  wanted = {w.strip().lower() for w in only if w.strip()}
+  names = {m.name.lower() for m in methods}
+  wanted = set()
+  for w in only:  # a method name may hold commas ("TrackStar, Adam rank-1"); anything else is a comma list
+    w = w.strip().lower()
+    wanted |= {w} if w in names else {p.strip() for p in w.split(",") if p.strip()}
   chosen = [m for m in methods if m.name.lower() in wanted or m.kind in wanted]
   known = {m.name.lower() for m in methods} | {m.kind for m in methods}
   unknown = sorted(wanted - known)
@@ -337,7 +366,13 @@ def run(
     table = log.run(
       "evaluate",
       lambda: evaluate_job.run(
-        config, workdir, results=results, output_prefix=prefix, dataset=dataset, skipped=skipped
+        config,
+        workdir,
+        results=results,
+        output_prefix=prefix,
+        dataset=dataset,
+        skipped=skipped,
+        compare=[p for p in comparisons(methods) if set(p) <= set(results)],
       ),
     )
     table["stage_seconds"] = log.times
