@@ -60,13 +60,18 @@ def _write(path, lines, meta):
   return str(path)
 
 
+def _oracle_and_random(dataset, directory):
+  """Results files of the two ends: gold first (MRR 1) and random proponents."""
+  rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
+  return {
+    "oracle": _write(directory / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
+    "random": _write(directory / "random.jsonl", rand, _meta(dataset)),
+  }
+
+
 def test_evaluate_writes_table_and_caches_tail_patch(evaluated, tmp_path):
   config, workdir, dataset = evaluated
-  rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
-  files = {
-    "oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
-    "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset)),
-  }
+  files = _oracle_and_random(dataset, tmp_path)
   prefix = str(tmp_path / "out" / "evaluation")
   table = run.run(
     config, workdir, results=files, output_prefix=prefix, dataset=dataset, skipped={"dense": "not installed"}
@@ -158,11 +163,7 @@ def test_parse_results_flag():
 
 def test_evaluate_compares_two_methods_on_the_relation_split(evaluated, tmp_path):
   config, workdir, dataset = evaluated
-  rand = baselines.random_retrieve(corpus=list(dataset.corpus), queries=list(dataset.queries), k=10)
-  files = {
-    "oracle": _write(tmp_path / "oracle.jsonl", _oracle(dataset), _meta(dataset)),
-    "random": _write(tmp_path / "random.jsonl", rand, _meta(dataset)),
-  }
+  files = _oracle_and_random(dataset, tmp_path)
   prefix = str(tmp_path / "evaluation")
   table = run.run(
     config, workdir, results=files, output_prefix=prefix, dataset=dataset, tail_patch=False,
