@@ -11,6 +11,11 @@ only in their evidence sentences. The whole ladder:
   python -m launch.pipeline --config=configs/lama.py:model=small,mixed=True \
       --config.manual_dir=../shared/data/lama_trex --workdir=/tmp/ts_lama_mixed
 
+The optimizer correction is Adam's rank-1 fit of nu (the fused path), chosen on the
+dev relations against exact Adam (BENCHMARKS.md "Encode job", run P1);
+`--config.encoder.correction=adam` restores exact Adam, and the ladder always
+runs the other one beside it.
+
 Arguments: `model` (preset), `mixed` (mixed training: `lama_mixed.fraction`
 0.5), `runlocal` (tiny model, few steps: a CPU smoke run; with `mixed`, on two
 relations, P20 and P1303).
