@@ -13,8 +13,9 @@ is up to date and resumes when killed. See trackstar_jax/jobs/pipeline.py.
 
 --methods restricts the run to some rows (names or kinds: gradient, bm25, dense,
 random), e.g. exact Adam against its rank-1 fit alone:
-  --methods="+ R_mixed = TrackStar" --methods="TrackStar, Adam rank-1" Text baselines need no checkpoint, so e.g. the dense baseline can be
-computed on a machine that has its packages and its results folder
+  --methods="+ R_mixed = TrackStar" --methods="TrackStar, Adam rank-1"
+Text baselines need no checkpoint, so e.g. the dense baseline can be computed
+on a machine that has its packages and its results folder
 (<workdir>/ladder/results) copied into the GPU run's workdir.
 """
 

@@ -134,13 +134,19 @@ def paired_comparison(
     )
   rel = np.asarray([str(r["relation"]) for r in rows_a])
   is_dev = np.isin(rel, list(dev))
+  values = {  # name -> (a, b) per query, in rows_a's order
+    name: (
+      np.asarray([float(r[name]) for r in rows_a]),
+      np.asarray([float(by_id[r["query_id"]][name]) for r in rows_a]),
+    )
+    for name in metrics
+  }
+  nan = float("nan")
   out: dict[str, Any] = {"dev_relations": sorted(set(dev))}
   for split, sel in (("dev", is_dev), ("test", ~is_dev), ("all", np.ones_like(is_dev))):
     entry: dict[str, Any] = {"n": int(sel.sum())}
-    for name in metrics:
-      a = np.asarray([float(r[name]) for r in rows_a])[sel]
-      b = np.asarray([float(by_id[r["query_id"]][name]) for r in rows_a])[sel]
-      nan = float("nan")
+    for name, (a_all, b_all) in values.items():
+      a, b = a_all[sel], b_all[sel]
       entry[name] = dict(
         a=float(a.mean()) if a.size else nan,
         b=float(b.mean()) if b.size else nan,

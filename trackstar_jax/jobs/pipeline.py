@@ -44,7 +44,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 from absl import logging
 
@@ -83,17 +83,9 @@ class Method:
   normalize: bool = True
 
 
-class _Extra(NamedTuple):
-  variant: str
-  row: str
-
-
-# The correction a ladder compares its own against: exact Adam against the rank-1 fit of nu (fused, cheaper)
-# and back. `comparisons` pairs their TrackStar rows for the paired test on the relation split.
-ADAM_PAIR = {
-  "adam": _Extra("adam_rank1", "TrackStar, Adam rank-1"),
-  "adam_rank1": _Extra("adam", "TrackStar, exact Adam"),
-}
+# The correction a ladder runs beside its own, and that row's name: exact Adam beside the rank-1 fit of nu
+# (fused, cheaper) and back. `comparisons` pairs their TrackStar rows for the paired test on the relation split.
+OTHER_ADAM = {"adam": ("adam_rank1", "TrackStar, Adam rank-1"), "adam_rank1": ("adam", "TrackStar, exact Adam")}
 
 
 def comparisons(methods: Sequence[Method]) -> list[tuple[str, str]]:
@@ -120,10 +112,10 @@ def ladder(config) -> tuple[list[Variant], list[Method]]:
     Method("+ R_train", variant=corr, hessian="train"),
     Method("+ R_mixed = TrackStar", variant=corr, hessian="mixed"),
   ]
-  if corr in ADAM_PAIR:  # exact Adam and its rank-1 fit, side by side: the other one as an extra row
-    other = ADAM_PAIR[corr]
-    variants.append(Variant(other.variant, other.variant, d_in, d_out))
-    methods.append(Method(other.row, variant=other.variant, hessian="mixed"))
+  if corr in OTHER_ADAM:  # exact Adam and its rank-1 fit, side by side: the other one as an extra row
+    other, row = OTHER_ADAM[corr]
+    variants.append(Variant(other, other, d_in, d_out))
+    methods.append(Method(row, variant=other, hessian="mixed"))
   variants.append(half)
   methods += [
     Method(f"TrackStar, {half.d_in}x{half.d_out}/block (not {d_in}x{d_out})", variant=half.name, hessian="mixed"),
